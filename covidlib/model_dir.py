@@ -1,0 +1,141 @@
+"""The model directory: what training writes and what evaluation, export and predict read.
+
+    model_dir/
+      config.json       the training configuration (model, image_size, channels, dataset, ...)
+      model.keras       the inference model: float32 (S, S, C) in [0, 1] -> P(COVID-19), no
+                        augmentation inside
+      history.json      Keras History.history (per-epoch loss, metrics, val_*)
+      decision.json     operating point chosen on validation: {"threshold", "policy",
+                        "temperature", "split"}; absent means threshold 0.5, temperature 1.0
+      checkpoints/      training state for resuming
+      logs/             TensorBoard
+
+Every JSON write here is atomic: a temporary file in the same folder, then `os.replace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Any
+
+from covidlib import errors
+
+CONFIG = 'config.json'
+MODEL = 'model.keras'
+HISTORY = 'history.json'
+DECISION = 'decision.json'
+CHECKPOINTS = 'checkpoints'
+LOGS = 'logs'
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+  """How a probability becomes a label: label = sigmoid(logit / temperature) >= threshold."""
+  threshold: float = 0.5
+  policy: str = 'fixed:0.5'
+  temperature: float = 1.0
+  split: str = ''
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+  """Writes `data` to `path` so readers see the old file or the new one, never half."""
+  path = os.fspath(path)
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  """Atomically writes `obj` as indented, key-sorted JSON."""
+  write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + '\n').encode())
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  """Reads a JSON file; a missing or malformed file is a DataError naming it."""
+  path = os.fspath(path)
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise errors.DataError(f'{path}: no such file') from None
+  except json.JSONDecodeError as e:
+    raise errors.DataError(f'{path}: not valid JSON ({e.msg} at line {e.lineno})') from None
+
+
+def check_model_dir(model_dir: str | os.PathLike) -> str:
+  """Returns `model_dir` as a string if it holds a trained model; UsageError otherwise."""
+  model_dir = os.fspath(model_dir)
+  if not os.path.isdir(model_dir):
+    raise errors.UsageError(f'model_dir {model_dir!r} does not exist or is not a directory')
+  for name in (CONFIG, MODEL):
+    if not os.path.isfile(os.path.join(model_dir, name)):
+      raise errors.UsageError(
+          f'model_dir {model_dir!r} holds no {name}: is it a finished covidlib-train run?')
+  return model_dir
+
+
+def load_config(model_dir: str | os.PathLike) -> dict:
+  return read_json(os.path.join(check_model_dir(model_dir), CONFIG))
+
+
+def load_decision(model_dir: str | os.PathLike) -> Decision:
+  """The stored operating point, or the default (threshold 0.5) when none was chosen."""
+  path = os.path.join(os.fspath(model_dir), DECISION)
+  if not os.path.exists(path):
+    return Decision()
+  data = read_json(path)
+  try:
+    return Decision(threshold=float(data['threshold']), policy=str(data['policy']),
+                    temperature=float(data.get('temperature', 1.0)),
+                    split=str(data.get('split', '')))
+  except (KeyError, TypeError, ValueError) as e:
+    raise errors.DataError(f'{path}: malformed decision file ({e})') from None
+
+
+def save_decision(model_dir: str | os.PathLike, decision: Decision) -> None:
+  write_json(os.path.join(os.fspath(model_dir), DECISION), dataclasses.asdict(decision))
+
+
+def load_model(path: str | os.PathLike):
+  """Loads a `.keras` file (or the model.keras of a model_dir) with Keras safe_mode on.
+
+  Raises:
+    ModelLoadError: naming the file, for a file that is not a Keras model or holds unsafe
+      content (e.g. a Lambda layer, which would run arbitrary Python on load).
+  """
+  import keras  # Deferred: keeps `import covidlib.model_dir` light for readers of JSON only.
+
+  from covidlib import models  # noqa: F401  Registers covidlib's custom layers, if any.
+
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    path = os.path.join(check_model_dir(path), MODEL)
+  if not os.path.isfile(path):
+    raise errors.ModelLoadError(f'{path}: no such model file')
+  if not path.endswith('.keras'):
+    raise errors.ModelLoadError(f'{path}: not a .keras file')
+  try:
+    return keras.saving.load_model(path, compile=False, safe_mode=True)
+  except ValueError as e:
+    message = str(e)
+    if 'safe_mode' in message or 'Lambda' in message:
+      raise errors.ModelLoadError(
+          f'{path}: refused to load: it holds a Lambda layer or other code that would run on '
+          'load (Keras safe_mode)') from None
+    raise errors.ModelLoadError(f'{path}: not a loadable Keras model ({message[:200]})') from None
+  except Exception as e:  # zipfile.BadZipFile, OSError, KeyError from a corrupt archive.
+    raise errors.ModelLoadError(
+        f'{path}: not a loadable Keras model ({type(e).__name__}: {str(e)[:200]})') from None
