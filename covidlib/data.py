@@ -1,0 +1,380 @@
+"""Input pipelines: a TFDS split, a folder of images or a list of files -> batched tf.data.
+
+    from covidlib import data
+    train = data.load_tfds('covid_xray/patient_split', 'train', data_dir='tfds_data',
+                           image_size=224, batch_size=32, shuffle=True, seed=0)
+    for images, labels in train.take(1):
+      print(images.shape, labels)           # (32, 224, 224, 1) float32 in [0, 1], (32,) float32
+    external = data.load_folder('adult_xrays/')   # adult_xrays/{covid,normal}/*.{png,jpg,...}
+    n_normal, n_covid = data.class_counts('covid_xray/patient_split', 'train', 'tfds_data')
+
+Every image goes through `covidlib.preprocess.decode_image` and `covidlib.preprocess.preprocess`,
+the same two functions the exported SavedModel and `covidlib.predict` use, so training and
+serving see the same tensor for the same file. The resize does NOT keep the aspect ratio: the
+whole film is squeezed into a square, as the article's `flow_from_directory(target_size=(224,
+224))` did; padding to a square would paint borders whose width depends on the source of the
+image (paper figure, scanner, crop), a shortcut this data already suffers from (see
+preprocess.py). Label 1 = COVID-19, 0 = normal, as float32 for binary cross-entropy.
+
+Pipeline order: map(decode + preprocess, parallel, deterministic) -> cache -> shuffle (seeded,
+reshuffled every epoch) -> repeat -> batch -> prefetch. Caching after preprocessing means each
+file is read and decoded once per process, not once per epoch; the cache holds S x S x C float32
+per image (224 x 224 x 1 x 4 B = 200 KB, so ~60 MB for the ~300 images of the `seed` config).
+For much larger datasets pass `cache='/path/to/file'` (a tf.data file cache) or `cache=False`.
+
+A folder or file list is checked eagerly before any pipeline is built: every file is decoded
+once, and unreadable files raise `DataError` naming each of them. Nothing is dropped silently
+(`tf.data.experimental.ignore_errors` is never used), and only names starting with '.'
+(.DS_Store, .ipynb_checkpoints) are skipped when listing a folder.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from covidlib import CLASS_NAMES
+from covidlib import errors
+from covidlib import preprocess as preprocess_lib
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+# A shuffle buffer as large as the split gives a uniform shuffle; past this many examples the
+# buffer (which holds decoded images on top of the cache) costs more memory than it is worth.
+MAX_SHUFFLE_BUFFER = 10_000
+
+# How to make the dataset when it is not built yet (shown in the error message).
+_BUILD_HINT = ('tfds build covid_xray --imports=covidlib_tfds --config={config} '
+               '--manual_dir=<folder holding the Covid-19-Detection-<commit>.zip archive> '
+               '--data_dir={data_dir}')
+
+METADATA_KEYS = ('filename', 'source', 'view', 'patient_id', 'age')
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks shared by the loaders.
+
+def _check_pipeline_args(image_size, channels, batch_size) -> None:
+  if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 8:
+    raise errors.UsageError(f'image_size must be an integer >= 8, got {image_size!r}')
+  if channels not in (1, 3) or isinstance(channels, bool):
+    raise errors.UsageError(f'channels must be 1 or 3, got {channels!r}')
+  if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    raise errors.UsageError(f'batch_size must be a positive integer, got {batch_size!r}')
+
+
+def _finish(ds: tf.data.Dataset, num_examples: int, *, batch_size: int, shuffle: bool,
+            seed: int | None, repeat: bool | int, drop_remainder: bool,
+            cache: bool | str) -> tf.data.Dataset:
+  """cache -> shuffle -> repeat -> batch -> prefetch, after the per-example map."""
+  if cache:
+    ds = ds.cache() if cache is True else ds.cache(os.fspath(cache))
+  if shuffle:
+    ds = ds.shuffle(max(1, min(num_examples, MAX_SHUFFLE_BUFFER)), seed=seed,
+                    reshuffle_each_iteration=True)
+  if repeat is True:
+    ds = ds.repeat()
+  elif repeat:
+    ds = ds.repeat(int(repeat))
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE,
+                deterministic=True)
+  return ds.prefetch(AUTOTUNE)
+
+
+# ---------------------------------------------------------------------------------------------
+# TFDS.
+
+def _register_builders() -> None:
+  """Registers `covid_xray` when covidlib_tfds is installed; a built dataset loads without it."""
+  try:
+    import covidlib_tfds  # noqa: F401
+  except ImportError:
+    pass
+
+
+def _builder(dataset: str, data_dir: str | os.PathLike | None):
+  import tensorflow_datasets as tfds
+
+  if not isinstance(dataset, str) or not dataset:
+    raise errors.UsageError(f'dataset must be a name such as "covid_xray/seed", got {dataset!r}')
+  _register_builders()
+  data_dir = None if data_dir is None else os.fspath(data_dir)
+  where = f'data_dir {data_dir!r}' if data_dir else 'the default TFDS data_dir'
+  try:
+    builder = tfds.builder(dataset, data_dir=data_dir)
+  except tfds.core.DatasetNotFoundError:
+    raise errors.UsageError(
+        f'unknown dataset {dataset!r}: no builder of that name is registered and none is '
+        f'built in {where}') from None
+  except (ValueError, AssertionError) as e:  # An unknown config or version.
+    raise errors.UsageError(f'dataset {dataset!r}: {str(e).splitlines()[0][:300]}') from None
+  if not builder.is_prepared():
+    name, _, config = dataset.partition('/')
+    hint = (_BUILD_HINT.format(config=config or 'seed', data_dir=data_dir or '<data_dir>')
+            if name == 'covid_xray' else f'tfds build {name}')
+    raise errors.DataError(
+        f'dataset {dataset!r} is not built in {where} (looked in {builder.data_dir}); '
+        f'build it with: {hint}')
+  return builder
+
+
+def _split_info(builder, dataset: str, split: str):
+  """The SplitInfo of `split` (slices like 'train[:80%]' or 'train+validation' allowed)."""
+  available = sorted(builder.info.splits.keys())
+  if not isinstance(split, str) or not split:
+    raise errors.UsageError(f'split must be a name such as "train", got {split!r}')
+  for part in split.split('+'):
+    base = part.split('[')[0].strip()
+    if base not in available:
+      raise errors.UsageError(
+          f'dataset {dataset!r} has no split {base!r}; its splits are: {", ".join(available)}')
+  try:
+    return builder.info.splits[split]
+  except (ValueError, KeyError, AssertionError) as e:
+    raise errors.UsageError(f'split {split!r} of dataset {dataset!r}: {e}') from None
+
+
+def num_examples(dataset: str, split: str, data_dir: str | os.PathLike | None = None) -> int:
+  """Number of examples in a split of a built TFDS dataset, from its metadata."""
+  builder = _builder(dataset, data_dir)
+  return int(_split_info(builder, dataset, split).num_examples)
+
+
+def class_counts(dataset: str, split: str,
+                 data_dir: str | os.PathLike | None = None) -> tuple[int, int]:
+  """(n_normal, n_covid) of a split, e.g. for class weights.
+
+  Reads only the label column (images are not decoded): exact, and a second or two for the
+  datasets here.
+  """
+  import tensorflow_datasets as tfds
+
+  builder = _builder(dataset, data_dir)
+  _split_info(builder, dataset, split)
+  ds = builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()})
+  counts = np.zeros(len(CLASS_NAMES), np.int64)
+  for labels in ds.map(lambda ex: ex['label'], num_parallel_calls=AUTOTUNE).batch(4096):
+    counts += np.bincount(labels.numpy(), minlength=len(CLASS_NAMES))[:len(CLASS_NAMES)]
+  return int(counts[0]), int(counts[1])
+
+
+def load_tfds(dataset: str, split: str, *, data_dir: str | os.PathLike | None = None,
+              image_size: int = 224, channels: int = 1, batch_size: int = 32,
+              shuffle: bool = False, seed: int | None = None, repeat: bool | int = False,
+              with_metadata: bool = False, drop_remainder: bool = False,
+              cache: bool | str = True) -> tf.data.Dataset:
+  """A split of a built TFDS dataset as batches for training or evaluation.
+
+  Args:
+    dataset: 'covid_xray/<config>' (or any TFDS name with 'image' and 'label' features).
+    split: 'train', 'validation', 'test', or a TFDS slice such as 'train[:80%]'.
+    data_dir: where the dataset was built (`tfds build ... --data_dir`); None = TFDS default.
+    image_size, channels: model input (S, S, C); channels 3 repeats the gray channel.
+    batch_size: examples per batch (the GLOBAL batch under a distribution strategy).
+    shuffle, seed: shuffle examples, reshuffled every epoch; a seed fixes every epoch's order.
+    repeat: True repeats forever, an integer that many times.
+    with_metadata: also yield a dict of 'filename', 'source', 'view', 'patient_id' (strings;
+      '' when the dataset lacks the feature) and 'age' (int32, -1 unknown).
+    drop_remainder: drop a last partial batch (static batch shape, e.g. for TPUs).
+    cache: True caches preprocessed images in memory, a path caches them to that file, False
+      does not cache.
+
+  Returns:
+    tf.data.Dataset of (image float32 (B, S, S, C) in [0, 1], label float32 (B,)), or
+    (image, label, metadata) with with_metadata=True.
+
+  Raises:
+    UsageError: unknown dataset, config or split, or a bad argument.
+    DataError: the dataset is not built in data_dir (the message says how to build it).
+  """
+  import tensorflow_datasets as tfds
+
+  _check_pipeline_args(image_size, channels, batch_size)
+  builder = _builder(dataset, data_dir)
+  info = _split_info(builder, dataset, split)
+  features = builder.info.features
+  for key in ('image', 'label'):
+    if key not in features:
+      raise errors.UsageError(f'dataset {dataset!r} has no {key!r} feature')
+  # Skip TFDS's own PNG decoding: decode_image is the one decoder serving uses as well.
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={'image': tfds.decode.SkipDecoding()})
+  present = set(features.keys())
+
+  def to_example(example):
+    image = preprocess_lib.preprocess(preprocess_lib.decode_image(example['image']),
+                                      image_size, channels)
+    label = tf.cast(example['label'], tf.float32)
+    if not with_metadata:
+      return image, label
+
+    def text(key):
+      return (tf.cast(example[key], tf.string) if key in present
+              else tf.constant('', tf.string))
+
+    metadata = {
+        'filename': text('image/filename'),
+        'source': text('source'),
+        'view': text('view'),
+        'patient_id': text('patient_id'),
+        'age': (tf.cast(example['age'], tf.int32) if 'age' in present
+                else tf.constant(-1, tf.int32)),
+    }
+    return image, label, metadata
+
+  ds = ds.map(to_example, num_parallel_calls=AUTOTUNE, deterministic=True)
+  return _finish(ds, int(info.num_examples), batch_size=batch_size, shuffle=shuffle, seed=seed,
+                 repeat=repeat, drop_remainder=drop_remainder, cache=cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders and file lists.
+
+def list_folder(root: str | os.PathLike) -> tuple[list[str], list[int]]:
+  """Paths and labels of `root/{covid,normal}/**` (class folder names in any case).
+
+  Files are listed recursively in sorted order (normal first, then covid). Only names starting
+  with '.' are skipped. One class folder may be missing (e.g. an external set of normals only).
+
+  Raises:
+    UsageError: `root` is not a folder, holds no class folder, holds a class folder twice (e.g.
+      'Covid' and 'covid'), or holds anything else (files or other folders), named.
+    DataError: the class folders hold no files.
+  """
+  root = os.fspath(root)
+  if not os.path.isdir(root):
+    raise errors.UsageError(f'{root}: no such folder (expected {root}/covid/ and {root}/normal/)')
+  folders: dict[int, str] = {}
+  for name in sorted(os.listdir(root)):
+    if name.startswith('.'):
+      continue
+    path = os.path.join(root, name)
+    if not os.path.isdir(path):
+      raise errors.UsageError(
+          f'{path}: a file directly in the root folder; images go in {root}/covid/ or '
+          f'{root}/normal/')
+    if name.lower() not in CLASS_NAMES:
+      raise errors.UsageError(
+          f'{path}: unexpected folder; {root} may only hold the class folders '
+          f'{" and ".join(CLASS_NAMES)} (any case)')
+    label = CLASS_NAMES.index(name.lower())
+    if label in folders:
+      raise errors.UsageError(
+          f'{root}: two folders for class {CLASS_NAMES[label]!r}: '
+          f'{os.path.basename(folders[label])!r} and {name!r}')
+    folders[label] = path
+  if not folders:
+    raise errors.UsageError(f'{root}: holds neither a covid/ nor a normal/ folder')
+  paths, labels = [], []
+  for label in sorted(folders):
+    for directory, subdirs, files in os.walk(folders[label], followlinks=True):
+      subdirs[:] = sorted(d for d in subdirs if not d.startswith('.'))
+      for name in sorted(files):
+        if not name.startswith('.'):
+          paths.append(os.path.join(directory, name))
+          labels.append(label)
+  if not paths:
+    raise errors.DataError(
+        f'{root}: no files in {", ".join(os.path.basename(f) for f in folders.values())}')
+  return paths, labels
+
+
+def check_images(paths: Sequence[str | os.PathLike]) -> list[errors.InvalidImageError]:
+  """Decodes every file (in parallel threads); returns one InvalidImageError per bad file.
+
+  Does not raise: batch tools can report every bad file and go on with the good ones.
+  """
+  def check(path):
+    try:
+      preprocess_lib.load_image(path)
+      return None
+    except errors.InvalidImageError as e:
+      return e
+
+  workers = min(len(paths), os.cpu_count() or 1) or 1
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    return [e for e in pool.map(check, paths) if e is not None]
+
+
+def _raise_if_invalid(paths: Sequence[str]) -> None:
+  bad = check_images(paths)
+  if not bad:
+    return
+  shown = '; '.join(str(e) for e in bad[:20])
+  more = f'; and {len(bad) - 20} more' if len(bad) > 20 else ''
+  error = errors.DataError(
+      f'{len(bad)} of {len(paths)} files are not readable images: {shown}{more}')
+  error.invalid_images = bad
+  raise error
+
+
+def load_files(paths: Sequence[str | os.PathLike], labels: Sequence[int] | None = None, *,
+               image_size: int = 224, channels: int = 1, batch_size: int = 32,
+               shuffle: bool = False, seed: int | None = None, repeat: bool | int = False,
+               with_metadata: bool = False, drop_remainder: bool = False,
+               cache: bool | str = True, validate: bool = True) -> tf.data.Dataset:
+  """Image files (PNG, JPEG, BMP, GIF; any bit depth or colour mode) as batches.
+
+  Args:
+    paths: the files, in the order batches will keep (unless shuffle).
+    labels: 0 (normal) or 1 (COVID-19) per file, or None for unlabelled files.
+    validate: decode every file once up front and raise DataError naming each unreadable one
+      (default). Only turn off for files already checked with `check_images`.
+    Others: as in `load_tfds`; the metadata of a file is its path as 'filename', '' for
+      'source', 'view' and 'patient_id', and -1 for 'age'.
+
+  Returns:
+    tf.data.Dataset of (image, label) batches, or (image, label, metadata); when labels is None,
+    of image batches, or (image, metadata).
+
+  Raises:
+    UsageError: no paths, labels of the wrong length or value, or a bad argument.
+    DataError: unreadable files (all of them named; `.invalid_images` holds the errors).
+  """
+  _check_pipeline_args(image_size, channels, batch_size)
+  if isinstance(paths, (str, bytes, os.PathLike)):
+    raise errors.UsageError(f'paths must be a list of files, got the single path {paths!r}')
+  paths = [os.fspath(p) for p in paths]
+  if not paths:
+    raise errors.UsageError('no image files given')
+  if labels is not None:
+    labels = list(labels)
+    if len(labels) != len(paths):
+      raise errors.UsageError(f'{len(labels)} labels for {len(paths)} files')
+    for path, label in zip(paths, labels):
+      if isinstance(label, bool) or label not in (0, 1):
+        raise errors.UsageError(f'{path}: label must be 0 (normal) or 1 (COVID-19), got {label!r}')
+  if validate:
+    _raise_if_invalid(paths)
+
+  def to_example(path, *label):
+    image = preprocess_lib.preprocess(preprocess_lib.decode_image(tf.io.read_file(path)),
+                                      image_size, channels)
+    outputs = (image,) + tuple(tf.cast(l, tf.float32) for l in label)
+    if with_metadata:
+      outputs += ({'filename': path, 'source': tf.constant(''), 'view': tf.constant(''),
+                   'patient_id': tf.constant(''), 'age': tf.constant(-1, tf.int32)},)
+    return outputs if len(outputs) > 1 else image
+
+  columns = (tf.constant(paths, tf.string),)
+  if labels is not None:
+    columns += (tf.constant([int(l) for l in labels], tf.int32),)
+  ds = tf.data.Dataset.from_tensor_slices(columns)
+  ds = ds.map(to_example, num_parallel_calls=AUTOTUNE, deterministic=True)
+  return _finish(ds, len(paths), batch_size=batch_size, shuffle=shuffle, seed=seed,
+                 repeat=repeat, drop_remainder=drop_remainder, cache=cache)
+
+
+def load_folder(root: str | os.PathLike, *, image_size: int = 224, channels: int = 1,
+                batch_size: int = 32, shuffle: bool = False, seed: int | None = None,
+                repeat: bool | int = False, with_metadata: bool = False,
+                drop_remainder: bool = False, cache: bool | str = True) -> tf.data.Dataset:
+  """`root/{covid,normal}/**` as (image, label) batches; see `list_folder` and `load_files`."""
+  paths, labels = list_folder(root)
+  return load_files(paths, labels, image_size=image_size, channels=channels,
+                    batch_size=batch_size, shuffle=shuffle, seed=seed, repeat=repeat,
+                    with_metadata=with_metadata, drop_remainder=drop_remainder, cache=cache)
