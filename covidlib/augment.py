@@ -21,12 +21,13 @@ really did, and how it maps here (defaults reproduce it):
     centre (so it also stretches the aspect ratio by up to 1.5x) -> `RandomZoom` with
     height_factor = width_factor = (-zoom, zoom), which draws the two axes independently too.
   * shear_range=0.2: an angle in DEGREES (ImageDataGenerator converts it with np.deg2rad), drawn
-    from [-0.2, 0.2]: a horizontal shear of tan(0.2 deg) = 0.0035, i.e. the bottom row moves
-    at most 0.4 px relative to the centre of a 224 px image. Nearly nothing: the article's
-    "shear" was a no-op in practice. Here `shear` is likewise in degrees ->
-    `RandomShear(x_factor=tan(shear))`. One difference: Keras shears about the top-left corner,
-    not the centre, so a shear also shifts the image by up to tan(shear) x H / 2 (0.4 px at the
-    article's 0.2 deg); use translation if you want shifts on purpose.
+    from [-0.2, 0.2]: a horizontal shear of at most tan(0.2 deg) = 0.0035, i.e. the top and
+    bottom rows of a 224 px image move by at most 0.4 px relative to its centre row. Nearly
+    nothing: the article's "shear" was a no-op in practice. Here `shear` is likewise in degrees
+    -> `RandomShear(x_factor=tan(shear))` (pass e.g. shear=10 for a shear that does something).
+    One difference: Keras shears about the top row, not the centre row, so a shear also shifts
+    the image sideways by up to tan(shear) x H / 2 (0.4 px at 0.2 deg; the bottom row moves up
+    to 0.8 px); use translation if you want shifts on purpose.
   * fill_mode: ImageDataGenerator's default 'nearest' (edge pixels repeated), kept here.
   * The generator combined shear and zoom into one affine resampling; Keras layers resample once
     per geometric layer (bilinear), a slight extra blur when several are on.
