@@ -1,0 +1,154 @@
+"""covidlib.report and the array-level parts of covidlib.evaluate, without a trained model."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from covidlib import errors
+from covidlib import evaluate
+from covidlib import model_dir as md
+from covidlib import report
+
+
+def _predictions(n=40, seed=0, images=True):
+  rs = np.random.RandomState(seed)
+  labels = np.array([1, 0] * (n // 2))
+  scores = np.clip(0.3 * labels + 0.35 + 0.25 * rs.randn(n), 0.001, 0.999)
+  source = np.array(['ieee8023' if l else ('kaggle_pediatric' if i % 4 else 'ieee8023')
+                     for i, l in enumerate(labels)], dtype=object)
+  meta = {'filename': np.array([f'f{i}.png' for i in range(n)], dtype=object),
+          'source': source, 'view': np.array(['PA', 'AP'] * (n // 2), dtype=object)}
+  x = rs.rand(n, 16, 16, 1).astype(np.float32) if images else None
+  return evaluate.Predictions(labels=labels, scores=scores, metadata=meta, images=x)
+
+
+def _evaluation(predictions, decision, heatmaps=True):
+  rep = {'caveat': evaluate.CAVEAT, 'model_dir': '/runs/x', 'model': 'tiny', 'image_size': 16,
+         'channels': 1,
+         'data': {'description': 'made up', 'split': 'test', 'n': len(predictions),
+                  'n_covid': int(predictions.labels.sum()),
+                  'n_normal': int(len(predictions) - predictions.labels.sum())},
+         'decision': {**vars(decision), 'chosen_now': False, 'loaded_from': 'default'}}
+  rep.update(evaluate.evaluate_predictions(predictions, decision, group_by=['source', 'view'],
+                                           n_bootstrap=100))
+  q = predictions.scores
+  grid, selection = evaluate.select_for_grid(predictions.labels, q, decision.threshold, 4)
+  maps = None
+  if heatmaps:
+    maps = np.random.RandomState(1).rand(len(predictions), 16, 16).astype(np.float32)
+    rep['gradcam'] = {'layer': 'conv', 'target': 'the predicted class', 'images': len(q),
+                      'selection': selection,
+                      'grid_items': [{'filename': f'f{i}.png', 'label': 'covid', 'p_covid': q[i],
+                                      'lung_focus': 0.4} for i in grid],
+                      'lung_focus': evaluate._lung_focus_summary(
+                          maps, predictions.labels, {'source': predictions.metadata['source']})}
+  return evaluate.Evaluation(report=rep, predictions=predictions, calibrated_scores=q,
+                             decision=decision, heatmaps=maps, grid_indices=grid)
+
+
+def test_select_for_grid_orders_confident_errors_first():
+  labels = np.array([1, 1, 0, 0, 1, 0])
+  scores = np.array([0.1, 0.45, 0.95, 0.55, 0.9, 0.2])
+  # Errors at t=0.5: FN 0 (P 0.1 -> 0.9 sure of 'normal'), FN 1 (0.55 sure), FP 2 (0.95),
+  # FP 3 (0.55).
+  order, why = evaluate.select_for_grid(labels, scores, 0.5, size=3)
+  assert order == [2, 0, 1] and why == 'most confident errors'
+  order, why = evaluate.select_for_grid(np.array([1, 0, 1]), np.array([0.7, 0.05, 0.99]), 0.5)
+  assert order == [2, 1, 0] and why.startswith('most confident predictions')
+
+
+def test_predict_dataset_collects_labels_scores_and_metadata():
+  x = np.random.RandomState(0).rand(5, 8, 8, 1).astype(np.float32)
+  y = np.array([1, 0, 1, 1, 0], np.float32)
+  meta = {'filename': tf.constant([b'a', b'b', b'c', b'd', b'e']),
+          'age': tf.constant([30, -1, 40, 50, 2], tf.int32)}
+  ds = tf.data.Dataset.from_tensor_slices((x, y, meta)).batch(2)
+
+  def model(images, training=False):
+    return tf.reduce_mean(images, axis=(1, 2))
+
+  out = evaluate.predict_dataset(model, ds, keep_images=True)
+  np.testing.assert_array_equal(out.labels, [1, 0, 1, 1, 0])
+  np.testing.assert_allclose(out.scores, x.mean(axis=(1, 2, 3)), rtol=1e-6)
+  assert list(out.metadata['filename']) == ['a', 'b', 'c', 'd', 'e']
+  np.testing.assert_array_equal(out.metadata['age'], [30, -1, 40, 50, 2])
+  assert out.images.shape == (5, 8, 8, 1)
+  with pytest.raises(errors.UsageError, match='must be batched'):
+    evaluate.predict_dataset(model, tf.data.Dataset.from_tensor_slices((x, y)))
+  with pytest.raises(errors.DataError, match='holds no examples'):
+    evaluate.predict_dataset(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(2).take(0))
+
+
+def test_write_report_files_json_and_markdown(tmp_path):
+  pred = _predictions()
+  evaluation = _evaluation(pred, md.Decision(threshold=0.5))
+  paths = report.write_report(str(tmp_path), evaluation,
+                              history={'loss': [0.9, 0.5], 'val_loss': [1.0, 0.7],
+                                       'auc': [0.6, 0.8]})
+  assert sorted(os.listdir(tmp_path)) == sorted([
+      'confusion_matrix.png', 'roc.png', 'pr.png', 'reliability.png', 'training_curves.png',
+      'gradcam_grid.png', 'report.json', 'report.md'])
+  data = json.loads((tmp_path / 'report.json').read_text())
+  assert data['files']['roc'] == 'roc.png'
+  assert data['history'] == {'epochs': 2, 'last': {'auc': 0.8, 'loss': 0.5, 'val_loss': 0.7}}
+  kaggle = data['groups']['source']['kaggle_pediatric']
+  assert kaggle['n_covid'] == 0 and kaggle['figures']['roc_auc']['value'] is None
+  assert 'only one class present' in kaggle['figures']['roc_auc']['reason']
+  text = (tmp_path / 'report.md').read_text()
+  assert text.startswith('# Evaluation: tiny on made up\n\n> **Research software')
+  for heading in ('## Metrics with 95% intervals', '## Confusion matrix', '## By source',
+                  '## By view', '## Operating threshold', '## Calibration', '## Grad-CAM',
+                  '## Plots', '## Training'):
+    assert heading in text
+  # Per-source row: kaggle holds normals only; sensitivity and AUC show as undefined.
+  row = next(line for line in text.splitlines() if line.startswith('| kaggle_pediatric |'))
+  cells = [c.strip() for c in row.strip('|').split('|')]
+  assert cells[1] == str(kaggle['n']) and cells[4] == '—' and cells[6] == '—'
+  assert cells[5].startswith(f'{kaggle["figures"]["specificity"]["value"]:.3f} [')
+  assert 'Not chosen now: threshold 0.5000' in text
+  assert paths['report_md'] == str(tmp_path / 'report.md')
+
+
+def test_without_matplotlib_plots_are_skipped_and_said(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'matplotlib', None)  # `import matplotlib` now fails.
+  evaluation = _evaluation(_predictions(), md.Decision())
+  report.write_report(str(tmp_path), evaluation)
+  assert sorted(os.listdir(tmp_path)) == ['gradcam_grid.png', 'report.json', 'report.md']
+  text = (tmp_path / 'report.md').read_text()
+  assert 'Plots skipped: matplotlib is not installed' in text
+  assert 'matplotlib is not installed' in json.loads(
+      (tmp_path / 'report.json').read_text())['plots_skipped']
+
+
+def test_calibration_and_chosen_threshold_sections():
+  evaluation = _evaluation(_predictions(), md.Decision(threshold=0.42, policy='youden',
+                                                       temperature=1.5, split='validation'),
+                           heatmaps=False)
+  rep = evaluation.report
+  rep['decision'].update(chosen_now=True, threshold_data='folder v', written_to='/m/decision.json',
+                         threshold_choice={'threshold': 0.42, 'policy': 'youden',
+                                           'sensitivity': 0.9, 'specificity': 0.8, 'n': 50},
+                         temperature_fit={'temperature': 1.5, 'nll_before': 0.6,
+                                          'nll_after': 0.5, 'ece_before': 0.2,
+                                          'ece_after': 0.05, 'at_bound': False,
+                                          'separable': False, 'n': 50})
+  text = report.render_markdown(rep, {'skipped': 'x'})
+  assert ('by policy `youden`: threshold 0.4200, where sensitivity = 0.900 and specificity = '
+          '0.800') in text
+  assert 'Written to `/m/decision.json`' in text
+  assert 'T = 1.500 (NLL 0.600 -> 0.500, ECE 0.200 -> 0.050 there)' in text
+  assert rep['calibration']['ece_after'] != rep['calibration']['ece_before']
+  assert '## Grad-CAM\n\nNot computed.' in text
+  rep['decision']['temperature_fit']['separable'] = True
+  assert 'perfectly separated' in report.render_markdown(rep, {})
+
+
+def test_report_write_leaves_no_temporary_files(tmp_path):
+  evaluation = _evaluation(_predictions(images=True), md.Decision(), heatmaps=True)
+  report.write_report(str(tmp_path), evaluation, plots=False)
+  assert not [name for name in os.listdir(tmp_path) if name.startswith('.')]
+  assert report.read_report(str(tmp_path))['metrics']['n'] == 40
