@@ -51,8 +51,11 @@ OUTPUT = 'probability'
 INPUT = 'images'
 
 
-def _probability_saved_model(source: keras.Model | str, out_dir: str) -> None:
-  """A one-signature SavedModel: images float32 (None, S, S, C) -> {'probability': (None,)}."""
+def _probability_saved_model(source: keras.Model | str, out_dir: str) -> tuple[int, int]:
+  """Writes a one-signature SavedModel: images float32 (None, S, S, C) -> {'probability': (None,)}.
+
+  Returns (S, C).
+  """
   if isinstance(source, keras.Model):
     image_size, channels = serving.model_geometry(source)
     archive = keras.export.ExportArchive()
@@ -63,9 +66,14 @@ def _probability_saved_model(source: keras.Model | str, out_dir: str) -> None:
         input_signature=[tf.TensorSpec((None, image_size, image_size, channels), tf.float32,
                                        name=INPUT)])
     archive.write_out(out_dir, verbose=False)
-    return
+    return image_size, channels
   loaded = tf.saved_model.load(source)
-  signature = loaded.signatures[saved_model_lib.PREPROCESSED_SIGNATURE]
+  try:
+    signature = loaded.signatures[saved_model_lib.PREPROCESSED_SIGNATURE]
+  except KeyError:
+    raise errors.UsageError(
+        f'SavedModel {source!r} has no {saved_model_lib.PREPROCESSED_SIGNATURE!r} signature: '
+        'export it with exporters.saved_model') from None
   spec = signature.structured_input_signature[1][saved_model_lib.TENSOR_INPUT]
   module = tf.Module()
   module.loaded = loaded  # Tracks the variables.
@@ -73,6 +81,7 @@ def _probability_saved_model(source: keras.Model | str, out_dir: str) -> None:
       lambda images: {OUTPUT: signature(images=images)['probability']},
       input_signature=[tf.TensorSpec(spec.shape, tf.float32, name=INPUT)])
   tf.saved_model.save(module, out_dir, signatures={'serving_default': module.serve})
+  return int(spec.shape[1]), int(spec.shape[3])
 
 
 def _saved_model_decision(saved_model_dir: str) -> model_dir_lib.Decision:
@@ -89,12 +98,6 @@ def _check_source(source) -> None:
   path = os.fspath(source)
   if not os.path.isfile(os.path.join(path, 'saved_model.pb')):
     raise errors.UsageError(f'{path!r} is not a SavedModel folder (no saved_model.pb)')
-  try:
-    tf.saved_model.load(path).signatures[saved_model_lib.PREPROCESSED_SIGNATURE]
-  except KeyError:
-    raise errors.UsageError(
-        f'SavedModel {path!r} has no {saved_model_lib.PREPROCESSED_SIGNATURE!r} signature: '
-        'export it with exporters.saved_model') from None
 
 
 def _representative(images, image_size: int, channels: int):
@@ -159,15 +162,13 @@ def convert_tflite(source: keras.Model | str | os.PathLike, quant_type: str,
     decision = _saved_model_decision(source)
 
   with tempfile.TemporaryDirectory(prefix='covidlib_tflite_') as tmp:
-    _probability_saved_model(source, tmp)
+    size, channels = _probability_saved_model(source, tmp)
     converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
     if quant_type != 'fp32':
       converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quant_type == 'fp16':
       converter.target_spec.supported_types = [tf.float16]
     if quant_type == 'int8':
-      spec = tf.saved_model.load(tmp).signatures['serving_default'].structured_input_signature
-      _, size, _, channels = spec[1][INPUT].shape
       converter.representative_dataset = _representative(representative_images, size, channels)
       converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
       if int8_io:

@@ -1,0 +1,292 @@
+"""One prediction API over every model format: .keras, SavedModel folder, .tflite.
+
+    from covidlib import predict
+    predictor = predict.Predictor('exports/seed_cnn/model_int8.tflite')
+    for result in predictor.predict_files(['a.png', 'b.dcm', 'notes.txt']):
+      print(result.path, result.probability, result.label, result.error)
+
+(The `covidlib-predict` binary wraps this.) Files go through the one preprocessing function
+(`covidlib.preprocess`; DICOM through `covidlib.dicom` first), so every backend sees the same
+tensor. A file that cannot be read gives a result with `error` set, and the others are still
+predicted. Label 1 = COVID-19; `label = probability >= threshold`, with the threshold and
+temperature of the model's decision.json:
+
+  model.keras / model_dir   decision.json next to model.keras; temperature applied here.
+  SavedModel folder         its signatures return calibrated probabilities and labels.
+  .tflite                   decision embedded in the file (`exporters.tflite` metadata), else a
+                            decision.json beside it; the temperature is folded into the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+import covidlib
+from covidlib import calibration
+from covidlib import dicom
+from covidlib import errors
+from covidlib import model_dir as model_dir_lib
+from covidlib import preprocess
+
+KERAS, SAVED_MODEL, TFLITE = 'keras', 'saved_model', 'tflite'
+_PREPROCESSED_SIGNATURE = 'serving_preprocessed'  # = exporters.saved_model.PREPROCESSED_SIGNATURE
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+  """One image's result: probability and label, or the error that kept it from being read."""
+  path: str
+  probability: float | None
+  label: int | None
+  threshold: float
+  error: str | None = None
+
+  @property
+  def ok(self) -> bool:
+    return self.error is None
+
+  @property
+  def class_name(self) -> str | None:
+    return None if self.label is None else covidlib.CLASS_NAMES[self.label]
+
+  def to_dict(self) -> dict:
+    return {'path': self.path, 'probability': self.probability, 'label': self.label,
+            'class_name': self.class_name, 'threshold': self.threshold, 'error': self.error}
+
+
+def detect_format(path: str | os.PathLike) -> str:
+  """KERAS, SAVED_MODEL or TFLITE for a model path.
+
+  Raises:
+    UsageError: the path does not exist.
+    ModelLoadError: it exists but is none of the supported model formats.
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise errors.UsageError(f'model {path!r} does not exist')
+  if os.path.isdir(path):
+    if os.path.isfile(os.path.join(path, 'saved_model.pb')):
+      return SAVED_MODEL
+    if os.path.isfile(os.path.join(path, model_dir_lib.MODEL)):
+      return KERAS
+    raise errors.ModelLoadError(
+        f'{path}: folder holds neither saved_model.pb nor {model_dir_lib.MODEL}: not a model')
+  if path.endswith('.keras'):
+    return KERAS
+  with open(path, 'rb') as f:
+    head = f.read(8)
+  if path.endswith('.tflite') or head[4:8] == b'TFL3':
+    return TFLITE
+  raise errors.ModelLoadError(
+      f'{path}: not a model: expected a .keras file, a model_dir, a SavedModel folder or a '
+      '.tflite file')
+
+
+def read_image(path: str | os.PathLike, max_pixels: int = preprocess.DEFAULT_MAX_PIXELS
+               ) -> np.ndarray:
+  """Any supported file (PNG, JPEG, BMP, GIF, DICOM) -> uint8 (H, W, 1); InvalidImageError."""
+  if dicom.is_dicom(path):
+    return dicom.load_dicom(path)
+  return preprocess.load_image(path, max_pixels=max_pixels)
+
+
+class Predictor:
+  """Loads a model once and predicts images with its stored operating point.
+
+  Attributes:
+    path, format (KERAS / SAVED_MODEL / TFLITE), image_size, channels, decision.
+  """
+
+  def __init__(self, path: str | os.PathLike, *, num_threads: int | None = None,
+               max_pixels: int = preprocess.DEFAULT_MAX_PIXELS):
+    """Args:
+      path: a .keras file, a model_dir, a SavedModel folder or a .tflite file.
+      num_threads: TFLite interpreter threads (None: LiteRT's default).
+      max_pixels: decompression-bomb limit for image files.
+
+    Raises:
+      UsageError: path missing. ModelLoadError: not a loadable model.
+    """
+    self.path = os.fspath(path)
+    self.format = detect_format(self.path)
+    self.max_pixels = max_pixels
+    loader = {KERAS: self._load_keras, SAVED_MODEL: self._load_saved_model,
+              TFLITE: self._load_tflite}[self.format]
+    loader(num_threads)
+
+  # --- Backends: each sets image_size, channels, decision and self._run(float batch) -> P.
+
+  def _load_keras(self, num_threads):
+    del num_threads
+    self.model = model_dir_lib.load_model(self.path)
+    folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
+    self.decision = model_dir_lib.load_decision(folder)
+    self.image_size, self.channels = _geometry(tuple(self.model.input_shape), self.path)
+
+    def run(images):
+      p = np.asarray(self.model(images, training=False), np.float32).reshape(-1)
+      if self.decision.temperature == 1.0:
+        return p  # Bit-exact with the model; calibration's round trip through logits is not.
+      return calibration.apply_temperature(p, self.decision.temperature).astype(np.float32)
+    self._run = run
+
+  def _load_saved_model(self, num_threads):
+    del num_threads
+    import tensorflow as tf
+
+    try:
+      loaded = tf.saved_model.load(self.path)
+      signature = loaded.signatures[_PREPROCESSED_SIGNATURE]
+    except KeyError:
+      raise errors.ModelLoadError(
+          f'{self.path}: SavedModel has no {_PREPROCESSED_SIGNATURE!r} signature: not exported '
+          'by covidlib-export') from None
+    except Exception as e:  # Corrupt protobuf, missing variables, ...
+      raise errors.ModelLoadError(
+          f'{self.path}: not a loadable SavedModel ({type(e).__name__}: {str(e)[:200]})') \
+          from None
+    self._loaded = loaded  # Keeps the variables alive.
+    spec = next(iter(signature.structured_input_signature[1].values()))
+    self.image_size, self.channels = _geometry(tuple(spec.shape), self.path)
+    # The graph holds threshold and temperature; decision.json in assets.extra documents them.
+    extra = os.path.join(self.path, 'assets.extra')
+    self.decision = model_dir_lib.load_decision(extra)
+
+    def run(images):
+      outputs = signature(images=tf.constant(images, tf.float32))
+      return outputs['probability'].numpy().reshape(-1)
+    self._run = run
+
+  def _load_tflite(self, num_threads):
+    try:
+      from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+      raise errors.ModelLoadError(
+          f"{self.path}: running .tflite models needs ai-edge-litert: pip install "
+          "'covidlib[litert]'") from None
+    with open(self.path, 'rb') as f:
+      content = f.read()
+    try:
+      interpreter = Interpreter(model_content=content, num_threads=num_threads)
+      interpreter.allocate_tensors()
+    except (ValueError, RuntimeError) as e:
+      raise errors.ModelLoadError(
+          f'{self.path}: not a loadable TFLite model ({str(e).splitlines()[0][:200]})') from None
+    self.interpreter = interpreter
+    self.decision = _tflite_decision(content, self.path)
+    inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    if len(inputs) != 1 or len(outputs) != 1:
+      raise errors.ModelLoadError(
+          f'{self.path}: expected one input and one output, found {len(inputs)} and '
+          f'{len(outputs)}: not a covidlib TFLite export')
+    self._input, self._output = inputs[0], outputs[0]
+    self.image_size, self.channels = _geometry(tuple(self._input['shape']), self.path)
+
+    def run(images):
+      results = []
+      for image in images:
+        interpreter.set_tensor(self._input['index'], _quantize(image[np.newaxis], self._input))
+        interpreter.invoke()
+        results.append(_dequantize(interpreter.get_tensor(self._output['index']),
+                                   self._output).reshape(-1)[0])
+      return np.asarray(results, np.float32)
+    self._run = run
+
+  # --- Public API.
+
+  def predict_preprocessed(self, images: np.ndarray) -> np.ndarray:
+    """float32 (N, S, S, C) in [0, 1] -> calibrated P(COVID-19), float32 (N,)."""
+    images = np.asarray(images, np.float32)
+    want = (self.image_size, self.image_size, self.channels)
+    if images.ndim != 4 or images.shape[1:] != want:
+      raise errors.UsageError(
+          f'expected preprocessed images of shape (N, {want[0]}, {want[1]}, {want[2]}), got '
+          f'{images.shape}')
+    if not len(images):
+      return np.zeros((0,), np.float32)
+    return np.asarray(self._run(images), np.float32)
+
+  def _preprocess(self, gray: np.ndarray) -> np.ndarray:
+    return preprocess.preprocess(gray, self.image_size, self.channels).numpy()
+
+  def _result(self, path: str, probability: float) -> Prediction:
+    probability = float(probability)
+    return Prediction(path, probability, int(probability >= self.decision.threshold),
+                      float(self.decision.threshold))
+
+  def predict_array(self, image: np.ndarray, name: str = '<array>') -> Prediction:
+    """Predicts one uint8 gray image, (H, W) or (H, W, 1)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
+        image.ndim == 3 and image.shape[-1] != 1):
+      raise errors.UsageError(
+          f'predict_array takes a uint8 gray image (H, W) or (H, W, 1), got {image.dtype} '
+          f'{image.shape}')
+    if image.ndim == 2:
+      image = image[..., np.newaxis]
+    return self._result(name, self.predict_preprocessed(self._preprocess(image)[np.newaxis])[0])
+
+  def predict_files(self, paths: Iterable[str | os.PathLike], batch_size: int = 16
+                    ) -> list[Prediction]:
+    """One Prediction per path, in order; unreadable files get `error` and no probability."""
+    if batch_size < 1:
+      raise errors.UsageError(f'batch_size must be >= 1, got {batch_size}')
+    paths = [os.fspath(p) for p in paths]
+    results: list[Prediction | None] = [None] * len(paths)
+    pending: list[tuple[int, np.ndarray]] = []
+
+    def flush():
+      if pending:
+        probabilities = self.predict_preprocessed(np.stack([x for _, x in pending]))
+        for (i, _), p in zip(pending, probabilities):
+          results[i] = self._result(paths[i], p)
+        pending.clear()
+
+    for i, path in enumerate(paths):
+      try:
+        pending.append((i, self._preprocess(read_image(path, self.max_pixels))))
+      except errors.InvalidImageError as e:
+        results[i] = Prediction(path, None, None, float(self.decision.threshold), e.reason)
+      if len(pending) >= batch_size:
+        flush()
+    flush()
+    return results
+
+
+def _geometry(shape: Sequence, path: str) -> tuple[int, int]:
+  if len(shape) != 4 or shape[1] != shape[2] or shape[3] not in (1, 3) or not shape[1]:
+    raise errors.ModelLoadError(
+        f'{path}: model input shape {shape} is not (N, S, S, 1 or 3): not a covidlib model')
+  return int(shape[1]), int(shape[3])
+
+
+def _tflite_decision(content: bytes, path: str) -> model_dir_lib.Decision:
+  """The decision embedded by covidlib-export, else decision.json beside the file, else 0.5."""
+  from exporters import tflite as tflite_lib  # The metadata format's one definition.
+
+  try:
+    embedded = tflite_lib.read_decision(content)
+  except (errors.CovidlibError, KeyError, ValueError, TypeError):
+    embedded = None  # A foreign or damaged metadata entry: fall back to the sidecar.
+  if embedded is not None:
+    return embedded
+  return model_dir_lib.load_decision(os.path.dirname(os.path.abspath(path)))
+
+
+def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+  if detail['dtype'] == np.float32:
+    return x.astype(np.float32)
+  scale, zero_point = detail['quantization']
+  info = np.iinfo(detail['dtype'])
+  return np.clip(np.round(x / scale + zero_point), info.min, info.max).astype(detail['dtype'])
+
+
+def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+  if detail['dtype'] == np.float32:
+    return y.astype(np.float32)
+  scale, zero_point = detail['quantization']
+  return ((y.astype(np.float32) - zero_point) * scale).astype(np.float32)
