@@ -88,12 +88,17 @@ def _finish(ds: tf.data.Dataset, num_examples: int, *, batch_size: int, shuffle:
 # ---------------------------------------------------------------------------------------------
 # TFDS.
 
-def _register_builders() -> None:
-  """Registers `covid_xray` when covidlib_tfds is installed; a built dataset loads without it."""
-  try:
-    import covidlib_tfds  # noqa: F401
-  except ImportError:
-    pass
+def _register_builders(dataset: str) -> None:
+  """Registers `covid_xray` (when covidlib_tfds is installed) before TFDS looks it up.
+
+  A built dataset also loads without its builder code (TFDS reads the metadata in data_dir), so
+  a missing covidlib_tfds is not an error; other datasets never import it.
+  """
+  if dataset.split('/')[0].split(':')[0] == 'covid_xray':
+    try:
+      import covidlib_tfds  # noqa: F401
+    except ImportError:
+      pass
 
 
 def _builder(dataset: str, data_dir: str | os.PathLike | None):
@@ -101,7 +106,7 @@ def _builder(dataset: str, data_dir: str | os.PathLike | None):
 
   if not isinstance(dataset, str) or not dataset:
     raise errors.UsageError(f'dataset must be a name such as "covid_xray/seed", got {dataset!r}')
-  _register_builders()
+  _register_builders(dataset)
   data_dir = None if data_dir is None else os.fspath(data_dir)
   where = f'data_dir {data_dir!r}' if data_dir else 'the default TFDS data_dir'
   try:
