@@ -1,0 +1,286 @@
+"""Patient-grouped k-fold cross-validation, for comparing models honestly on small data.
+
+    from covidlib import crossval, train
+    pool = crossval.load_pool('covid_xray/patient_split', ('train', 'validation'),
+                              data_dir='tfds_data', image_size=224)
+    config = train.make_config(model='compact_resnet', epochs=10)
+    result = crossval.cross_validate(config, 'runs/cv_compact_resnet', pool, n_folds=5)
+    result['summary']['roc_auc']      # {'mean', 'sd', 'ci95': [low, high], 'n_folds'}
+
+or `covidlib-crossval --out=runs/cv_compact_resnet --model=compact_resnet --folds=5`
+(covidlib/cli/crossval.py).
+
+Groups. Two images share a group when they belong to one patient (same source and non-empty
+patient_id) or are near-duplicates (the perceptual hash and threshold the dataset builder uses,
+`covidlib_tfds.splitting.group_images`, computed here on the preprocessed images); an image with
+neither is its own group. Folds come from scikit-learn's StratifiedGroupKFold (shuffled with
+`fold_seed`): a group never sits in two folds, and class shares stay as even as the groups allow.
+
+Each fold trains a fresh model with `covidlib.train.train` on the other folds (the datasets are
+passed in; augmentation, seed and every other setting come from the config) into
+`out_dir/fold_<k>/`, a normal model_dir, and predicts its own fold. A finished fold whose
+config matches is reused, so an interrupted cross-validation picks up where it stopped.
+
+Figures per fold are point values at a fixed threshold (0.5 by default; ROC-AUC, PR-AUC, Brier
+and ECE do not depend on it). The summary gives, per figure, the mean over folds and a 95%
+t-interval, mean +- t(0.975, k-1) * sd / sqrt(k), clipped to [0, 1] (NLL: to [0, inf)). Folds
+share training images, so they are not independent and the interval is somewhat too narrow
+(Bengio & Grandvalet, 2004): use it to rank models run on the same folds, not as a promise
+about new hospitals. The out-of-fold predictions
+of all folds, pooled, also get the full metric set with Wilson / bootstrap intervals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+from scipy import stats
+
+from covidlib import errors
+from covidlib import metrics
+from covidlib import model_dir as md
+
+CROSSVAL_JSON = 'crossval.json'
+CROSSVAL_MD = 'crossval.md'
+SUMMARY_FIGURES = ('accuracy', 'sensitivity', 'specificity', 'f1', 'roc_auc', 'pr_auc',
+                   'brier', 'ece')
+
+
+@dataclasses.dataclass
+class Pool:
+  """All images to cross-validate over, preprocessed, in memory."""
+  images: np.ndarray                  # (n, S, S, C) float32 in [0, 1].
+  labels: np.ndarray                  # (n,) int64, 1 = COVID-19.
+  metadata: dict[str, np.ndarray]     # 'filename', 'source', 'patient_id', ... (strings).
+  description: str = ''
+
+  def __len__(self) -> int:
+    return int(self.labels.size)
+
+
+def load_pool(dataset: str, splits: Sequence[str] = ('train', 'validation'), *,
+              data_dir: str | None = None, image_size: int = 224, channels: int = 1,
+              batch_size: int = 64) -> Pool:
+  """Reads and preprocesses every image of `splits` into memory (200 KB each at 224 px, gray).
+
+  Args:
+    dataset: 'name/config' of a TFDS dataset or 'folder:ROOT' (ROOT/<split>/{covid,normal}).
+    splits: the splits to pool; keep a test split out to stay untouched.
+  """
+  from covidlib import data
+  from covidlib import evaluate
+
+  if not splits:
+    raise errors.UsageError('no splits given to cross-validate over')
+  parts = []
+  for split in splits:
+    if dataset.startswith('folder:'):
+      root = os.path.join(dataset[len('folder:'):], split)
+      if not os.path.isdir(root):
+        raise errors.UsageError(f'split folder {root!r} does not exist (dataset {dataset!r})')
+      ds = data.load_folder(root, image_size=image_size, channels=channels,
+                            batch_size=batch_size, with_metadata=True, cache=False)
+    else:
+      ds = data.load_tfds(dataset, split, data_dir=data_dir, image_size=image_size,
+                          channels=channels, batch_size=batch_size, with_metadata=True,
+                          cache=False)
+    parts.append(evaluate.predict_dataset(lambda x, training=False: tf.zeros(tf.shape(x)[:1]),
+                                          ds, keep_images=True))
+  metadata = {key: np.concatenate([p.metadata[key] for p in parts])
+              for key in parts[0].metadata}
+  return Pool(images=np.concatenate([p.images for p in parts]),
+              labels=np.concatenate([p.labels for p in parts]), metadata=metadata,
+              description=f'{dataset} {"+".join(splits)}')
+
+
+def patient_groups(pool: Pool, near_duplicates: bool = True) -> np.ndarray:
+  """One group id per image: same patient, or near-duplicate images, share an id."""
+  from covidlib_tfds import perceptual_hash
+  from covidlib_tfds import splitting
+
+  n = len(pool)
+  patient = pool.metadata.get('patient_id', np.full(n, '', dtype=object))
+  source = pool.metadata.get('source', np.full(n, '', dtype=object))
+  keys = [f'{s}:{p}' if p else '' for s, p in zip(source, patient)]
+  if not near_duplicates:  # A distance of at most -1 bits: no pair is ever near.
+    return np.asarray(splitting.group_images(keys, [0] * n, max_bits=-1))
+  hashes = [perceptual_hash.image_hash(np.round(image[..., 0] * 255.0)) for image in pool.images]
+  return np.asarray(splitting.group_images(keys, hashes))
+
+
+def make_folds(labels, groups, n_folds: int = 5,
+               seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(train indices, validation indices) per fold: StratifiedGroupKFold, shuffled with `seed`."""
+  from sklearn.model_selection import StratifiedGroupKFold
+
+  labels = np.asarray(labels)
+  groups = np.asarray(groups)
+  if not isinstance(n_folds, int) or n_folds < 2:
+    raise errors.UsageError(f'number of folds must be an integer >= 2, got {n_folds!r}')
+  for label, name in ((0, 'normal'), (1, 'COVID-19')):
+    count = len(set(groups[labels == label]))
+    if count < n_folds:
+      raise errors.UsageError(
+          f'{n_folds} folds need at least {n_folds} {name} patient groups; the data has '
+          f'{count}')
+  splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+  return [(np.sort(tr), np.sort(va))
+          for tr, va in splitter.split(np.zeros(labels.size), labels, groups)]
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95,
+               bounds: tuple[float, float] | None = None) -> dict:
+  """Mean, sample sd and the t-interval of the mean over folds (None where undefined).
+
+  `bounds`: the figure's range, e.g. (0, 1); the interval is clipped to it.
+  """
+  values = np.asarray([v for v in values if v is not None], np.float64)
+  k = values.size
+  if k == 0:
+    return {'mean': None, 'sd': None, 'ci95': [None, None], 'n_folds': 0}
+  mean = float(values.mean())
+  if k == 1:
+    return {'mean': mean, 'sd': None, 'ci95': [None, None], 'n_folds': 1}
+  sd = float(values.std(ddof=1))
+  half = float(stats.t.ppf(0.5 + confidence / 2, k - 1)) * sd / math.sqrt(k)
+  low, high = mean - half, mean + half
+  if bounds is not None:
+    low, high = max(bounds[0], low), min(bounds[1], high)
+  return {'mean': mean, 'sd': sd, 'ci95': [low, high], 'n_folds': int(k)}
+
+
+def _fold_config(config: dict, description: str, fold: int, n_folds: int) -> dict:
+  from covidlib import train
+
+  return train.make_config(**{**config, 'dataset': f'{description} fold {fold}/{n_folds}'})
+
+
+def _train_fold(config: dict, fold_dir: str, train_data, validation_data, overwrite: bool,
+                verbose: int):
+  """A finished fold with the same config is reused; otherwise train (or resume) it."""
+  from covidlib import train
+
+  model_path = os.path.join(fold_dir, md.MODEL)
+  if not overwrite and os.path.exists(model_path):
+    saved = md.read_json(os.path.join(fold_dir, md.CONFIG))
+    if saved == config:
+      return md.load_model(fold_dir), True
+  train.train(config, fold_dir, train_data=train_data, validation_data=validation_data,
+              overwrite=overwrite, verbose=verbose)
+  return md.load_model(fold_dir), False
+
+
+def cross_validate(config: dict, out_dir: str, pool: Pool, *, n_folds: int = 5,
+                   fold_seed: int = 0, threshold: float = 0.5, near_duplicates: bool = True,
+                   n_bootstrap: int = metrics.DEFAULT_BOOTSTRAP, overwrite: bool = False,
+                   verbose: int = 0) -> dict:
+  """Trains and scores one model per fold; writes crossval.json / .md into out_dir.
+
+  Args:
+    config: covidlib.train config (model, epochs, batch_size, seed, augment, ...).
+    out_dir: fold_<k>/ model_dirs and the reports go here.
+    pool: the images (load_pool).
+    n_folds, fold_seed: StratifiedGroupKFold settings.
+    threshold: label = P >= threshold for the threshold-dependent figures.
+    near_duplicates: also group near-duplicate images (not only patients).
+    n_bootstrap: for the pooled out-of-fold metrics.
+    overwrite: retrain folds that are already finished.
+
+  Returns:
+    The report: folds (sizes, groups, figures), summary (mean and t-interval per figure),
+    pooled out-of-fold metrics.
+  """
+  from covidlib import train
+
+  config = train.make_config(**config)
+  groups = patient_groups(pool, near_duplicates)
+  folds = make_folds(pool.labels, groups, n_folds, fold_seed)
+  os.makedirs(out_dir, exist_ok=True)
+  batch = config['batch_size']
+  oof = np.full(len(pool), np.nan)
+  fold_reports = []
+  for k, (train_idx, val_idx) in enumerate(folds, start=1):
+    fold_config = _fold_config(config, pool.description, k, n_folds)
+    seed = config['seed']
+    train_data = (tf.data.Dataset.from_tensor_slices(
+        (pool.images[train_idx], pool.labels[train_idx].astype(np.float32)))
+        .shuffle(train_idx.size, seed=seed, reshuffle_each_iteration=True)
+        .batch(batch).prefetch(tf.data.AUTOTUNE))
+    val_data = tf.data.Dataset.from_tensor_slices(
+        (pool.images[val_idx], pool.labels[val_idx].astype(np.float32))).batch(batch)
+    fold_dir = os.path.join(out_dir, f'fold_{k}')
+    model, reused = _train_fold(fold_config, fold_dir, train_data, val_data, overwrite, verbose)
+    p = np.concatenate([
+        np.asarray(model(pool.images[val_idx[i:i + batch]], training=False),
+                   np.float64).reshape(-1) for i in range(0, val_idx.size, batch)])
+    oof[val_idx] = p
+    m = metrics.compute_metrics(pool.labels[val_idx], p, threshold, n_bootstrap=0)
+    fold_reports.append({
+        'fold': k, 'model_dir': fold_dir, 'reused': reused,
+        'n_train': int(train_idx.size), 'n_validation': int(val_idx.size),
+        'n_validation_covid': int(pool.labels[val_idx].sum()),
+        'groups_validation': int(len(set(groups[val_idx]))),
+        'figures': {name: est.value for name, est in m.figures.items()},
+    })
+  summary = {name: t_interval([f['figures'][name] for f in fold_reports],
+                             bounds=(0.0, math.inf) if name == 'nll' else (0.0, 1.0))
+             for name in metrics.FIGURES}
+  pooled = metrics.compute_metrics(pool.labels, oof, threshold, n_bootstrap=n_bootstrap,
+                                   seed=fold_seed)
+  report = {
+      'caveat': ('Research software, not a diagnostic device. Cross-validation on one dataset '
+                 'says nothing about patients, scanners or hospitals it does not hold.'),
+      'data': {'description': pool.description, 'n': len(pool),
+               'n_covid': int(pool.labels.sum()), 'groups': int(len(set(groups)))},
+      'config': config, 'n_folds': n_folds, 'fold_seed': fold_seed, 'threshold': threshold,
+      'grouping': 'patient + near-duplicate' if near_duplicates else 'patient',
+      'folds': fold_reports, 'summary': summary, 'pooled_out_of_fold': pooled.as_dict(),
+  }
+  md.write_json(os.path.join(out_dir, CROSSVAL_JSON), report)
+  md.write_bytes_atomic(os.path.join(out_dir, CROSSVAL_MD), render_markdown(report).encode())
+  return report
+
+
+def render_markdown(report: dict) -> str:
+  def fmt(v):
+    return '—' if v is None else f'{v:.3f}'
+
+  c = report['config']
+  out = [f'# Cross-validation: {c["model"]} on {report["data"]["description"]}', '',
+         f'> **{report["caveat"]}**', '',
+         f'{report["n_folds"]} folds (StratifiedGroupKFold, seed {report["fold_seed"]}, groups: '
+         f'{report["grouping"]}) over {report["data"]["n"]} images '
+         f'({report["data"]["n_covid"]} COVID-19) in {report["data"]["groups"]} groups. '
+         f'{c["epochs"]} epochs, batch {c["batch_size"]}, learning rate {c["learning_rate"]:g}, '
+         f'{c["image_size"]} px, seed {c["seed"]}. Threshold {report["threshold"]:g}.', '',
+         '## Mean over folds with 95% t-interval', '',
+         '| Figure | Mean | SD | 95% interval | ' +
+         ' | '.join(f'fold {f["fold"]}' for f in report['folds']) + ' |',
+         '|---|---|---|---|' + '---|' * len(report['folds'])]
+  for name in SUMMARY_FIGURES:
+    s = report['summary'][name]
+    low, high = s['ci95']
+    interval = '—' if low is None else f'[{low:.3f}, {high:.3f}]'
+    out.append(f'| {name} | {fmt(s["mean"])} | {fmt(s["sd"])} | {interval} | ' +
+               ' | '.join(fmt(f['figures'][name]) for f in report['folds']) + ' |')
+  out += ['', 'Folds share training images, so the t-interval is somewhat too narrow: compare '
+          'models on the same folds with it, do not read it as external validity.', '',
+          '## Folds', '', '| fold | train | validation (COVID-19) | groups in validation | '
+          'model_dir |', '|---|---|---|---|---|']
+  for f in report['folds']:
+    out.append(f'| {f["fold"]} | {f["n_train"]} | {f["n_validation"]} '
+               f'({f["n_validation_covid"]}) | {f["groups_validation"]} | `{f["model_dir"]}`'
+               + (' (reused)' if f['reused'] else '') + ' |')
+  pooled = report['pooled_out_of_fold']['figures']
+  out += ['', '## Pooled out-of-fold predictions', '', '| Figure | Value | 95% interval |',
+          '|---|---|---|']
+  for name in SUMMARY_FIGURES:
+    low, high = pooled[name]['ci95']
+    out.append(f'| {name} | {fmt(pooled[name]["value"])} | '
+               + ('—' if low is None else f'[{low:.3f}, {high:.3f}]') + ' |')
+  return '\n'.join(out) + '\n'
