@@ -182,8 +182,11 @@ def _clear_run(model_dir: str) -> None:
     shutil.rmtree(os.path.join(model_dir, name), ignore_errors=True)
 
 
-def _prepare_model_dir(model_dir: str, config: dict, overwrite: bool, chief: bool) -> None:
-  """Refuses a finished run (unless overwrite) and a resume with another config."""
+def _prepare_model_dir(model_dir: str, config: dict, overwrite: bool) -> None:
+  """Refuses a finished run (unless overwrite) and a resume with another config; writes config.
+
+  Called on the chief only: other workers of a multi-worker run neither check nor write.
+  """
   if os.path.exists(model_dir) and not os.path.isdir(model_dir):
     raise errors.UsageError(f'model_dir {model_dir!r} exists and is not a directory')
   config_path = os.path.join(model_dir, md.CONFIG)
@@ -193,8 +196,7 @@ def _prepare_model_dir(model_dir: str, config: dict, overwrite: bool, chief: boo
           f'model_dir {model_dir!r} is not empty and holds no {md.CONFIG}: it is not a '
           'covidlib-train run; choose a new or empty folder')
     if overwrite:
-      if chief:
-        _clear_run(model_dir)
+      _clear_run(model_dir)
     elif os.path.exists(os.path.join(model_dir, md.MODEL)):
       raise errors.UsageError(
           f'model_dir {model_dir!r} holds a finished run ({md.MODEL}); pass --overwrite to '
@@ -209,13 +211,13 @@ def _prepare_model_dir(model_dir: str, config: dict, overwrite: bool, chief: boo
             f'model_dir {model_dir!r} holds an unfinished run with another configuration '
             f'({details}); rerun with the same settings to resume it, or pass --overwrite to '
             'start over')
-  if chief:
-    os.makedirs(os.path.join(model_dir, md.CHECKPOINTS), exist_ok=True)
-    md.write_json(config_path, config)
+  md.write_json(config_path, config)
+  os.makedirs(os.path.join(model_dir, md.CHECKPOINTS), exist_ok=True)
 
 
-def _load_state(model_dir: str) -> dict:
-  path = os.path.join(model_dir, md.CHECKPOINTS, STATE)
+def _load_state(model_dir: str | None) -> dict:
+  """The last committed epoch's state (a fresh one for None or when nothing is committed)."""
+  path = os.path.join(model_dir, md.CHECKPOINTS, STATE) if model_dir else ''
   if not os.path.exists(path):
     return {'epoch': 0, 'weights': None, 'history': {}, 'best_epoch': None,
             'best_val_loss': None, 'stopped_early': False}
@@ -457,8 +459,10 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
     chief = _is_chief(strategy)
 
     # ------------------------------------------------- model_dir: new, resume or refuse.
-    _prepare_model_dir(model_dir, config, overwrite, chief)
-    state = _load_state(model_dir)
+    if chief:
+      _prepare_model_dir(model_dir, config, overwrite)
+    # Other workers resume from the chief's checkpoints (model_dir on a shared filesystem).
+    state = _load_state(None if overwrite and not chief else model_dir)
 
     # ------------------------------------------------------------------------ Seeds.
     if config['seed'] is not None:
