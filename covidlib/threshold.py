@@ -13,7 +13,8 @@ Policies (label = P(COVID-19) >= threshold):
 
 Candidates: every distinct way of splitting the validation scores. The threshold reported for
 "positive iff p >= s" (s a validation score) is the midpoint between s and the next lower
-distinct score (0 below the lowest), so a new score a hair under s is not flipped by rounding.
+distinct score (half of s for the lowest score; midway to 1 above the highest), so a new score
+a hair under s is not flipped by rounding.
 Ties of the objective go to the higher sensitivity: a missed COVID-19 is the costlier error.
 
 The result is stored with the model as `decision.json` (`covidlib.model_dir.save_decision`) and
@@ -91,8 +92,8 @@ def parse_policy(policy: str) -> Policy:
 def operating_points(y_true, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(thresholds, sensitivity, specificity) for every distinct split, thresholds ascending.
 
-  The first candidate (0.0) calls everything COVID-19; the last, above the highest score,
-  calls everything normal.
+  The first candidate (half the lowest score) calls everything COVID-19; the last, midway
+  between the highest score and 1, calls everything normal.
   """
   y, p = metrics.check_arrays(y_true, scores)
   n_pos = int(y.sum())
@@ -100,7 +101,6 @@ def operating_points(y_true, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray
   distinct = np.unique(p)  # Ascending.
   below = np.concatenate([[0.0], distinct[:-1]])
   thresholds = np.concatenate([(distinct + below) / 2, [(distinct[-1] + 1.0) / 2]])
-  thresholds[0] = 0.0  # "Everything positive" needs no score below it.
   if distinct[-1] >= 1.0:  # Nothing can sit above a score of exactly 1.
     thresholds = thresholds[:-1]
   # For each candidate count the positives and negatives at or above it.

@@ -65,7 +65,7 @@ def test_threshold_applies_as_label_rule():
 
 def test_operating_points_cover_both_extremes():
   thresholds, sens, spec = threshold.operating_points(Y, P)
-  assert thresholds[0] == 0.0 and (sens[0], spec[0]) == (1.0, 0.0)
+  assert thresholds[0] == pytest.approx(0.05 / 2) and (sens[0], spec[0]) == (1.0, 0.0)
   assert thresholds[-1] == pytest.approx((0.99 + 1) / 2) and (sens[-1], spec[-1]) == (0.0, 1.0)
   assert np.all(np.diff(thresholds) > 0)
   assert np.all(np.diff(sens) <= 0) and np.all(np.diff(spec) >= 0)
