@@ -8,7 +8,8 @@ Modules (each one concept):
   tflite       TFLite fp32 / dynamic / fp16 / int8, labels and decision embedded as metadata
   parity       every exported variant against the Keras model: metrics, agreement, size, latency
   model_card   MODEL_CARD.md
-  cli          the `covidlib-export` binary: atomic, the output folder appears complete or not at all
+  export       the whole export as one function: atomic, the output appears complete or not at all
+  cli          the `covidlib-export` binary over `export`
 
 Every exported probability is P(COVID-19) after the stored temperature; `label` is 1 (COVID-19)
 when probability >= the stored threshold. Research software, not a diagnostic device.

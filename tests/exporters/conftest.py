@@ -109,3 +109,20 @@ def helpers():
   """The module's helper functions, for tests (which cannot import conftest)."""
   return types.SimpleNamespace(xray_like=xray_like, build_tiny_model=build_tiny_model,
                                preprocessed=preprocessed, write_model_dir=write_model_dir)
+
+
+@pytest.fixture(scope='session')
+def folder_dataset(tmp_path_factory):
+  """ROOT/{train,validation}/{covid,normal}/*.png, 12 + 10 images per class; COVID-19 images
+  brighter, so the tiny model's scores carry some signal. Use as --dataset=folder:ROOT."""
+  from PIL import Image
+  root = tmp_path_factory.mktemp('folder_dataset')
+  for split, count, seed in (('train', 12, 20), ('validation', 10, 30)):
+    for label, name in enumerate(('normal', 'covid')):
+      folder = root / split / name
+      folder.mkdir(parents=True)
+      for i, image in enumerate(xray_like(count, seed=seed + label)):
+        if label:
+          image = np.clip(image.astype(int) + 40, 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(folder / f'{name}_{i:02d}.png')
+  return str(root)

@@ -1,0 +1,199 @@
+"""MODEL_CARD.md, written by `covidlib-export` next to the exported models.
+
+    from exporters import model_card
+    text = model_card.render_model_card(config, decision, evaluation=report_json,
+                                        evaluation_source='runs/x/eval/report.json',
+                                        parity=export_report, files=['saved_model', ...])
+
+Sections (after Mitchell et al., "Model Cards for Model Reporting", 2019): model details,
+intended use and what it must not be used for, training data and licences, training
+configuration (config.json), metrics with 95% intervals (the evaluation report.json when the
+model_dir has one, else computed at export on the parity split), per-source metrics, known
+confounds of this data, and the quantization deltas of each exported variant (parity report).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import covidlib
+from covidlib import model_dir as model_dir_lib
+
+FILENAME = 'MODEL_CARD.md'
+_FIGURES = (('roc_auc', 'ROC-AUC'), ('sensitivity', 'Sensitivity (COVID-19 recall)'),
+            ('specificity', 'Specificity (normal recall)'), ('accuracy', 'Accuracy'),
+            ('ppv', 'PPV'), ('npv', 'NPV'), ('f1', 'F1'), ('brier', 'Brier score'),
+            ('ece', 'ECE'))
+
+INTENDED_USE = """\
+**Research use only. Not a medical device. Not for diagnosis, triage, screening or any decision
+about a patient.** It exists to study how (and how badly) small CNNs trained on public COVID-19
+chest X-ray collections generalise, to reproduce the 2020 article "Detecting COVID-19 using Deep
+Learning" (D. Trehan), and to measure shortcut learning. Out of scope: any clinical use; images
+other than frontal chest X-rays; populations, scanners or hospitals absent from the training data
+(its figures say nothing about them); telling COVID-19 from other pneumonias (the training data
+has no such class)."""
+
+DATA_SOURCES = """\
+- **COVID-19 images**: the COVID-19 image data collection, J. P. Cohen, P. Morrison, L. Dao et al.
+  (github.com/ieee8023/covid-chestxray-dataset, arXiv:2006.11988), as curated by the article's
+  repository (dakshtrehan/Covid-19-Detection). Images come from many papers, websites and
+  hospitals; **each image has its own licence** (the collection's metadata.csv, column
+  `license`: CC BY, CC BY-NC-SA, Apache 2.0, unknown ...). Check them before redistributing.
+- **Normal images**: "Chest X-Ray Images (Pneumonia)", D. Kermany, K. Zhang, M. Goldbaum et al.
+  (Mendeley Data v2, doi:10.17632/rscbjbr9sj.2; Cell 2018), **CC BY 4.0**: pediatric patients
+  aged 1 to 5 from one hospital (Guangzhou Women and Children's Medical Center)."""
+
+CONFOUNDS = """\
+- **Pediatric normals against adult COVID-19 images.** Every normal image is a child's X-ray from
+  one hospital; the COVID-19 images are adults from many sources. A model can separate the
+  classes by age, body size, scanner, hospital or annotation style without seeing any disease
+  (DeGrave et al., Nature Machine Intelligence 2021: such models "appear accurate, but fail when
+  tested in new hospitals"). Per-source metrics below cannot remove this: within a source only
+  one class exists.
+- **Mixed file formats.** Every normal image is a grayscale JPEG, while COVID-19 images are RGB
+  JPEG, RGBA PNG and gray JPEG: the file format alone predicts the label. covidlib canonicalises
+  every image to one 8-bit gray channel (BT.601 luma, alpha dropped, 16-bit scaled) in its one
+  preprocessing function, used for training, export and prediction alike; compression
+  artefacts and paper-figure margins remain.
+- **The seed split leaks.** The article's own train/validation split (config `seed`) puts images
+  of the same patient, and near-duplicates, on both sides; figures measured on it are
+  optimistic. The `patient_split` and `curated` configs split by patient.
+- **External validation.** The article's recipe, re-run faithfully, scored 57/59 on its own
+  validation split, yet on adult X-rays from other hospitals it called 445 of 448 normal adults
+  COVID-19 (ROC-AUC 0.33, worse than chance). Expect the same of this model until it is shown
+  otherwise on data from hospitals absent from training.
+- **Small data.** A few hundred images: intervals are wide; a different seed or split moves the
+  figures by more than the differences between model variants."""
+
+
+def find_evaluation_report(model_dir: str) -> str | None:
+  """The newest report.json written by covidlib-evaluate in model_dir or one folder below."""
+  candidates = [os.path.join(model_dir, 'report.json')]
+  candidates += glob.glob(os.path.join(model_dir, '*', 'report.json'))
+  candidates = [c for c in candidates if os.path.isfile(c)]
+  if not candidates:
+    return None
+  return max(candidates, key=os.path.getmtime)
+
+
+def load_evaluation_report(path: str) -> dict:
+  report = model_dir_lib.read_json(path)
+  if not isinstance(report, dict) or 'metrics' not in report:
+    raise covidlib.errors.DataError(f'{path}: not a covidlib-evaluate report (no "metrics")')
+  return report
+
+
+def _figure(figure: dict | None) -> str:
+  if not figure or figure.get('value') is None:
+    return 'n/a' + (f' ({figure["reason"]})' if figure and figure.get('reason') else '')
+  low, high = (figure.get('ci95') or [None, None])[:2]
+  if low is None:
+    return f'{figure["value"]:.3f}'
+  return f'{figure["value"]:.3f} [{low:.3f}, {high:.3f}]'
+
+
+def _metrics_section(evaluation: dict | None, source: str) -> list[str]:
+  if evaluation is None:
+    return ['No metrics: no evaluation report in the model_dir and no parity data at export.', '']
+  metrics = evaluation['metrics']
+  data = evaluation.get('data', {})
+  lines = [f'Source: {source}. Data: {data.get("description", "?")}: {metrics["n"]} images '
+           f'({metrics["n_covid"]} COVID-19, {metrics["n_normal"]} normal), threshold '
+           f'{metrics["threshold"]:.4g}. 95% intervals: Wilson for proportions, stratified '
+           'bootstrap otherwise.', '',
+           '| Figure | Value [95% interval] |', '|---|---|']
+  for key, name in _FIGURES:
+    if key in metrics['figures']:
+      lines.append(f'| {name} | {_figure(metrics["figures"][key])} |')
+  c = metrics.get('confusion')
+  if c:
+    lines += ['', f'Confusion: TN {c["tn"]}, FP {c["fp"]}, FN {c["fn"]}, TP {c["tp"]}.']
+  lines.append('')
+  groups = evaluation.get('groups') or {}
+  lines += ['### Per-source metrics', '']
+  if 'source' not in groups:
+    lines += ['Not available: the evaluation data carries no `source` feature (a folder of '
+              'images rather than the covid_xray TFDS dataset).', '']
+  else:
+    lines += ['| Source | n | COVID-19 / normal | Accuracy | Sensitivity | Specificity |',
+              '|---|---|---|---|---|---|']
+    for value, g in groups['source'].items():
+      f = g['figures']
+      lines.append(f'| {value} | {g["n"]} | {g["n_covid"]} / {g["n_normal"]} | '
+                   f'{_figure(f.get("accuracy"))} | {_figure(f.get("sensitivity"))} | '
+                   f'{_figure(f.get("specificity"))} |')
+    lines += ['', 'Each source holds one class only, so these figures measure each class within '
+              'its source; they cannot separate disease from source (see Known confounds).', '']
+  return lines
+
+
+def _quantization_section(parity: dict | None) -> list[str]:
+  if parity is None:
+    return ['Not measured (export without parity data).', '']
+  reference = parity['models']['keras']['figures']['roc_auc']['value']
+  lines = [f'On {parity["split"] or "the parity data"} ({parity["n"]} images), against the Keras '
+           f'model (ROC-AUC {reference if reference is None else f"{reference:.3f}"}); full '
+           'table in export_report.md.', '',
+           '| Variant | Size | ROC-AUC drop | Agreement | max abs dp | mean abs dp | Targets |',
+           '|---|---|---|---|---|---|---|']
+  for name, m in parity['models'].items():
+    if name == 'keras':
+      continue
+    verdicts = [c['pass'] for c in m['targets'].values()]
+    verdict = ('met' if all(v is True for v in verdicts) else
+               'MISSED' if False in verdicts else 'n/a')
+    drop = m['roc_auc_drop']
+    lines.append(f'| {name} | {m["file_size_bytes"] / 1024:,.0f} KiB | '
+                 f'{"n/a" if drop is None else f"{drop:+.4f}"} | {m["agreement"]:.4f} | '
+                 f'{m["max_abs_dp"]:.4f} | {m["mean_abs_dp"]:.4f} | {verdict} |')
+  lines.append('')
+  return lines
+
+
+def render_model_card(config: dict, decision: model_dir_lib.Decision, *,
+                      evaluation: dict | None, evaluation_source: str,
+                      parity: dict | None, files: list[str],
+                      params: int | None = None) -> str:
+  """The model card's Markdown. `evaluation` has covidlib-evaluate's report.json layout."""
+  name = config.get('model', '?')
+  size, channels = config.get('image_size', '?'), config.get('channels', 1)
+  lines = [
+      f'# Model card: {name} (covidlib {covidlib.__version__})', '',
+      '> **Research software, not a diagnostic device. Do not use it to diagnose, triage or '
+      'treat anyone.**', '',
+      '## Model details', '',
+      f'- Architecture: `{name}`{"" if params is None else f", {params:,} parameters"}.',
+      f'- Input: one chest X-ray, decoded to 8-bit gray and resized to {size}x{size} '
+      f'({channels} channel{"s" if channels != 1 else ""}), scaled to [0, 1], by '
+      '`covidlib.preprocess` (inside the SavedModel `serving_default` signature; done by the '
+      'caller for `serving_preprocessed` and TFLite).',
+      '- Output: P(COVID-19) after temperature scaling; label 1 = COVID-19, 0 = normal.',
+      f'- Operating point (decision.json): threshold {decision.threshold:.4g}, policy '
+      f'`{decision.policy}`, temperature {decision.temperature:.4g}'
+      f'{f", chosen on split `{decision.split}`" if decision.split else " (default)"}.',
+      f'- Files: {", ".join(f"`{f}`" for f in files)}.', '',
+      '## Intended use', '', INTENDED_USE, '',
+      '## Training data', '', f'Dataset: `{config.get("dataset", "?")}`.', '',
+      *([] if str(config.get('dataset', '')).startswith('covid_xray') else [
+          'The sources below are those of covidlib\'s `covid_xray` dataset; this model was '
+          'trained on another one: add its sources and licences here.', '']),
+      DATA_SOURCES, '',
+      '## Training configuration', '', '| Key | Value |', '|---|---|',
+  ]
+  for key in sorted(config):
+    value = json.dumps(config[key], sort_keys=True)
+    lines.append(f'| {key} | `{value}` |')
+  lines += ['', '## Metrics', '']
+  lines += _metrics_section(evaluation, evaluation_source)
+  lines += ['## Known confounds and limitations', '', CONFOUNDS, '',
+            '## Quantization deltas', '']
+  lines += _quantization_section(parity)
+  lines += ['## Citation', '',
+            'Cohen J. P. et al., COVID-19 Image Data Collection, arXiv:2006.11988 (2020). '
+            'Kermany D. et al., Cell 172(5):1122-1131 (2018). DeGrave A. J. et al., Nature '
+            'Machine Intelligence 3:610-619 (2021). Trehan D., "Detecting COVID-19 using Deep '
+            'Learning" (2020).', '']
+  return '\n'.join(lines)
