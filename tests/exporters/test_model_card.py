@@ -1,0 +1,71 @@
+"""exporters.model_card: an evaluation report's figures and groups appear; fallbacks say so."""
+
+import os
+import time
+
+import numpy as np
+import pytest
+
+from covidlib import errors
+from covidlib import evaluate
+from covidlib import model_dir as model_dir_lib
+from exporters import model_card
+
+CONFIG = {'model': 'compact_resnet', 'image_size': 224, 'channels': 1,
+          'dataset': 'covid_xray/patient_split', 'epochs': 30, 'learning_rate': 0.001}
+DECISION = model_dir_lib.Decision(threshold=0.31, policy='youden', temperature=1.2,
+                                  split='validation')
+
+
+@pytest.fixture(scope='module')
+def evaluation():
+  """A real covidlib.evaluate report on fixed scores, with per-source groups."""
+  rs = np.random.RandomState(0)
+  labels = np.array([0] * 30 + [1] * 30)
+  scores = np.clip(labels * 0.4 + rs.uniform(0, 0.6, 60), 0, 1)
+  sources = np.array(['kaggle_pediatric'] * 30 + ['ieee8023'] * 30, dtype=object)
+  predictions = evaluate.Predictions(labels=labels, scores=scores,
+                                     metadata={'source': sources})
+  report = evaluate.evaluate_predictions(predictions, DECISION, group_by=['source'],
+                                         n_bootstrap=100)
+  report['data'] = {'description': 'covid_xray/patient_split split test', 'n': 60}
+  return report
+
+
+def test_card_shows_the_evaluation_report(evaluation):
+  card = model_card.render_model_card(CONFIG, DECISION, evaluation=evaluation,
+                                      evaluation_source='report `eval/report.json`',
+                                      parity=None, files=['saved_model'], params=1234)
+  auc = evaluation['metrics']['figures']['roc_auc']
+  assert f'| ROC-AUC | {auc["value"]:.3f} [{auc["ci95"][0]:.3f}, {auc["ci95"][1]:.3f}] |' in card
+  sensitivity = evaluation['groups']['source']['ieee8023']['figures']['sensitivity']
+  assert f'| ieee8023 | 30 | 30 / 0 | ' in card
+  assert f'{sensitivity["value"]:.3f} [' in card
+  assert 'Source: report `eval/report.json`. Data: covid_xray/patient_split split test' in card
+  assert 'compact_resnet`, 1,234 parameters' in card
+  assert 'threshold 0.31, policy `youden`, temperature 1.2' in card
+  assert 'Not measured (export without parity data).' in card
+  assert 'add its sources and licences here' not in card  # Trained on covid_xray.
+
+
+def test_card_without_any_metrics_says_so():
+  card = model_card.render_model_card({**CONFIG, 'dataset': 'folder:/data/xrays'}, DECISION,
+                                      evaluation=None, evaluation_source='none', parity=None,
+                                      files=[])
+  assert 'No metrics: no evaluation report in the model_dir and no parity data' in card
+  assert 'add its sources and licences here' in card
+  assert card.count('Research') >= 2
+
+
+def test_find_evaluation_report_takes_the_newest(tmp_path, evaluation):
+  assert model_card.find_evaluation_report(str(tmp_path)) is None
+  model_dir_lib.write_json(tmp_path / 'eval_validation' / 'report.json', evaluation)
+  time.sleep(0.01)
+  newest = tmp_path / 'eval_test' / 'report.json'
+  model_dir_lib.write_json(newest, evaluation)
+  os.utime(tmp_path / 'eval_validation' / 'report.json', (1, 1))
+  assert model_card.find_evaluation_report(str(tmp_path)) == str(newest)
+  assert model_card.load_evaluation_report(str(newest))['metrics']['n'] == 60
+  model_dir_lib.write_json(tmp_path / 'not_a_report.json', {'a': 1})
+  with pytest.raises(errors.DataError, match='not a covidlib-evaluate report'):
+    model_card.load_evaluation_report(str(tmp_path / 'not_a_report.json'))
