@@ -48,9 +48,9 @@ AUTOTUNE = tf.data.AUTOTUNE
 MAX_SHUFFLE_BUFFER = 10_000
 
 # How to make the dataset when it is not built yet (shown in the error message).
-_BUILD_HINT = ('tfds build covid_xray --imports=covidlib_tfds --config={config} '
-               '--manual_dir=<folder holding the Covid-19-Detection-<commit>.zip archive> '
-               '--data_dir={data_dir}')
+_BUILD_HINT = ('python -m covidlib_tfds.build --config={config} '
+               '--manual_dir=<folder holding the source archive, e.g. shared/data/covid_xray_seed> '
+               '--data_dir={data_dir} (see covidlib_tfds/covid_xray/README.md)')
 
 METADATA_KEYS = ('filename', 'source', 'view', 'patient_id', 'age')
 
