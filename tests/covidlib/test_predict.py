@@ -195,3 +195,12 @@ def test_model_paths_that_are_not_models(tmp_path, exports):
   with pytest.raises(errors.ModelLoadError, match='fake.keras: not a loadable Keras model'):
     predict.Predictor(tmp_path / 'fake.keras')
   assert not os.path.exists(tmp_path / 'nothing.keras')
+
+
+def test_keras_model_with_a_lambda_layer_is_refused(tmp_path):
+  inputs = keras.Input((16, 16, 1))
+  outputs = keras.layers.Lambda(lambda t: t[:, 0, 0, :] * 0 + 0.5)(inputs)
+  keras.Model(inputs, outputs).save(tmp_path / 'lambda.keras')
+  with pytest.raises(errors.ModelLoadError, match='lambda.keras: refused to load: it holds a '
+                     'Lambda layer'):
+    predict.Predictor(tmp_path / 'lambda.keras')
