@@ -112,9 +112,12 @@ def build_augmentation(flip: bool = True, zoom: float = 0.2, shear: float = 0.2,
     layers.append(keras.layers.RandomRotation(rotation / 360.0, seed=layer_seed(1),
                                               name='rotation', **geometric))
   if shear:
-    layers.append(keras.layers.RandomShear(x_factor=math.tan(math.radians(shear)),
-                                           y_factor=0.0, seed=layer_seed(2), name='shear',
-                                           **geometric))
+    # (0, s) rather than s: RandomShear flips the sign at random anyway, so both draw from
+    # [-s, s]; but from s it stores (-s, s) in its config, which its own from_config rejects
+    # (Keras 3.15), and a saved training model would not load.
+    layers.append(keras.layers.RandomShear(x_factor=(0.0, math.tan(math.radians(shear))),
+                                           y_factor=(0.0, 0.0), seed=layer_seed(2),
+                                           name='shear', **geometric))
   if zoom:
     layers.append(keras.layers.RandomZoom(height_factor=(-zoom, zoom), width_factor=(-zoom, zoom),
                                           seed=layer_seed(3), name='zoom', **geometric))

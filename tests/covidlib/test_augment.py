@@ -1,5 +1,6 @@
 """Tests of covidlib.augment: each augmentation eagerly and in tf.data, seeds, flip, the models."""
 
+import json
 import math
 
 import keras
@@ -44,8 +45,8 @@ def test_defaults_are_the_article_recipe():
   flip, shear, zoom = layers
   assert flip.mode == 'horizontal'
   # ImageDataGenerator's shear_range=0.2 is in degrees: a shear factor of tan(0.2 deg).
-  assert shear.x_factor == pytest.approx((-math.tan(math.radians(0.2)),
-                                          math.tan(math.radians(0.2))))
+  # RandomShear draws from (0, s) and flips the sign with probability 1/2: [-s, s].
+  assert shear.x_factor == pytest.approx((0.0, math.tan(math.radians(0.2))))
   assert shear.y_factor == (0.0, 0.0)
   # zoom_range=0.2: each axis scaled independently by a factor in [0.8, 1.2].
   assert (zoom.height_lower, zoom.height_upper) == (-0.2, 0.2)
@@ -170,6 +171,21 @@ def test_training_model_augments_in_training_only_and_shares_weights():
   training.fit(x, np.tile([0.0, 1.0], 4).astype('float32'), epochs=1, verbose=0)
   assert not all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
   assert models.count_flops(training) == models.count_flops(model)
+
+
+def test_training_model_saves_and_loads_with_safe_mode(tmp_path):
+  model = models.build_model('compact_resnet', image_size=24, channels=1, seed=0)
+  layer = augment.build_augmentation(rotation=5, translation=0.1, contrast=0.1, brightness=0.1,
+                                     seed=3)
+  training = augment.training_model(model, layer)
+  training.save(tmp_path / 'training.keras')
+  loaded = keras.saving.load_model(tmp_path / 'training.keras', safe_mode=True)
+  def configs(layers):  # Through JSON, as the .keras file stores them (tuples become lists).
+    return json.loads(json.dumps([l.get_config() for l in layers]))
+
+  assert configs(loaded.get_layer('augmentation').layers) == configs(layer.layers)
+  x = _images()
+  np.testing.assert_array_equal(loaded.predict(x, verbose=0), training.predict(x, verbose=0))
 
 
 def test_training_model_rejects_what_is_not_a_model():
