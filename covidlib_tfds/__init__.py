@@ -1,0 +1,14 @@
+"""covidlib_tfds: the `covid_xray` TensorFlow Datasets builder, its leakage audit and helpers.
+
+    import covidlib_tfds  # registers covid_xray with TFDS
+    import tensorflow_datasets as tfds
+    ds = tfds.load('covid_xray/patient_split', split='train', data_dir=DIR)
+
+Build: `python -m covidlib_tfds.build --config=seed --manual_dir=DIR --data_dir=DIR`
+Audit: `python -m covidlib_tfds.audit --config=seed --data_dir=DIR`
+Usable without the rest of covidlib's training code: it needs only covidlib.preprocess/errors.
+"""
+
+from covidlib_tfds.covid_xray import covid_xray_dataset_builder  # noqa: F401  (registers)
+
+Builder = covid_xray_dataset_builder.Builder

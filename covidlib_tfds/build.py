@@ -1,0 +1,86 @@
+"""Builds a covid_xray config, with one-line errors instead of tracebacks.
+
+    python -m covidlib_tfds.build --config=seed --manual_dir=../shared/data/covid_xray_seed \
+        --data_dir=DIR --allow_missing
+    python -m covidlib_tfds.build --config=patient_split \
+        --manual_dir=../shared/data/covid_xray_seed --data_dir=DIR --allow_missing
+
+The same as `tfds build covid_xray/<config>/allow_missing=True --imports=covidlib_tfds
+--manual_dir=... --data_dir=...`, which needs apache-beam installed (the `tfds` command of
+tensorflow-datasets 4.9.10 imports it at start-up); this one does not.
+--allow_missing lets the build go on when images the manifest lists are absent from the archive
+(our offline copy lacks one); they are logged by name, listed in
+`info.metadata['missing_files']`, and printed here.
+A config already built in DATA_DIR is reused, not rebuilt (pass --overwrite to rebuild it).
+Exit status: 0 built, 1 a data error (changed, missing, unexpected or undecodable image), 2 a
+usage error (unknown config, bad flag).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app
+from absl import flags
+import tensorflow_datasets as tfds
+
+import covidlib_tfds  # noqa: F401  (registers covid_xray)
+from covidlib import errors
+from covidlib_tfds import cli
+
+_BINARY = 'covidlib_tfds.build'
+
+FLAGS = flags.FlagValues()  # This binary's own flags (see covidlib_tfds.cli).
+_DATASET = flags.DEFINE_string('dataset', 'covid_xray', 'The TFDS dataset name.',
+                               flag_values=FLAGS)
+_CONFIG = flags.DEFINE_string('config', 'seed', 'The config to build: seed, patient_split or '
+                              'curated.', flag_values=FLAGS)
+_MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Folder holding the source archive (seed, '
+                                  'patient_split) or the raw collections (curated).',
+                                  flag_values=FLAGS)
+_DATA_DIR = flags.DEFINE_string('data_dir', None, 'Where to write the prepared dataset '
+                                '(default: TFDS_DATA_DIR or ~/tensorflow_datasets).',
+                                flag_values=FLAGS)
+_ALLOW_MISSING = flags.DEFINE_bool('allow_missing', False, 'Build even if images the manifest '
+                                   'lists are missing; they are reported and recorded.',
+                                   flag_values=FLAGS)
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Rebuild even if already built.',
+                               flag_values=FLAGS)
+
+
+def build(name: str, *, manual_dir: str | None, data_dir: str | None, allow_missing: bool,
+          overwrite: bool = False) -> tfds.core.DatasetBuilder:
+  """Prepares dataset `name` (e.g. 'covid_xray/seed') and returns its builder."""
+  builder = tfds.builder(cli.check_name(name), data_dir=data_dir,
+                         allow_missing=allow_missing)
+  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir, download_mode=mode))
+  return builder
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    print(f'{_BINARY}: error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
+    return 2
+  name = f'{_DATASET.value}/{_CONFIG.value}'
+  try:
+    builder = build(name, manual_dir=_MANUAL_DIR.value, data_dir=_DATA_DIR.value,
+                    allow_missing=_ALLOW_MISSING.value, overwrite=_OVERWRITE.value)
+  except errors.CovidlibError as e:
+    print(f'{_BINARY}: error: {e}', file=sys.stderr)
+    return 2 if isinstance(e, errors.UsageError) else 1
+  sizes = ', '.join(f'{s} {info.num_examples}' for s, info in builder.info.splits.items())
+  print(f'{name}:{builder.version} in {builder.data_dir}: {sizes}')
+  missing = builder.info.metadata.get('missing_files', [])
+  print(f'missing images (allowed): {len(missing)}' + ''.join(f'\n  {m}' for m in missing))
+  return 0
+
+
+def run() -> None:
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, FLAGS, _BINARY, __doc__))
+
+
+if __name__ == '__main__':
+  run()

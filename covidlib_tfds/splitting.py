@@ -1,0 +1,116 @@
+"""Splitting images by patient: no patient and no near-duplicate cluster on two sides.
+
+    from covidlib_tfds import splitting
+    groups = splitting.group_images(patient_keys, hashes)     # one group id per image
+    names = splitting.split_groups(groups, labels, {'train': .6, 'validation': .2, 'test': .2},
+                                   seed=2020)                 # one split name per image
+
+Two images share a group when they belong to the same patient (same non-empty patient key) or
+their perceptual hashes are near-duplicates; groups that share an image are merged (union-find),
+so a chain of copies A~B~C ends up in one group even when A and C are far apart.
+
+The splitter assigns whole groups: largest first (ties in an order shuffled with `seed`), each to
+the split where it most reduces the squared distance between the split's class counts and size
+and their targets (fraction x class total, fraction x all images). Classes and split sizes
+therefore stay balanced as far as the group sizes allow.
+The same inputs and seed always give the same split.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from covidlib import errors
+from covidlib_tfds import perceptual_hash
+
+
+class _UnionFind:
+
+  def __init__(self, size: int):
+    self._parent = list(range(size))
+
+  def find(self, i: int) -> int:
+    while self._parent[i] != i:
+      self._parent[i] = self._parent[self._parent[i]]  # Path halving.
+      i = self._parent[i]
+    return i
+
+  def union(self, i: int, j: int) -> None:
+    a, b = self.find(i), self.find(j)
+    if a != b:
+      self._parent[max(a, b)] = min(a, b)  # The smaller index is the root: deterministic.
+
+
+def group_images(patient_keys: Sequence[str], hashes: Sequence[int],
+                 max_bits: int = perceptual_hash.NEAR_DUPLICATE_BITS) -> list[int]:
+  """Group id for each image: images of one patient or near-duplicates share a group.
+
+  Args:
+    patient_keys: one per image; '' when unknown. Keys must already be unique across sources
+      (e.g. 'ieee8023:12'), since the same number can mean different people in two collections.
+    hashes: `perceptual_hash.image_hash` of each image.
+    max_bits: near-duplicate threshold.
+
+  Returns:
+    For each image, the index of the first image of its group (so ids are stable).
+  """
+  if len(patient_keys) != len(hashes):
+    raise ValueError(f'{len(patient_keys)} patient keys but {len(hashes)} hashes')
+  sets = _UnionFind(len(hashes))
+  first_of_patient = {}
+  for i, key in enumerate(patient_keys):
+    if key:
+      sets.union(first_of_patient.setdefault(key, i), i)
+  for i, j, _ in perceptual_hash.near_duplicate_pairs(list(hashes), max_bits):
+    sets.union(i, j)
+  return [sets.find(i) for i in range(len(hashes))]
+
+
+def split_groups(groups: Sequence[int], labels: Sequence[int], fractions: Mapping[str, float],
+                 seed: int) -> list[str]:
+  """Assigns whole groups to splits; returns the split name of each image.
+
+  Args:
+    groups: group id per image (from `group_images`).
+    labels: class index per image (0 normal, 1 covid; any small ints work).
+    fractions: split name -> share of the images, e.g. {'train': .6, 'validation': .2,
+      'test': .2}. Must be positive and sum to 1. Ties go to the split listed first.
+    seed: fixes the order of equally sized groups.
+  """
+  if len(groups) != len(labels):
+    raise ValueError(f'{len(groups)} group ids but {len(labels)} labels')
+  names = list(fractions)
+  shares = np.array([fractions[n] for n in names], np.float64)
+  if not names or np.any(shares <= 0) or abs(shares.sum() - 1.0) > 1e-6:
+    raise errors.UsageError(f'split fractions must be positive and sum to 1, got {dict(fractions)}')
+  if not groups:
+    return []
+  classes = sorted(set(labels))
+  column = {c: k for k, c in enumerate(classes)}
+  members: dict[int, list[int]] = {}
+  for i, g in enumerate(groups):
+    members.setdefault(g, []).append(i)
+  group_ids = sorted(members)
+  counts = np.zeros((len(group_ids), len(classes)))
+  for row, g in enumerate(group_ids):
+    for i in members[g]:
+      counts[row, column[labels[i]]] += 1
+  # One more column, the group's size: the error then also counts split sizes, not only each
+  # class on its own (which would let a split stay empty while its classes are 'balanced').
+  counts = np.concatenate([counts, counts.sum(axis=1, keepdims=True)], axis=1)
+  targets = shares[:, None] * counts.sum(axis=0)[None, :]  # (splits, classes + 1)
+
+  # Largest groups first: they are the hardest to place. Equal sizes in a seeded random order.
+  order = np.random.RandomState(seed).permutation(len(group_ids))
+  order = sorted(order, key=lambda row: -counts[row, -1])
+  filled = np.zeros_like(targets)
+  assignment = {}
+  for row in order:
+    # Change of the squared error sum_c (filled - target)^2 if the group went to each split.
+    gain = (counts[row] * (2 * (filled - targets) + counts[row])).sum(axis=1)
+    best = int(np.argmin(gain))
+    filled[best] += counts[row]
+    assignment[group_ids[row]] = names[best]
+  return [assignment[g] for g in groups]
