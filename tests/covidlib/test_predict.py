@@ -61,8 +61,8 @@ def exports(tmp_path_factory):
   tflite_dir = root / 'tflite'
   tflite_dir.mkdir()
   for quant_type in tflite.QUANT_TYPES:
-    data = tflite.convert_tflite(paths['saved_model'], quant_type,
-                                 calibration if quant_type == 'int8' else None)
+    data = tflite.convert_tflite(model, quant_type, calibration if quant_type == 'int8' else None,
+                                 decision=DECISION)
     path = tflite_dir / f'model_{quant_type}.tflite'
     path.write_bytes(data)
     paths[f'tflite_{quant_type}'] = str(path)

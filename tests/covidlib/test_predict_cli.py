@@ -135,6 +135,7 @@ def test_grad_cam_overlays_for_readable_files(setup, tmp_path, capsys):
   assert overlay.shape == (16, 16, 3) and overlay.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_console_script_lists_bad_files_and_exits_1(setup):
   done = subprocess.run(
       [sys.executable, '-m', 'covidlib.cli.predict', f'--model={setup["tflite"]}',

@@ -127,6 +127,7 @@ def test_existing_output_and_bad_flags_are_one_line_usage_errors(model_dir, expo
   assert sorted(os.listdir(tmp_path)) == []
 
 
+@pytest.mark.slow
 def test_usage_error_from_the_console_script_is_one_line(tmp_path):
   done = subprocess.run(
       [sys.executable, '-m', 'exporters.cli', f'--model_dir={tmp_path}', f'--out={tmp_path}/x',

@@ -37,6 +37,7 @@ def _keras_probability(model, decision, images):
   return calibration.apply_temperature(p, decision.temperature)
 
 
+@pytest.mark.slow
 def test_loads_without_covidlib_and_matches_keras(exported, tiny_model, decision, images,
                                                   helpers, encode, tmp_path):
   x = helpers.preprocessed(images)
