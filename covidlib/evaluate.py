@@ -21,7 +21,8 @@ The evaluation split is then predicted, calibrated with T, and labelled score >=
 
 Metrics and intervals: `covidlib.metrics`. Grad-CAM: `covidlib.explain`, run on every evaluated
 image (up to MAX_GRADCAM images) for the lung-focus score, and shown for the most confident
-errors (false positives with the highest P(COVID-19), false negatives with the lowest).
+errors (false positives with the highest P(COVID-19), false negatives with the lowest), then
+the most confident correct predictions to fill the grid.
 """
 
 from __future__ import annotations
@@ -162,15 +163,23 @@ def choose_decision(labels, scores, policy: str | None, calibrate: bool,
 
 def select_for_grid(labels: np.ndarray, scores: np.ndarray, threshold: float,
                     size: int = GRID_SIZE) -> tuple[list[int], str]:
-  """The most confident errors (or, with none, the most confident predictions) first."""
+  """The most confident errors first, then (to fill `size`) the most confident correct ones.
+
+  Confidence is the certainty of the label given: P for a COVID-19 call, 1 - P for a normal one.
+  """
   predicted = scores >= threshold
-  wrong = np.flatnonzero(predicted != (labels == 1))
-  confidence = np.where(predicted, scores, 1.0 - scores)  # Certainty of the label given.
+  correct = predicted == (labels == 1)
+  confidence = np.where(predicted, scores, 1.0 - scores)
+  wrong = np.flatnonzero(~correct)
+  right = np.flatnonzero(correct)
+  wrong = wrong[np.argsort(-confidence[wrong], kind='stable')][:size]
+  right = right[np.argsort(-confidence[right], kind='stable')][:size - wrong.size]
+  parts = []
   if wrong.size:
-    order = wrong[np.argsort(-confidence[wrong], kind='stable')]
-    return order[:size].tolist(), 'most confident errors'
-  order = np.argsort(-confidence, kind='stable')
-  return order[:size].tolist(), 'most confident predictions (no errors)'
+    parts.append(f'the {wrong.size} most confident errors')
+  if right.size:
+    parts.append(f'the {right.size} most confident correct predictions')
+  return np.concatenate([wrong, right]).tolist(), ', then '.join(parts)
 
 
 def _lung_focus_summary(heatmaps: np.ndarray, labels: np.ndarray,
@@ -184,6 +193,7 @@ def _lung_focus_summary(heatmaps: np.ndarray, labels: np.ndarray,
     return {'n': int(values.size), 'mean': float(values.mean()) if values.size else None}
 
   out = {'region_share': explain.lung_region_share(*heatmaps.shape[1:3]),
+         'empty_maps': int(np.isnan(scores).sum()),  # No positive evidence: no score.
          'all': summary(np.ones(scores.shape, bool)),
          'by_label': {name: summary(labels[:scores.size] == i)
                       for i, name in enumerate(('normal', 'covid'))}}

@@ -14,7 +14,8 @@ Files (each written atomically: temporary file, then rename):
   pr.png                   precision-recall curve with the operating point marked
   reliability.png          reliability diagram before and after temperature scaling
   training_curves.png      loss / accuracy / AUC per epoch from history.json (if present)
-  gradcam_grid.png         Grad-CAM overlays of the most confident errors (PIL, not matplotlib)
+  gradcam_grid.png         Grad-CAM overlays of the most confident errors, then the most
+                           confident correct predictions (PIL, not matplotlib)
 
 matplotlib is optional (`pip install covidlib[plots]`, Agg backend): without it the PNG plots
 other than the Grad-CAM grid are skipped and report.md says so.
@@ -153,7 +154,7 @@ def render_markdown(report: dict, plots: dict) -> str:
   out += ['## Grad-CAM', '']
   if cam:
     lung = cam['lung_focus']
-    out += [f'Grid of the {cam["selection"]}: `{plots.get("gradcam_grid", GRID)}` '
+    out += [f'Grid of {cam["selection"]}: `{plots.get("gradcam_grid", GRID)}` '
             f'(layer `{cam["layer"]}`, heat for {cam["target"]}).', '',
             '| file | true label | P(COVID-19) | lung focus |', '|---|---|---|---|']
     for item in cam['grid_items']:
@@ -161,8 +162,11 @@ def render_markdown(report: dict, plots: dict) -> str:
                  f'{_fmt(item["lung_focus"], 2)} |')
     out += ['', f'Lung-focus score (share of the Grad-CAM heat inside two fixed lung ellipses; '
             f'a uniform map scores {lung["region_share"]:.2f}): mean {_fmt(lung["all"]["mean"], 2)}'
-            f' over {lung["all"]["n"]} images; normal {_fmt(lung["by_label"]["normal"]["mean"], 2)}'
-            f', COVID-19 {_fmt(lung["by_label"]["covid"]["mean"], 2)}.']
+            f' over {lung["all"]["n"]} images'
+            + (f' ({lung["empty_maps"]} more had an all-zero map: no positive evidence for '
+               'their predicted class, so no score)' if lung.get('empty_maps') else '')
+            + f'; normal {_fmt(lung["by_label"]["normal"]["mean"], 2)}, COVID-19 '
+            f'{_fmt(lung["by_label"]["covid"]["mean"], 2)}.']
     for key, by_value in lung.items():
       if key.startswith('by_') and key != 'by_label':
         out.append(f'By {key[3:]}: ' + ', '.join(

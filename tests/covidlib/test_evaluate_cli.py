@@ -136,7 +136,10 @@ def test_choose_threshold_calibrate_and_report(workspace, parsed_flags, tmp_path
   assert report['groups'] == {}  # A folder has no source to group by.
   assert report['calibration']['temperature'] == decision.temperature
   assert report['gradcam']['layer'] == 'feature' and len(report['gradcam']['grid_items']) == 8
-  assert report['gradcam']['selection'] == 'most confident errors'
+  n_errors = fp + fn
+  assert report['gradcam']['selection'] == (
+      f'the {min(n_errors, 8)} most confident errors'
+      + (f', then the {8 - n_errors} most confident correct predictions' if n_errors < 8 else ''))
 
   text = (out / 'report.md').read_text()
   lines = [line for line in text.splitlines() if line]

@@ -56,9 +56,13 @@ def test_select_for_grid_orders_confident_errors_first():
   # Errors at t=0.5: FN 0 (P 0.1 -> 0.9 sure of 'normal'), FN 1 (0.55 sure), FP 2 (0.95),
   # FP 3 (0.55).
   order, why = evaluate.select_for_grid(labels, scores, 0.5, size=3)
-  assert order == [2, 0, 1] and why == 'most confident errors'
+  assert order == [2, 0, 1] and why == 'the 3 most confident errors'
+  # Four errors, then the correct ones by confidence: 4 (P 0.9), 5 (0.8 sure of normal).
+  order, why = evaluate.select_for_grid(labels, scores, 0.5, size=6)
+  assert order == [2, 0, 1, 3, 4, 5]
+  assert why == 'the 4 most confident errors, then the 2 most confident correct predictions'
   order, why = evaluate.select_for_grid(np.array([1, 0, 1]), np.array([0.7, 0.05, 0.99]), 0.5)
-  assert order == [2, 1, 0] and why.startswith('most confident predictions')
+  assert order == [2, 1, 0] and why == 'the 3 most confident correct predictions'
 
 
 def test_predict_dataset_collects_labels_scores_and_metadata():
@@ -110,6 +114,8 @@ def test_write_report_files_json_and_markdown(tmp_path):
   assert cells[1] == str(kaggle['n']) and cells[4] == '—' and cells[6] == '—'
   assert cells[5].startswith(f'{kaggle["figures"]["specificity"]["value"]:.3f} [')
   assert 'Not chosen now: threshold 0.5000' in text
+  assert data['gradcam']['lung_focus']['empty_maps'] == 0
+  assert 'all-zero map' not in text
   assert paths['report_md'] == str(tmp_path / 'report.md')
 
 
@@ -152,3 +158,15 @@ def test_report_write_leaves_no_temporary_files(tmp_path):
   report.write_report(str(tmp_path), evaluation, plots=False)
   assert not [name for name in os.listdir(tmp_path) if name.startswith('.')]
   assert report.read_report(str(tmp_path))['metrics']['n'] == 40
+
+
+def test_all_zero_heatmaps_are_counted_not_scored():
+  predictions = _predictions(n=8)
+  evaluation = _evaluation(predictions, md.Decision())
+  maps = evaluation.heatmaps.copy()
+  maps[:3] = 0.0  # No positive evidence for the predicted class.
+  lung = evaluate._lung_focus_summary(maps, predictions.labels, {})
+  assert lung['empty_maps'] == 3 and lung['all']['n'] == 5
+  evaluation.report['gradcam']['lung_focus'] = lung
+  text = report.render_markdown(evaluation.report, {})
+  assert 'over 5 images (3 more had an all-zero map' in text
