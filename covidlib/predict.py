@@ -155,6 +155,12 @@ class Predictor:
     # The graph holds threshold and temperature; decision.json in assets.extra documents them.
     extra = os.path.join(self.path, 'assets.extra')
     self.decision = model_dir_lib.load_decision(extra)
+    # The graph's threshold is the one its `label` output uses: it wins over the file.
+    probe = signature(images=tf.zeros((1, self.image_size, self.image_size, self.channels)))
+    threshold = float(probe['threshold'].numpy().reshape(-1)[0])
+    if abs(threshold - self.decision.threshold) > 1e-6:
+      self.decision = dataclasses.replace(self.decision, threshold=threshold,
+                                          policy=f'from the SavedModel graph ({threshold:g})')
 
     def run(images):
       outputs = signature(images=tf.constant(images, tf.float32))

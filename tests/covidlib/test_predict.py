@@ -204,3 +204,12 @@ def test_keras_model_with_a_lambda_layer_is_refused(tmp_path):
   with pytest.raises(errors.ModelLoadError, match='lambda.keras: refused to load: it holds a '
                      'Lambda layer'):
     predict.Predictor(tmp_path / 'lambda.keras')
+
+
+def test_saved_model_without_assets_takes_the_threshold_from_its_graph(exports, tmp_path):
+  import shutil
+  copy = tmp_path / 'sm'
+  shutil.copytree(exports['saved_model'], copy)
+  shutil.rmtree(copy / 'assets.extra')
+  decision = predict.Predictor(copy).decision
+  assert decision.threshold == pytest.approx(0.45) and 'SavedModel graph' in decision.policy
