@@ -217,12 +217,12 @@ def bin_index(p: np.ndarray, n_bins: int = DEFAULT_BINS) -> np.ndarray:
 
 
 def ece(y: np.ndarray, p: np.ndarray, n_bins: int = DEFAULT_BINS) -> np.ndarray:
+  """Expected calibration error with equal-width bins (see the module docstring)."""
   p = np.atleast_2d(p)
   rows, n = p.shape
   y = np.broadcast_to(np.asarray(y, np.float64), p.shape)
   flat = (np.arange(rows)[:, None] * n_bins + bin_index(p, n_bins)).reshape(-1)
   size = rows * n_bins
-  count = np.bincount(flat, minlength=size).reshape(rows, n_bins)
   sum_p = np.bincount(flat, weights=p.reshape(-1), minlength=size).reshape(rows, n_bins)
   sum_y = np.bincount(flat, weights=y.reshape(-1), minlength=size).reshape(rows, n_bins)
   # |sum_y - sum_p| / n = (count / n) * |mean_y - mean_p|, and 0 for empty bins.

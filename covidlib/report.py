@@ -92,7 +92,8 @@ def render_markdown(report: dict, plots: dict) -> str:
     counts = _counts(name, m['confusion']) if name in metrics.PROPORTIONS else ''
     method = figure['method']
     if method == 'bootstrap':
-      method = f'bootstrap ({report["bootstrap"]["n"]}, stratified, seed {report["bootstrap"]["seed"]})'
+      boot = report['bootstrap']
+      method = f'bootstrap ({boot["n"]}, stratified, seed {boot["seed"]})'
     out.append(f'| {NAMES.get(name, name)} | {value} | {_interval(figure)} | {counts} | '
                f'{method} |')
   c = m['confusion']
