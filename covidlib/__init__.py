@@ -17,8 +17,9 @@ __version__ = '0.1.0'
 CLASS_NAMES = ('normal', 'covid')  # index = label; label 1 = COVID-19.
 
 _SUBMODULES = (
-    'augment', 'data', 'distribute', 'errors', 'evaluate', 'explain', 'models',
-    'predict', 'preprocess', 'train',
+    'archive', 'augment', 'calibration', 'crossval', 'data', 'dicom', 'distribute', 'errors',
+    'evaluate', 'explain', 'metrics', 'model_dir', 'models', 'predict', 'preprocess', 'report',
+    'threshold', 'train',
 )
 
 
