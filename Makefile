@@ -55,13 +55,13 @@ train: $(MODEL_DIR)/model.keras
 
 $(RUN_DIR)/report/report.md: $(MODEL_DIR)/model.keras
 	$(BIN)/covidlib-evaluate --model_dir=$(MODEL_DIR) --dataset=$(DATASET) --data_dir=$(DATA_DIR) \
-	  --split=test --threshold_policy=youden --calibrate --out=$(RUN_DIR)/report --overwrite
+	  --split=test --threshold_policy=youden --calibrate --out=$(RUN_DIR)/report
 
 evaluate: $(RUN_DIR)/report/report.md
 
 $(RUN_DIR)/export/export_report.md: $(RUN_DIR)/report/report.md
 	$(BIN)/covidlib-export --model_dir=$(MODEL_DIR) --out=$(RUN_DIR)/export --dataset=$(DATASET) \
-	  --data_dir=$(DATA_DIR) --overwrite
+	  --data_dir=$(DATA_DIR) --eval_report=$(RUN_DIR)/report/report.json --overwrite
 
 export: $(RUN_DIR)/export/export_report.md
 
