@@ -512,11 +512,12 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
                          shuffle=False)  # tf.data shuffles (seeded); Keras cannot.
     if nan_guard.failure:
       epoch, batch = nan_guard.failure
+      kept = (f'; epochs 1-{epoch - 1} are kept in {checkpoints}' if epoch > 1 and chief
+              else '')
       raise TrainingError(
           f'loss became NaN at epoch {epoch}, batch {batch} (learning_rate '
           f'{config["learning_rate"]:g}); lower --learning_rate (or check the data for '
-          f'broken images) and train again with --overwrite; the last good epoch is kept in '
-          f'{checkpoints}')
+          f'broken images) and train again with --overwrite{kept}')
     state = checkpoint.state
 
     # --------------------------------------------------------------------------- Save.

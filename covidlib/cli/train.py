@@ -45,10 +45,14 @@ _TRAIN_SPLIT = flags.DEFINE_string('train_split', _D['train_split'], 'Split to t
 _VALIDATION_SPLIT = flags.DEFINE_string(
     'validation_split', _D['validation_split'],
     "Split for val_* metrics and early stopping; '' for none.")
-_MODEL = flags.DEFINE_enum('model', _D['model'], sorted(models.MODELS), 'Network to train.')
+# A plain string, not an enum: covidlib-predict's --model (a file) shares the name within one
+# test process (see flag_util); train.make_config rejects unknown names, listing the valid ones.
+_MODEL = flags.DEFINE_string('model', _D['model'],
+                             f'Network to train: {", ".join(sorted(models.MODELS))}.')
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', _D['image_size'], 'Input side in pixels.')
-_CHANNELS = flags.DEFINE_enum('channels', str(_D['channels']), ['1', '3'],
-                              'Input channels; 3 repeats the gray channel (as the article).')
+_CHANNELS = flags.DEFINE_integer('channels', _D['channels'],
+                                 'Input channels, 1 or 3; 3 repeats the gray channel (as the '
+                                 'article).')
 _BATCH_SIZE = flags.DEFINE_integer(
     'batch_size', _D['batch_size'], 'Global batch size; must divide by the number of replicas.')
 _EPOCHS = flags.DEFINE_integer('epochs', _D['epochs'], 'Epochs to train (in all, across restarts).')
@@ -74,8 +78,8 @@ _DETERMINISTIC = flags.DEFINE_boolean(
     'Deterministic ops: two CPU runs with the same seed give identical weights (slower).')
 _OVERWRITE = flags.DEFINE_boolean(
     'overwrite', False, 'Delete a previous run in --model_dir (finished or not) and start over.')
-_VERBOSE = flags.DEFINE_enum('verbose', '1', ['0', '1', '2'],
-                             'Keras fit verbosity: 0 silent, 1 progress bars, 2 a line per epoch.')
+_VERBOSE = flags.DEFINE_integer('verbose', 1, 'Keras fit verbosity: 0 silent, 1 progress bars, '
+                                '2 a line per epoch.', lower_bound=0, upper_bound=2)
 _AUGMENT_FLIP = flags.DEFINE_boolean('augment_flip', _A['flip'], 'Random left-right flip.')
 _AUGMENT_ZOOM = flags.DEFINE_float('augment_zoom', _A['zoom'],
                                    'Zoom each axis by a factor in [1 - z, 1 + z].')
@@ -94,7 +98,7 @@ _AUGMENT_BRIGHTNESS = flags.DEFINE_float('augment_brightness', _A['brightness'],
 def config_from_flags() -> dict:
   """The training config the flags describe (validated by train_lib.make_config)."""
   return train_lib.make_config(
-      model=_MODEL.value, image_size=_IMAGE_SIZE.value, channels=int(_CHANNELS.value),
+      model=_MODEL.value, image_size=_IMAGE_SIZE.value, channels=_CHANNELS.value,
       dataset=_DATASET.value, data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value,
       train_split=_TRAIN_SPLIT.value, validation_split=_VALIDATION_SPLIT.value,
       batch_size=_BATCH_SIZE.value, epochs=_EPOCHS.value, learning_rate=_LEARNING_RATE.value,
@@ -113,7 +117,7 @@ def main(argv: list[str]) -> int:
   common.reject_extra_args(argv)
   config = config_from_flags()
   history = train_lib.train(config, _MODEL_DIR.value, overwrite=_OVERWRITE.value,
-                            verbose=int(_VERBOSE.value))
+                            verbose=_VERBOSE.value)
   last = {k: v[-1] for k, v in history.items() if v}
   summary = ', '.join(f'{k} {last[k]:.4f}' for k in ('loss', 'val_loss', 'val_accuracy',
                                                      'val_auc') if k in last)

@@ -1,0 +1,253 @@
+"""Tests of covidlib.train on tiny in-memory data (24 px images, seed_cnn, a few steps).
+
+    .venv/bin/python -m pytest tests/covidlib/test_train.py -q
+"""
+
+import json
+import math
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from covidlib import errors
+from covidlib import model_dir as md
+from covidlib import train
+
+SIZE = 24
+
+
+def tiny_data(seed, n=16, batch=4, flip_labels=False, nan_batch=None):
+  """n gray images, label 1 = a bright corner square; optionally a batch of NaN labels."""
+  rs = np.random.RandomState(seed)
+  x = rs.uniform(0, 0.5, (n, SIZE, SIZE, 1)).astype(np.float32)
+  y = (np.arange(n) % 2).astype(np.float32)
+  x[y == 1, :8, :8] = 1.0
+  if flip_labels:
+    y = 1 - y
+  if nan_batch is not None:
+    y[nan_batch * batch:(nan_batch + 1) * batch] = np.nan  # (NaN pixels die in ReLU.)
+  return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch)
+
+
+def tiny_config(**overrides):
+  base = dict(model='seed_cnn', image_size=SIZE, batch_size=4, epochs=2, dataset='in-memory',
+              mixed_precision='off', seed=0)
+  return train.make_config(**{**base, **overrides})
+
+
+def fit(config, model_dir, **kwargs):
+  kwargs.setdefault('train_data', tiny_data(0))
+  kwargs.setdefault('validation_data', tiny_data(1))
+  return train.train(config, model_dir, **kwargs)
+
+
+class Recorder(keras.callbacks.Callback):
+  """Weights at train begin and after each epoch; optionally dies at (epoch, batch)."""
+
+  def __init__(self, die_at=None):
+    super().__init__()
+    self.die_at = die_at
+    self.epochs_run = []
+    self.begin_weights = None
+    self.epoch_weights = {}
+
+  def on_train_begin(self, logs=None):
+    self.begin_weights = self.model.get_weights()
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self.epochs_run.append(epoch + 1)
+    self.epoch = epoch + 1
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.epoch_weights[epoch + 1] = self.model.get_weights()
+
+  def on_train_batch_begin(self, batch, logs=None):
+    if self.die_at == (self.epoch, batch + 1):
+      raise KeyboardInterrupt('simulated kill')
+
+
+def assert_same_weights(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+
+
+# ------------------------------------------------------------------------------ make_config.
+
+def test_make_config_fills_defaults_and_merges_augment():
+  config = train.make_config(model='seed_cnn', augment={'rotation': 5.0})
+  assert set(config) == set(train.DEFAULT_CONFIG)
+  assert config['augment'] == {**train.DEFAULT_CONFIG['augment'], 'rotation': 5.0}
+  assert train.DEFAULT_CONFIG['augment']['rotation'] == 0.0  # Defaults untouched.
+  assert json.loads(json.dumps(config)) == config  # JSON-safe for config.json.
+
+
+@pytest.mark.parametrize('overrides, message', [
+    ({'epoch': 3}, r"unknown config keys \['epoch'\]"),
+    ({'model': 'vgg'}, "unknown model 'vgg'; valid models: compact_resnet, seed_cnn"),
+    ({'batch_size': 0}, 'config batch_size must be a positive integer, got 0'),
+    ({'epochs': 2.5}, 'config epochs must be a positive integer, got 2.5'),
+    ({'image_size': True}, 'config image_size must be a positive integer, got True'),
+    ({'channels': 2}, 'config channels must be 1 or 3, got 2'),
+    ({'learning_rate': -1}, 'config learning_rate must be a positive number, got -1'),
+    ({'learning_rate': float('nan')}, 'config learning_rate must be a positive number'),
+    ({'class_weight': 'auto'}, "config class_weight must be 'none' or 'balanced', got 'auto'"),
+    ({'early_stopping_patience': -1}, 'config early_stopping_patience must be an integer >= 0'),
+    ({'early_stopping_patience': 2, 'validation_split': ''}, 'needs a validation split'),
+    ({'seed': -1}, 'config seed must be a non-negative integer or None, got -1'),
+    ({'deterministic': True, 'seed': None}, 'deterministic=True needs a seed'),
+    ({'strategy': 'gpu'}, 'config strategy must be one of default, one_device'),
+    ({'mixed_precision': 'fp16'}, 'config mixed_precision must be one of off, auto'),
+    ({'augment': {'blur': 1}}, r"unknown augment keys \['blur'\]"),
+    ({'dataset': ''}, "config dataset must be 'name/config' or 'folder:ROOT', got ''"),
+])
+def test_make_config_names_the_bad_key(overrides, message):
+  with pytest.raises(errors.UsageError, match=message):
+    train.make_config(**overrides)
+
+
+def test_balanced_class_weight_and_count_labels():
+  assert train.count_labels(tiny_data(0, n=10, batch=3)) == (5, 5)
+  weights = train.balanced_class_weight(30, 10)
+  assert weights == {0: 40 / 60, 1: 40 / 20}
+  assert weights[0] * 30 == pytest.approx(weights[1] * 10)  # Equal total weight per class.
+  with pytest.raises(errors.DataError, match='needs both classes .* got 0 normal and 4 covid'):
+    train.balanced_class_weight(0, 4)
+
+
+# ------------------------------------------------------------------------ A complete run.
+
+def test_train_writes_the_model_dir(tmp_path):
+  model_dir = tmp_path / 'run'
+  config = tiny_config(class_weight='balanced')
+  recorder = Recorder()
+  history = fit(config, model_dir, callbacks=[recorder])
+
+  assert sorted(history) == ['accuracy', 'auc', 'loss', 'val_accuracy', 'val_auc', 'val_loss']
+  assert all(len(v) == 2 and all(math.isfinite(x) for x in v) for v in history.values())
+  assert json.loads((model_dir / md.HISTORY).read_text()) == history
+  assert md.read_json(model_dir / md.CONFIG) == config
+  assert not (model_dir / md.CHECKPOINTS).exists()  # Removed once the model is saved.
+  assert any(f.startswith('events.out.tfevents')
+             for _, _, files in os.walk(model_dir / md.LOGS) for f in files)
+  # model.keras: the inference model (no augmentation), loadable in safe mode, with the
+  # weights training ended with.
+  model = md.load_model(model_dir)
+  assert model.name == 'seed_cnn'
+  assert not any('augment' in layer.name or layer.name.startswith('random')
+                 for layer in model.layers)
+  assert_same_weights(model.get_weights(), recorder.epoch_weights[2])
+  assert not [f for f in os.listdir(model_dir) if f.startswith('.')]  # No temporary files.
+
+
+def test_finished_model_dir_is_refused_unless_overwrite(tmp_path):
+  model_dir = tmp_path / 'run'
+  fit(tiny_config(epochs=1), model_dir)
+  md.save_decision(model_dir, md.Decision(threshold=0.3, policy='youden'))
+  before = (model_dir / md.MODEL).read_bytes()
+  with pytest.raises(errors.UsageError, match='holds a finished run .* pass --overwrite'):
+    fit(tiny_config(epochs=1), model_dir)
+  assert (model_dir / md.MODEL).read_bytes() == before
+
+  history = fit(tiny_config(epochs=1, seed=1), model_dir, overwrite=True)
+  assert len(history['loss']) == 1
+  assert md.load_config(model_dir)['seed'] == 1
+  assert not (model_dir / md.DECISION).exists()  # Stale for the new model.
+
+
+def test_foreign_folder_is_refused(tmp_path):
+  (tmp_path / 'notes.txt').write_text('mine')
+  for overwrite in (False, True):
+    with pytest.raises(errors.UsageError, match='is not empty and holds no config.json'):
+      fit(tiny_config(), tmp_path, overwrite=overwrite)
+  assert (tmp_path / 'notes.txt').read_text() == 'mine'
+
+
+def test_resuming_with_another_config_names_the_keys(tmp_path):
+  md.write_json(tmp_path / md.CONFIG, tiny_config(batch_size=8))
+  with pytest.raises(errors.UsageError) as e:
+    fit(tiny_config(learning_rate=0.01), tmp_path)
+  assert ('holds an unfinished run with another configuration (batch_size: 8 saved, 4 now; '
+          'learning_rate: 0.001 saved, 0.01 now)') in str(e.value)
+
+
+# ----------------------------------------------------------------------------- Resuming.
+
+def test_an_interrupted_run_resumes_from_the_last_epoch(tmp_path):
+  model_dir = tmp_path / 'run'
+  config = tiny_config(epochs=3)
+  first = Recorder(die_at=(2, 3))  # Dies in the middle of epoch 2.
+  with pytest.raises(KeyboardInterrupt):
+    fit(config, model_dir, callbacks=[first])
+  state = json.loads((model_dir / md.CHECKPOINTS / train.STATE).read_text())
+  assert state['epoch'] == 1
+  assert len(json.loads((model_dir / md.HISTORY).read_text())['loss']) == 1
+  assert not (model_dir / md.MODEL).exists()
+
+  second = Recorder()
+  history = fit(config, model_dir, callbacks=[second])
+  assert second.epochs_run == [2, 3]  # Only the epochs left.
+  assert_same_weights(second.begin_weights, first.epoch_weights[1])  # Exactly epoch 1's.
+  assert len(history['loss']) == 3
+  assert history['loss'][0] == state['history']['loss'][0]  # The first run's epoch is kept.
+  assert json.loads((model_dir / md.HISTORY).read_text()) == history
+  assert_same_weights(md.load_model(model_dir).get_weights(), second.epoch_weights[3])
+
+
+def test_a_run_killed_after_its_last_epoch_only_saves(tmp_path):
+  model_dir = tmp_path / 'run'
+  config = tiny_config(epochs=1)
+
+  class DieAtEnd(keras.callbacks.Callback):
+    def on_train_end(self, logs=None):
+      raise KeyboardInterrupt('killed before model.keras was written')
+
+  with pytest.raises(KeyboardInterrupt):
+    fit(config, model_dir, callbacks=[DieAtEnd()])
+  recorder = Recorder()
+  history = fit(config, model_dir, callbacks=[recorder])
+  assert recorder.epochs_run == []  # Nothing left to train.
+  assert len(history['loss']) == 1
+  assert (model_dir / md.MODEL).is_file()
+
+
+# ------------------------------------------------------------------ NaN, early stopping.
+
+def test_nan_loss_stops_with_a_clear_error(tmp_path):
+  model_dir = tmp_path / 'run'
+  with pytest.raises(train.TrainingError) as e:
+    fit(tiny_config(epochs=2), model_dir, train_data=tiny_data(0, nan_batch=2))
+  assert str(e.value).startswith(
+      'loss became NaN at epoch 1, batch 3 (learning_rate 0.001); lower --learning_rate (or '
+      'check the data for broken images) and train again with --overwrite')
+  assert isinstance(e.value, errors.CovidlibError)
+  assert not (model_dir / md.MODEL).exists()
+  assert not (model_dir / md.CHECKPOINTS / train.STATE).exists()  # The NaN epoch not committed.
+
+
+def test_early_stopping_restores_the_best_epoch(tmp_path):
+  # Validation labels are the training labels flipped: as training learns, val_loss rises.
+  model_dir = tmp_path / 'run'
+  recorder = Recorder()
+  history = fit(tiny_config(epochs=8, early_stopping_patience=2, learning_rate=0.01),
+                model_dir, validation_data=tiny_data(0, flip_labels=True), callbacks=[recorder])
+  val_loss = history['val_loss']
+  best = int(np.argmin(val_loss)) + 1
+  assert len(val_loss) == best + 2 < 8  # Stopped two epochs without improvement after the best.
+  assert_same_weights(md.load_model(model_dir).get_weights(), recorder.epoch_weights[best])
+
+
+def test_mixed_precision_run_saves_a_float32_model(tmp_path):
+  model_dir = tmp_path / 'run'
+  previous = keras.config.dtype_policy().name
+  fit(tiny_config(epochs=1, mixed_precision='mixed_bfloat16', model='compact_resnet',
+                  image_size=32), model_dir, train_data=tiny_data(0).map(
+                      lambda x, y: (tf.image.resize(x, (32, 32)), y)),
+      validation_data=None)
+  assert keras.config.dtype_policy().name == previous  # The global policy is restored.
+  model = md.load_model(model_dir)
+  assert {layer.dtype_policy.name for layer in model.layers} == {'float32'}
+  assert model(np.zeros((1, 32, 32, 1), np.float32)).dtype == tf.float32
