@@ -3,6 +3,7 @@
     from covidlib import archive
     files = archive.extract_zip('shared/data/covid_xray_seed/Covid-19-Detection-<commit>.zip',
                                 '/tmp/seed_images')   # -> ['/tmp/seed_images/Covid-19-...', ...]
+    train = archive.extract_zip(zip_path, '/tmp/seed', select=lambda n: '/Train/' in n)
 
 A zip member is a path chosen by whoever made the archive. `zipfile.ZipFile.extractall` strips
 '..' and leading '/' silently, which hides a hostile or broken archive instead of reporting it, and
@@ -30,6 +31,7 @@ import os
 import shutil
 import stat
 import zipfile
+from typing import Callable
 
 from covidlib import errors
 
@@ -81,13 +83,16 @@ def _write_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, destination: 
 
 
 def extract_zip(path: str | os.PathLike, target: str | os.PathLike, *,
+                select: Callable[[str], bool] | None = None,
                 max_total_bytes: int | None = None) -> list[str]:
-  """Extracts every member of a zip archive under `target` after checking all of them.
+  """Extracts the members of a zip archive under `target` after checking all of them.
 
   Args:
     path: the .zip file.
     target: the folder to extract into (created if missing; existing files are overwritten).
-    max_total_bytes: refuse archives whose members declare more bytes than this in all.
+    select: extract only the members whose name it returns True for (e.g.
+      `lambda name: '/CovidDataset/Train/' in name`); every member is still checked.
+    max_total_bytes: refuse archives whose selected members declare more bytes than this in all.
 
   Returns:
     The paths of the extracted files (not folders), in archive order, each under `target`.
@@ -111,6 +116,8 @@ def extract_zip(path: str | os.PathLike, target: str | os.PathLike, *,
       if info.filename.rstrip('/') in seen:
         raise _refuse(path, info.filename, 'a second member with the same name')
       seen.add(info.filename.rstrip('/'))
+      if select is not None and not select(info.filename):
+        continue
       total += info.file_size
       if max_total_bytes is not None and total > max_total_bytes:
         raise _refuse(path, info.filename,

@@ -131,6 +131,9 @@ def test_extracts_a_normal_archive(tmp_path):
   assert (out / 'root/Train/Covid/x.png').read_bytes() == b'\x89PNG...'
   assert (out / 'root/readme.md').read_bytes() == b'hello'
   assert sorted(os.listdir(out / 'root')) == ['Train', 'readme.md']  # No temporary files left.
+  selected = archive.extract_zip(path, tmp_path / 'some', select=lambda n: '/Train/' in n)
+  assert selected == [str(tmp_path / 'some/root/Train/Covid/x.png')]
+  assert sorted(os.listdir(tmp_path / 'some/root')) == ['Train']
 
 
 @pytest.mark.parametrize('member, reason', [
@@ -159,6 +162,8 @@ def test_zip_slip_members_are_refused_before_anything_is_written(tmp_path, membe
   with pytest.raises(errors.DataError) as raised:
     archive.extract_zip(path, out)
   assert str(raised.value).startswith(f'{path}: refused to extract member {member!r}: {reason}')
+  with pytest.raises(errors.DataError, match='refused'):  # Even when it is not selected.
+    archive.extract_zip(path, out, select=lambda name: name == 'good.txt')
   assert not (tmp_path / 'target').exists()
   assert sorted(os.listdir(tmp_path)) == ['evil.zip']  # Nothing escaped either.
 
