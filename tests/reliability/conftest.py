@@ -5,6 +5,7 @@ The model is a real covidlib-contract inference model (16 x 16 x 1 in, a sigmoid
 """
 
 import os
+import re
 import subprocess
 import sys
 import types
@@ -13,6 +14,15 @@ import numpy as np
 import pytest
 
 IMAGE_SIZE = 16
+
+# Lines TensorFlow's C++ runtime writes at start-up before absl logging is initialised
+# ("I0000 00:00:..." = no time known yet), whatever TF_CPP_MIN_LOG_LEVEL says (TF 2.21).
+TF_STARTUP_NOISE = re.compile(
+    r'^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR'
+    r'|[IWE]0000 00:00:\d+\.\d+ +\d+ [\w.]+:\d+\] .*'
+    r'|To enable the following instructions: .*)$')
+# What libjpeg, inside TensorFlow's decoder, prints for a truncated JPEG.
+LIBJPEG_NOISE = re.compile(r'^Improper call to JPEG library in state \d+$')
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -63,6 +73,12 @@ def start_binary(args, **kwargs) -> subprocess.Popen:
                           stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+def our_lines(stderr: str, *allowed: re.Pattern) -> list[str]:
+  """The lines of stderr that are not TensorFlow's start-up logging (nor match `allowed`)."""
+  patterns = (TF_STARTUP_NOISE,) + allowed
+  return [line for line in stderr.splitlines() if not any(p.match(line) for p in patterns)]
+
+
 def run_binary(args, timeout=300) -> tuple[int, str, str]:
   """Runs `python <args>` to the end: (exit status, stdout, stderr)."""
   proc = start_binary(args)
@@ -78,6 +94,7 @@ def helpers():
   """Module-level helpers, for tests (which cannot import conftest)."""
   return types.SimpleNamespace(write_model_dir=write_model_dir, tiny_model=_tiny_model,
                                start_binary=start_binary, run_binary=run_binary,
+                               our_lines=our_lines, libjpeg_noise=LIBJPEG_NOISE,
                                image_size=IMAGE_SIZE, repo=REPO)
 
 

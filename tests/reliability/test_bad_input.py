@@ -261,11 +261,13 @@ def predict_run(case_folder, tiny_model_dir, helpers):
   return status, rows, stderr
 
 
-def test_predict_binary_goes_on_lists_every_failure_and_exits_1(predict_run, case_folder):
+@pytest.mark.slow  # One process for the module (TensorFlow import, ~5 s).
+def test_predict_binary_goes_on_lists_every_failure_and_exits_1(predict_run, case_folder,
+                                                                 helpers):
   status, rows, stderr = predict_run
   assert status == 1, stderr[-3000:]
   assert len(rows) == len(NAMES) + 1 and rows['good.png']['error'] is None
-  ours = [line for line in stderr.splitlines() if line.startswith('covidlib-predict')]
+  ours = helpers.our_lines(stderr, helpers.libjpeg_noise)  # libjpeg's line: RELIABILITY.md.
   assert len(ours) == 1 and 'Traceback' not in stderr, stderr[-3000:]
   assert ours[0].startswith(f'covidlib-predict: error: {len(INVALID)} of {len(NAMES) + 1} files '
                             'could not be read: ')
@@ -274,6 +276,7 @@ def test_predict_binary_goes_on_lists_every_failure_and_exits_1(predict_run, cas
     assert f'{case_folder / case.filename}: {case.predict_error}' in ours[0], name
 
 
+@pytest.mark.slow  # One process for the module (TensorFlow import, ~5 s).
 @pytest.mark.parametrize('name', NAMES)
 def test_predict_binary(name, predict_run, reference_probability):
   _, rows, _ = predict_run
@@ -309,6 +312,7 @@ def server(tiny_saved_model, helpers):
   assert proc.wait(timeout=60) == 0  # It ended when its input ended, not before.
 
 
+@pytest.mark.slow  # One process for the module (TensorFlow import, ~5 s).
 @pytest.mark.parametrize('name', NAMES)
 def test_saved_model_server(name, server, predict_run, case_folder):
   proc, pid, request = server
@@ -367,6 +371,18 @@ def test_folder_of_every_case_names_each_bad_file(case_folder, tmp_path):
   assert bad == sorted(CASES[n].filename for n in INVALID)
 
 
+def test_evaluation_of_a_folder_names_each_bad_file(case_folder, tmp_path, tiny_model_dir):
+  """covidlib-evaluate --folder reads through the same loader: refused, every bad file named."""
+  from covidlib import evaluate
+  from covidlib import model_dir as md
+
+  (tmp_path / 'normal').symlink_to(case_folder, target_is_directory=True)
+  with pytest.raises(errors.DataError) as raised:
+    evaluate.load_split(md.load_config(tiny_model_dir), 'test', folder=str(tmp_path))
+  bad = sorted(os.path.basename(e.path) for e in raised.value.invalid_images)
+  assert bad == sorted(CASES[n].filename for n in INVALID)
+
+
 # ---------------------------------------------------------------------------------------------
 # Path 5: the covidlib-train binary on a folder dataset.
 
@@ -391,7 +407,7 @@ def test_training_binary_lists_every_bad_file_and_exits_1(tmp_path, case_folder,
        '--model=compact_resnet', '--image_size=16', '--batch_size=2', '--epochs=1',
        '--verbose=0'])
   assert status == 1, stderr[-3000:]
-  ours = [line for line in stderr.splitlines() if line.startswith('covidlib-train')]
+  ours = helpers.our_lines(stderr, helpers.libjpeg_noise)
   assert len(ours) == 1 and 'Traceback' not in stderr, stderr[-3000:]
   assert ours[0].startswith(f'covidlib-train: error: {len(INVALID)} of {len(NAMES) + 4} files '
                             'are not readable images: ')

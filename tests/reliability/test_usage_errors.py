@@ -14,19 +14,11 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
-import re
 import shutil
 
 import pytest
 
 from absl.testing import flagsaver
-
-# Lines TensorFlow's C++ runtime writes at start-up before absl logging is initialised
-# ("I0000 00:00:..." = no time known yet); nothing covidlib can switch off.
-TF_STARTUP_NOISE = re.compile(
-    r'^(WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR'
-    r'|[IWE]0000 00:00:\d+\.\d+ +\d+ [\w.]+:\d+\] .*'
-    r'|To enable the following instructions: .*)$')
 
 # Runs covidlib-train in a process whose CPU is split into two logical devices, so that
 # --strategy=mirrored has two replicas (there is no flag or variable for that).
@@ -185,11 +177,11 @@ def runs(workspace, helpers):
 @pytest.mark.parametrize('name', [
     pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[name]))
     if name in KNOWN_BUGS else name for name in CASES])
-def test_usage_error(name, runs, workspace):
+def test_usage_error(name, runs, workspace, helpers):
   case = CASES[name]
   status, stdout, stderr = runs[name]
   expected = f'{case.prog}: error: {case.message.format(**workspace)}'
-  ours = [line for line in stderr.splitlines() if not TF_STARTUP_NOISE.match(line)]
+  ours = helpers.our_lines(stderr)
   assert 'Traceback' not in stderr, stderr[-3000:]
   assert len(ours) == 1 and ours[0].startswith(expected), (ours, expected)
   assert status == case.status, stderr[-2000:]
