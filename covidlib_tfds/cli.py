@@ -2,8 +2,9 @@
 
 Each binary keeps its flags in its own `flags.FlagValues`, not in absl's global FLAGS: their
 natural names (--config, --data_dir, --dataset) are ones other binaries define too, and absl
-refuses a flag defined twice in one process (a test run imports every binary). absl's own flags
-(--verbosity, --helpfull, ...) still parse from the global FLAGS.
+refuses a flag defined twice in one process (a test run imports every binary). The global FLAGS
+are only marked as parsed, not parsed: in a process that also imported another binary, parsing
+them would run that binary's validators (e.g. its required --model_dir) against our argv.
 """
 
 from __future__ import annotations
@@ -26,7 +27,11 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues, binary: str,
     sys.exit(0)
   try:
     rest = flag_values(argv, known_only=True)
-    return flags.FLAGS(rest)
+    unknown = [arg for arg in rest[1:] if arg.startswith('-')]
+    if unknown:
+      raise flags.UnrecognizedFlagError(unknown[0].lstrip('-').split('=')[0])
+    flags.FLAGS.mark_as_parsed()
+    return rest
   except flags.Error as e:
     print(f'{binary}: error: {e}', file=sys.stderr)
     sys.exit(2)
