@@ -384,6 +384,25 @@ def balanced_class_weight(n_normal: int, n_covid: int) -> dict[int, float]:
 # --------------------------------------------------------------------------------------------
 
 
+def build_models(config: dict) -> tuple[keras.Model, keras.Model]:
+  """(inference model, compiled training model = augmentation + inference model).
+
+  Adam at config['learning_rate'], binary cross-entropy, accuracy and ROC-AUC, as the article
+  (plus AUC). Call under `strategy.scope()` to place the variables on the strategy's devices.
+  """
+  config = make_config(**config)
+  inference_model = models.build_model(config['model'], config['image_size'], config['channels'],
+                                       seed=config['seed'])
+  augmentation = augment.build_augmentation(**config['augment'], seed=config['seed'])
+  training_model = augment.training_model(inference_model, augmentation)
+  training_model.compile(
+      optimizer=keras.optimizers.Adam(config['learning_rate']),
+      loss=keras.losses.BinaryCrossentropy(),
+      metrics=[keras.metrics.BinaryAccuracy(name='accuracy'), keras.metrics.AUC(name='auc')],
+      jit_compile=config['jit_compile'])
+  return inference_model, training_model
+
+
 def _is_chief(strategy: tf.distribute.Strategy) -> bool:
   resolver = getattr(strategy, 'cluster_resolver', None)
   if resolver is None or not resolver.task_type:
@@ -480,15 +499,7 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
 
     # ------------------------------------------------------------ Model and optimizer.
     with strategy.scope():
-      inference_model = models.build_model(config['model'], config['image_size'],
-                                           config['channels'], seed=config['seed'])
-      augmentation = augment.build_augmentation(**config['augment'], seed=config['seed'])
-      training_model = augment.training_model(inference_model, augmentation)
-      training_model.compile(
-          optimizer=keras.optimizers.Adam(config['learning_rate']),
-          loss=keras.losses.BinaryCrossentropy(),
-          metrics=[keras.metrics.BinaryAccuracy(name='accuracy'), keras.metrics.AUC(name='auc')],
-          jit_compile=config['jit_compile'])
+      inference_model, training_model = build_models(config)
       distribute.patch_multi_worker_fit(training_model, strategy)
 
     # ------------------------------------------------------------------------ Resume.
