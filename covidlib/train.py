@@ -59,7 +59,8 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # 'name/config' of a TFDS dataset, or 'folder:ROOT' for ROOT/<split>/{covid,normal}/*.
     'dataset': 'covid_xray/patient_split',
     'data_dir': None,        # TFDS data_dir; None = TFDS' default (~/tensorflow_datasets).
-    'manual_dir': None,      # If set and the TFDS dataset is not built yet, build it from here.
+    'manual_dir': None,      # If set and the TFDS dataset is not built yet, build it from here,
+    'allow_missing': False,  # even if images its manifest lists are missing (logged, recorded).
     'train_split': 'train',
     'validation_split': 'validation',  # '' = no validation (no val_* metrics, no early stopping).
     'batch_size': 32,        # Global batch: split evenly over the strategy's replicas.
@@ -154,6 +155,8 @@ def make_config(**overrides: Any) -> dict[str, Any]:
                             f'{patience}) needs a validation split; validation_split is empty')
   if config['seed'] is not None and (not is_int(config['seed']) or config['seed'] < 0):
     bad('seed', 'a non-negative integer or None')
+  if not isinstance(config['allow_missing'], bool):
+    bad('allow_missing', 'true or false')
   if not isinstance(config['deterministic'], bool):
     bad('deterministic', 'true or false')
   if config['deterministic'] and config['seed'] is None:
@@ -307,18 +310,12 @@ class NaNGuard(keras.callbacks.Callback):
 # --------------------------------------------------------------------------------------------
 
 
-def _build_tfds_if_needed(dataset: str, data_dir: str | None, manual_dir: str) -> None:
-  import tensorflow_datasets as tfds
+def _build_tfds_if_needed(config: dict) -> None:
+  """Builds config['dataset'] from config['manual_dir'] unless it is built in data_dir."""
+  from covidlib_tfds import build  # Registers covid_xray; deferred: only this path needs it.
 
-  import covidlib_tfds  # noqa: F401  Registers covid_xray.
-
-  try:
-    builder = tfds.builder(dataset, data_dir=data_dir)
-  except Exception as e:  # tfds raises DatasetNotFoundError, ValueError, ...
-    raise errors.UsageError(f'dataset {dataset!r}: {e}') from None
-  if not builder.is_prepared():
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  build.build(config['dataset'], manual_dir=config['manual_dir'], data_dir=config['data_dir'],
+              allow_missing=config['allow_missing'])
 
 
 def load_datasets(config: dict) -> tuple[tf.data.Dataset, tf.data.Dataset | None]:
@@ -337,7 +334,7 @@ def load_datasets(config: dict) -> tuple[tf.data.Dataset, tf.data.Dataset | None
                               **common)
   else:
     if config['manual_dir']:
-      _build_tfds_if_needed(dataset, config['data_dir'], config['manual_dir'])
+      _build_tfds_if_needed(config)
 
     def load(split, shuffle):
       return data.load_tfds(dataset, split, data_dir=config['data_dir'], shuffle=shuffle,
@@ -356,7 +353,7 @@ def _config_class_counts(config: dict) -> tuple[int, int]:
     _, labels = data.list_folder(os.path.join(dataset[len('folder:'):], split))
     return labels.count(0), labels.count(1)
   if config['manual_dir']:
-    _build_tfds_if_needed(dataset, config['data_dir'], config['manual_dir'])
+    _build_tfds_if_needed(config)
   return data.class_counts(dataset, split, config['data_dir'])
 
 

@@ -14,7 +14,8 @@
 (or `python -m covidlib.cli.train ...`). Killed at any moment, the same command resumes from the
 last completed epoch. A finished model_dir is refused unless --overwrite. If the TFDS dataset
 is not built in --data_dir, --manual_dir builds it first from the folder holding the article's
-archive (see covidlib_tfds/covid_xray/README.md); without --manual_dir the error says how.
+archive (add --allow_missing for our offline copy, which lacks one image; see
+covidlib_tfds/covid_xray/README.md); without --manual_dir the error says how to build it.
 
 Exit status: 0 trained; 2 usage error (bad flag, unknown model, finished model_dir, a batch
 that does not divide by the replicas...); 1 failure (NaN loss, unreadable data...).
@@ -41,6 +42,10 @@ _DATA_DIR = flags.DEFINE_string('data_dir', _D['data_dir'], 'TFDS data_dir of --
 _MANUAL_DIR = flags.DEFINE_string(
     'manual_dir', _D['manual_dir'],
     'If --dataset is not built in --data_dir yet, build it from this folder first.')
+_ALLOW_MISSING = flags.DEFINE_boolean(
+    'allow_missing', _D['allow_missing'],
+    'With --manual_dir: build even if images the manifest lists are absent from the archive '
+    '(our offline copy of the article\'s archive lacks one); they are logged and recorded.')
 _TRAIN_SPLIT = flags.DEFINE_string('train_split', _D['train_split'], 'Split to train on.')
 _VALIDATION_SPLIT = flags.DEFINE_string(
     'validation_split', _D['validation_split'],
@@ -100,6 +105,7 @@ def config_from_flags() -> dict:
   return train_lib.make_config(
       model=_MODEL.value, image_size=_IMAGE_SIZE.value, channels=_CHANNELS.value,
       dataset=_DATASET.value, data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value,
+      allow_missing=_ALLOW_MISSING.value,
       train_split=_TRAIN_SPLIT.value, validation_split=_VALIDATION_SPLIT.value,
       batch_size=_BATCH_SIZE.value, epochs=_EPOCHS.value, learning_rate=_LEARNING_RATE.value,
       class_weight=_CLASS_WEIGHT.value,

@@ -251,3 +251,22 @@ def test_mixed_precision_run_saves_a_float32_model(tmp_path):
   model = md.load_model(model_dir)
   assert {layer.dtype_policy.name for layer in model.layers} == {'float32'}
   assert model(np.zeros((1, 32, 32, 1), np.float32)).dtype == tf.float32
+
+
+def test_manual_dir_builds_the_dataset_first(tmp_path, monkeypatch):
+  from covidlib_tfds import build
+
+  calls = []
+
+  def fake_build(name, **kwargs):
+    calls.append((name, kwargs))
+    raise errors.DataError('stop here')
+
+  monkeypatch.setattr(build, 'build', fake_build)
+  config = tiny_config(dataset='covid_xray/seed', data_dir=str(tmp_path / 'tfds'),
+                       manual_dir='/archives', allow_missing=True)
+  with pytest.raises(errors.DataError, match='stop here'):
+    train.train(config, tmp_path / 'run')
+  assert calls == [('covid_xray/seed', {'manual_dir': '/archives',
+                                        'data_dir': str(tmp_path / 'tfds'),
+                                        'allow_missing': True})]
