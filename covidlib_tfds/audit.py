@@ -99,8 +99,16 @@ def load_builder(name: str, data_dir: epath.PathLike | None = None) -> tfds.core
   Raises:
     UsageError: naming the dataset, for an unknown dataset or config or one not built there.
   """
-  builder = tfds.builder(cli.check_name(name), data_dir=data_dir)
-  if not builder.is_prepared():
+  # TFDS warns ("Variant folder ... has no dataset_info.json") while looking for a config that
+  # is not built; the error below says it in one line, so the warning is silenced here.
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    builder = tfds.builder(cli.check_name(name), data_dir=data_dir)
+    prepared = builder.is_prepared()
+  finally:
+    logging.set_verbosity(verbosity)
+  if not prepared:
     raise errors.UsageError(
         f'{name} is not built in {builder.data_dir_root}; build it first: '
         f'python -m covidlib_tfds.build --config={builder.builder_config.name} '

@@ -18,6 +18,7 @@ usage error (unknown config, bad flag).
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app
@@ -51,6 +52,9 @@ _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Rebuild even if already buil
 def build(name: str, *, manual_dir: str | None, data_dir: str | None, allow_missing: bool,
           overwrite: bool = False) -> tfds.core.DatasetBuilder:
   """Prepares dataset `name` (e.g. 'covid_xray/seed') and returns its builder."""
+  if manual_dir is not None and not os.path.isdir(manual_dir):
+    # Checked here: TFDS would quietly fall back to downloading the archive.
+    raise errors.UsageError(f'--manual_dir {manual_dir} does not exist or is not a folder')
   builder = tfds.builder(cli.check_name(name), data_dir=data_dir,
                          allow_missing=allow_missing)
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite

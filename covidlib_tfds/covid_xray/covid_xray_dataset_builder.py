@@ -187,8 +187,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _archive_images(self, dl_manager):
     """The article's images, verified against the manifest, with what metadata knows of them."""
-    archive = _manual_file(dl_manager, _ARCHIVE_NAME) or epath.Path(
-        dl_manager.download(_ARCHIVE_URL))
+    archive = _manual_file(dl_manager, _ARCHIVE_NAME) or _download_archive(dl_manager)
     entries = manifest_lib.read_manifest(self._manifest_path)
     read = _ZipReader(archive, _ARCHIVE_ROOT)
     listed = [p for p in read.paths() if p.startswith(_ARCHIVE_IMAGES)]
@@ -242,6 +241,16 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       images.append(_Image(key=key, label='normal', source=sources.KAGGLE_PEDIATRIC,
                            patient_id=sources.kaggle_patient_id(key)))
     return _FolderReader(root), images, missing
+
+
+def _download_archive(dl_manager) -> epath.Path:
+  """Downloads the article's archive; a failure is one DataError saying how to work offline."""
+  try:
+    return epath.Path(dl_manager.download(_ARCHIVE_URL))
+  except Exception as e:  # requests' ConnectionError, HTTP errors, TFDS checksum errors...
+    raise errors.DataError(
+        f'cannot download {_ARCHIVE_URL} ({type(e).__name__}: {str(e)[:160]}); offline, put '
+        f'{_ARCHIVE_NAME} in a folder and pass it as --manual_dir') from None
 
 
 def _manual_file(dl_manager, name):

@@ -131,8 +131,6 @@ KNOWN_BUGS = {
     'train-batch_not_divisible_by_replicas': 'BUG (H3): MirroredStrategy logs '
                                              '"INFO:tensorflow:Using MirroredStrategy with '
                                              'devices ..." on stderr before the error line',
-    'audit-not_built': 'BUG (covidlib_tfds/audit.py, H1): TFDS logs "W... Variant folder ... has '
-                       'no dataset_info.json" on stderr before the error line',
 }
 
 
@@ -232,10 +230,6 @@ def offline(monkeypatch):
   monkeypatch.setattr(tfds.download.DownloadManager, 'download', fail)
 
 
-@pytest.mark.xfail(strict=True,
-                   reason='BUG (covidlib_tfds/build.py, H1): a --manual_dir that does not exist '
-                   'is not checked, the builder falls back to downloading the archive, and a '
-                   'failed download escapes as a traceback (exit 1 after ~3.5 min of retries).')
 @pytest.mark.parametrize('manual, status, fragments', [
     ('nothing', 2, ('{manual}', 'does not exist')),  # A usage error: the folder is named.
     ('empty', 1, ('github.com/dakshtrehan/Covid-19-Detection', '--manual_dir')),  # How to fix.
