@@ -185,37 +185,40 @@ def _clear_run(model_dir: str) -> None:
     shutil.rmtree(os.path.join(model_dir, name), ignore_errors=True)
 
 
-def _prepare_model_dir(model_dir: str, config: dict, overwrite: bool) -> None:
-  """Refuses a finished run (unless overwrite) and a resume with another config; writes config.
+def _check_model_dir(model_dir: str, config: dict, overwrite: bool) -> None:
+  """Refuses a finished run (unless overwrite) and resuming a run with another config.
 
-  Called on the chief only: other workers of a multi-worker run neither check nor write.
+  Writes nothing (except clearing a previous run for `overwrite`): config.json is written only
+  once the data and the model are ready, so a run that fails before (a typo in a flag, data not
+  built) leaves no run behind to conflict with the corrected command.
   """
   if os.path.exists(model_dir) and not os.path.isdir(model_dir):
     raise errors.UsageError(f'model_dir {model_dir!r} exists and is not a directory')
+  if not os.path.isdir(model_dir) or not os.listdir(model_dir):
+    return
   config_path = os.path.join(model_dir, md.CONFIG)
-  if os.path.isdir(model_dir) and os.listdir(model_dir):
-    if not os.path.exists(config_path):
+  if not os.path.exists(config_path):
+    raise errors.UsageError(
+        f'model_dir {model_dir!r} is not empty and holds no {md.CONFIG}: it is not a '
+        'covidlib-train run; choose a new or empty folder')
+  if overwrite:
+    _clear_run(model_dir)
+  elif os.path.exists(os.path.join(model_dir, md.MODEL)):
+    raise errors.UsageError(
+        f'model_dir {model_dir!r} holds a finished run ({md.MODEL}); pass --overwrite to '
+        'train again from scratch, or choose another model_dir')
+  elif os.path.exists(os.path.join(model_dir, md.CHECKPOINTS, STATE)):
+    saved = md.read_json(config_path)
+    differing = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
+    if differing:
+      details = '; '.join(f'{k}: {saved.get(k)!r} saved, {config.get(k)!r} now'
+                          for k in differing)
       raise errors.UsageError(
-          f'model_dir {model_dir!r} is not empty and holds no {md.CONFIG}: it is not a '
-          'covidlib-train run; choose a new or empty folder')
-    if overwrite:
-      _clear_run(model_dir)
-    elif os.path.exists(os.path.join(model_dir, md.MODEL)):
-      raise errors.UsageError(
-          f'model_dir {model_dir!r} holds a finished run ({md.MODEL}); pass --overwrite to '
-          'train again from scratch, or choose another model_dir')
-    else:
-      saved = md.read_json(config_path)
-      differing = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
-      if differing:
-        details = '; '.join(f'{k}: {saved.get(k)!r} saved, {config.get(k)!r} now'
-                            for k in differing)
-        raise errors.UsageError(
-            f'model_dir {model_dir!r} holds an unfinished run with another configuration '
-            f'({details}); rerun with the same settings to resume it, or pass --overwrite to '
-            'start over')
-  md.write_json(config_path, config)
-  os.makedirs(os.path.join(model_dir, md.CHECKPOINTS), exist_ok=True)
+          f'model_dir {model_dir!r} holds an unfinished run with another configuration '
+          f'({details}); rerun with the same settings to resume it, or pass --overwrite to '
+          'start over')
+  else:  # A run stopped before its first epoch ended: nothing to resume, start afresh.
+    _clear_run(model_dir)
 
 
 def _load_state(model_dir: str | None) -> dict:
@@ -342,6 +345,23 @@ def load_datasets(config: dict) -> tuple[tf.data.Dataset, tf.data.Dataset | None
   train_data = load(splits[0], True)
   validation_data = load(splits[1], False) if splits[1] else None
   return train_data, validation_data
+
+
+def input_for_training(dataset: tf.data.Dataset | None) -> tf.data.Dataset | None:
+  """`dataset` with tf.data's autotuner off when no GPU or TPU is visible.
+
+  On a CPU-only host the input pipeline and the model share the cores, and the autotuner then
+  costs training a quarter of its speed: seed_cnn on this project's 2-core CPU ran at 10.7-10.9
+  images/s in most epochs with it on, 14.5-16.0 with it off (benchmarks/results/
+  train_throughput.md). Our pipelines are cached after the first epoch, so its tuning buys
+  nothing there. With an accelerator the CPU only feeds it, and autotuning stays on.
+  """
+  if dataset is None or tf.config.list_logical_devices('GPU') or \
+      tf.config.list_logical_devices('TPU'):
+    return dataset
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return dataset.with_options(options)
 
 
 def _config_class_counts(config: dict) -> tuple[int, int]:
@@ -476,7 +496,7 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
 
     # ------------------------------------------------- model_dir: new, resume or refuse.
     if chief:
-      _prepare_model_dir(model_dir, config, overwrite)
+      _check_model_dir(model_dir, config, overwrite)
     # Other workers resume from the chief's checkpoints (model_dir on a shared filesystem).
     state = _load_state(None if overwrite and not chief else model_dir)
 
@@ -493,6 +513,11 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
           *(count_labels(train_data) if train_data is not None else _config_class_counts(config)))
     if train_data is None:
       train_data, validation_data = load_datasets(config)
+    train_data = input_for_training(train_data)
+    validation_data = input_for_training(validation_data)
+    if config['early_stopping_patience'] and validation_data is None:
+      raise errors.UsageError('early stopping (early_stopping_patience='
+                              f'{config["early_stopping_patience"]}) needs validation data')
 
     # ------------------------------------------------------------ Model and optimizer.
     with strategy.scope():
@@ -508,6 +533,9 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
         print(f'Resuming {model_dir} after epoch {state["epoch"]} of {config["epochs"]}.')
 
     # --------------------------------------------------------------------------- Fit.
+    if chief:
+      md.write_json(os.path.join(model_dir, md.CONFIG), config)
+      os.makedirs(checkpoints, exist_ok=True)
     checkpoint = EpochCheckpoint(model_dir, state, config['early_stopping_patience'], chief)
     nan_guard = NaNGuard()
     fit_callbacks = [nan_guard, checkpoint, *callbacks]

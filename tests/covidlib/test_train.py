@@ -168,10 +168,24 @@ def test_foreign_folder_is_refused(tmp_path):
 
 def test_resuming_with_another_config_names_the_keys(tmp_path):
   md.write_json(tmp_path / md.CONFIG, tiny_config(batch_size=8))
+  md.write_json(tmp_path / md.CHECKPOINTS / train.STATE, {'epoch': 1})  # A committed epoch.
   with pytest.raises(errors.UsageError) as e:
     fit(tiny_config(learning_rate=0.01), tmp_path)
   assert ('holds an unfinished run with another configuration (batch_size: 8 saved, 4 now; '
           'learning_rate: 0.001 saved, 0.01 now)') in str(e.value)
+
+
+def test_a_failed_start_leaves_nothing_to_conflict_with(tmp_path):
+  model_dir = tmp_path / 'run'
+  with pytest.raises(errors.UsageError, match='no such folder'):
+    fit(tiny_config(dataset='folder:/nonexistent'), model_dir, train_data=None)
+  assert not model_dir.exists() or not os.listdir(model_dir)
+  # A run killed before its first epoch ended has nothing to resume: another config starts it.
+  model_dir.mkdir(exist_ok=True)
+  md.write_json(model_dir / md.CONFIG, tiny_config(batch_size=8))
+  history = fit(tiny_config(epochs=1), model_dir)
+  assert len(history['loss']) == 1
+  assert md.load_config(model_dir)['batch_size'] == 4
 
 
 # ----------------------------------------------------------------------------- Resuming.
@@ -238,6 +252,12 @@ def test_early_stopping_restores_the_best_epoch(tmp_path):
   best = int(np.argmin(val_loss)) + 1
   assert len(val_loss) == best + 2 < 8  # Stopped two epochs without improvement after the best.
   assert_same_weights(md.load_model(model_dir).get_weights(), recorder.epoch_weights[best])
+
+
+def test_early_stopping_without_validation_data_is_refused(tmp_path):
+  with pytest.raises(errors.UsageError, match=r'early stopping \(early_stopping_patience=2\) '
+                     'needs validation data'):
+    fit(tiny_config(early_stopping_patience=2), tmp_path / 'run', validation_data=None)
 
 
 def test_mixed_precision_run_saves_a_float32_model(tmp_path):
