@@ -17,6 +17,7 @@ Anything else is a bug in covidlib and keeps its traceback.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -84,6 +85,9 @@ def run_main(main: Callable[[list[str]], Any], prog: str | None = None) -> NoRet
     prog: the name errors start with, e.g. 'covidlib-train'; default: the script's file name.
   """
   prog = prog or os.path.basename(sys.argv[0])
+  # TensorFlow's Python logger says INFO lines such as "Using MirroredStrategy with devices ..."
+  # on stderr; binaries keep stderr for warnings and their one error line.
+  logging.getLogger('tensorflow').setLevel(logging.WARNING)
 
   def parse_flags(argv: list[str]) -> list[str]:
     try:

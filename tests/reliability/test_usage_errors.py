@@ -121,17 +121,9 @@ CASES = {
                             'covid_xray/seed is not built in {tmp}/empty'),
 }
 
-# Cases that fail today, each with its cause and owner (see the lead's report). strict: the
+# Cases that fail today (none at present), each with its cause and owner. strict: the
 # day one is fixed, its xfail fails and the mark must go.
-KNOWN_BUGS = {
-    'train-missing_dataset_folder': 'BUG (covidlib/train.py, H3): config.json and checkpoints/ '
-                                    'are written before the data is found, so the corrected '
-                                    'command is then refused as "an unfinished run with another '
-                                    'configuration" until --overwrite',
-    'train-batch_not_divisible_by_replicas': 'BUG (H3): MirroredStrategy logs '
-                                             '"INFO:tensorflow:Using MirroredStrategy with '
-                                             'devices ..." on stderr before the error line',
-}
+KNOWN_BUGS = {}  # case name -> 'BUG (file, owner): what goes wrong'
 
 
 @pytest.fixture(scope='module')
