@@ -57,7 +57,7 @@ BATCH = 32
 IMAGE_SIZE = 224
 
 
-def matmul_rate(dtype, n: int = 4096, repeats: int = 5) -> float:
+def matmul_rate(dtype, n: int = 4096, repeats: int = 10) -> float:
   """FLOP/s of an n x n x n tf.matmul (2 n^3 FLOPs), the best of `repeats` after a warm-up."""
   import tensorflow as tf
   a = tf.cast(tf.random.normal((n, n)), dtype)

@@ -41,7 +41,8 @@ def _check_tf_config() -> dict:
              '"task": {"type": "worker", "index": 0}}\'')
   if not raw:
     raise errors.UsageError(
-        f'strategy multi_worker needs the environment variable TF_CONFIG, which is not set; {example}')
+        'strategy multi_worker needs the environment variable TF_CONFIG, which is not set; '
+        f'{example}')
   try:
     config = json.loads(raw)
   except json.JSONDecodeError as e:
@@ -78,7 +79,8 @@ def get_strategy(name: str, devices: Sequence[str] | None = None) -> tf.distribu
   if name not in STRATEGIES:
     raise errors.UsageError(f'unknown strategy {name!r}; choose one of {", ".join(STRATEGIES)}')
   if devices is not None and name != 'mirrored':
-    raise errors.UsageError(f'devices={list(devices)!r} is only for strategy mirrored, not {name!r}')
+    raise errors.UsageError(
+        f'devices={list(devices)!r} is only for strategy mirrored, not {name!r}')
   if name == 'auto':
     name = 'mirrored' if len(_gpus()) > 1 else 'default'
   key = (name, tuple(devices) if devices else None)
@@ -115,7 +117,8 @@ def _make_strategy(name: str, devices: Sequence[str] | None) -> tf.distribute.St
     tf.tpu.experimental.initialize_tpu_system(resolver)
   except (ValueError, tf.errors.OpError) as e:
     raise errors.UsageError(
-        f'strategy tpu: no TPU found ({e}); run on a Cloud TPU VM or choose --strategy=auto') from None
+        f'strategy tpu: no TPU found ({e}); run on a Cloud TPU VM or choose --strategy=auto'
+    ) from None
   return tf.distribute.TPUStrategy(resolver)
 
 
@@ -147,9 +150,11 @@ def resolve_precision(mode: str) -> str:
   `auto` is `mixed_float16` on a GPU (tensor cores; Keras adds dynamic loss scaling),
   `mixed_bfloat16` on a TPU (its native type, no loss scaling needed) and on a CPU with native
   bfloat16 (AVX512_BF16 or AMX), else `float32`. Measured on this project's 2-core AMD EPYC
-  (AVX512_BF16), a seed_cnn training step at 224x224x3, batch 32, took 1.5-2.0 s in
-  mixed_bfloat16 against 2.6-4.0 s in float32 (see benchmarks/results/train_throughput.md);
-  without native support bfloat16 is emulated and slower than float32.
+  (AVX512_BF16): seed_cnn trains at ~30 images/s in mixed_bfloat16 against ~15 in float32
+  (benchmarks/results/train_throughput.md); without native support bfloat16 is emulated and
+  slower than float32. Known TensorFlow 2.21 bug: the oneDNN bfloat16 filter gradient of a
+  stride-2 'same' convolution over a 1x1 map returns garbage for the padding taps, so tiny
+  inputs (compact_resnet below 32 px) must train in float32 (`off`).
   """
   if mode not in PRECISIONS:
     raise errors.UsageError(

@@ -49,8 +49,8 @@ def one_sgd_step(strategy, x, y) -> list[np.ndarray]:
   import keras
   with strategy.scope():
     inputs = keras.Input((4,))
-    outputs = keras.layers.Dense(1, activation='sigmoid',
-                                 kernel_initializer=keras.initializers.GlorotUniform(seed=3))(inputs)
+    initializer = keras.initializers.GlorotUniform(seed=3)
+    outputs = keras.layers.Dense(1, activation='sigmoid', kernel_initializer=initializer)(inputs)
     model = keras.Model(inputs, outputs)
     model.compile(keras.optimizers.SGD(0.5), 'binary_crossentropy')
   model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(len(x)), epochs=1, verbose=0)

@@ -1,4 +1,4 @@
-"""Tests of covidlib.distribute: strategies by name, batch checks, precision, real multi-device runs.
+"""Tests of covidlib.distribute: strategies by name, batch checks, precision, multi-device runs.
 
     .venv/bin/python -m pytest tests/covidlib/test_distribute.py -q
 

@@ -290,3 +290,11 @@ def test_manual_dir_builds_the_dataset_first(tmp_path, monkeypatch):
   assert calls == [('covid_xray/seed', {'manual_dir': '/archives',
                                         'data_dir': str(tmp_path / 'tfds'),
                                         'allow_missing': True})]
+
+
+def test_input_for_training_turns_the_autotuner_off_on_cpu():
+  dataset = tf.data.Dataset.range(5).map(lambda x: x * 2, num_parallel_calls=tf.data.AUTOTUNE)
+  tuned = train.input_for_training(dataset)
+  assert tuned.options().autotune.enabled is False  # This test process hides GPUs.
+  assert list(tuned.as_numpy_iterator()) == [0, 2, 4, 6, 8]
+  assert train.input_for_training(None) is None
