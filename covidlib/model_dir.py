@@ -15,11 +15,12 @@ Every JSON write here is atomic: a temporary file in the same folder, then `os.r
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 from covidlib import errors
 
@@ -40,22 +41,35 @@ class Decision:
   split: str = ''
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-  """Writes `data` to `path` so readers see the old file or the new one, never half."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = '.tmp') -> Iterator[str]:
+  """Yields a temporary path beside `path`; on success renames it onto `path`, else removes it.
+
+      with atomic_path('model.keras', suffix='.keras') as tmp:
+        model.save(tmp)   # Readers of model.keras see the old file or the new one, never half.
+
+  `suffix` matters to writers that pick a format by extension (Keras: .keras, .weights.h5).
+  """
   path = os.fspath(path)
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix=suffix)
+  os.close(fd)
   try:
-    with os.fdopen(fd, 'wb') as f:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+  """Writes `data` to `path` so readers see the old file or the new one, never half."""
+  with atomic_path(path) as tmp:
+    with open(tmp, 'wb') as f:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

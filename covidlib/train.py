@@ -35,7 +35,6 @@ import glob
 import math
 import os
 import shutil
-import tempfile
 from typing import Any, Iterable
 
 import keras
@@ -236,14 +235,8 @@ def _load_state(model_dir: str | None) -> dict:
 
 
 def _save_weights_atomic(model: keras.Model, path: str) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp-', suffix='.weights.h5')
-  os.close(fd)
-  try:
+  with md.atomic_path(path, suffix='.weights.h5') as tmp:
     model.save_weights(tmp, overwrite=True)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
@@ -446,14 +439,8 @@ def _save_inference_model(model: keras.Model, config: dict, path: str) -> None:
       keras.config.set_dtype_policy(previous)
     plain.set_weights(model.get_weights())
     model = plain
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp-', suffix='.keras')
-  os.close(fd)
-  try:
+  with md.atomic_path(path, suffix='.keras') as tmp:
     model.save(tmp, overwrite=True)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
 
 
 def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = None,
