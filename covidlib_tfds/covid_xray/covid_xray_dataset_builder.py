@@ -109,6 +109,19 @@ def decode_for_dataset(contents: bytes, name: str) -> np.ndarray:
   return preprocess.resize_longest_side(image, MAX_SIDE).numpy()
 
 
+def features() -> tfds.features.FeaturesDict:
+  """The covid_xray example layout (every config); label 1 = COVID-19."""
+  return tfds.features.FeaturesDict({
+      'image': tfds.features.Image(shape=(None, None, 1), encoding_format='png'),
+      'label': tfds.features.ClassLabel(names=['normal', 'covid']),
+      'image/filename': tfds.features.Text(),
+      'patient_id': tfds.features.Text(),
+      'source': tfds.features.Text(),
+      'view': tfds.features.Text(),
+      'age': tfds.features.Scalar(dtype=np.int32),
+  })
+
+
 class Builder(tfds.core.GeneratorBasedBuilder):
   """COVID-19 vs normal chest X-rays: the article's split, a patient split, and a re-curation."""
 
@@ -142,15 +155,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 1), encoding_format='png'),
-            'label': tfds.features.ClassLabel(names=['normal', 'covid']),
-            'image/filename': tfds.features.Text(),
-            'patient_id': tfds.features.Text(),
-            'source': tfds.features.Text(),
-            'view': tfds.features.Text(),
-            'age': tfds.features.Scalar(dtype=np.int32),
-        }),
+        features=features(),
         supervised_keys=('image', 'label'),
         homepage='https://github.com/dakshtrehan/Covid-19-Detection',
         metadata=tfds.core.MetadataDict(),
