@@ -41,12 +41,15 @@ import numpy as np
 import tensorflow as tf
 from scipy import stats
 
+from covidlib import calibration
 from covidlib import errors
 from covidlib import metrics
 from covidlib import model_dir as md
 
 CROSSVAL_JSON = 'crossval.json'
 CROSSVAL_MD = 'crossval.md'
+HOLD_OUT_JSON = 'hold_out.json'
+HOLD_OUT_MD = 'hold_out.md'
 SUMMARY_FIGURES = ('accuracy', 'sensitivity', 'specificity', 'f1', 'roc_auc', 'pr_auc',
                    'brier', 'ece')
 
@@ -244,6 +247,210 @@ def cross_validate(config: dict, out_dir: str, pool: Pool, *, n_folds: int = 5,
   md.write_json(os.path.join(out_dir, CROSSVAL_JSON), report)
   md.write_bytes_atomic(os.path.join(out_dir, CROSSVAL_MD), render_markdown(report).encode())
   return report
+
+
+# --------------------------------------------------------------------------------------------
+# Leaving one source out.
+# --------------------------------------------------------------------------------------------
+
+
+def _source_array(pool: Pool) -> np.ndarray:
+  return np.asarray(pool.metadata.get('source', np.full(len(pool), '', object)), dtype=object)
+
+
+def _subset(pool: Pool, mask: np.ndarray, description: str) -> Pool:
+  return Pool(images=pool.images[mask], labels=pool.labels[mask],
+              metadata={k: v[mask] for k, v in pool.metadata.items()}, description=description)
+
+
+def training_dataset(pool: Pool, batch_size: int, seed: int | None,
+                     balance: str = 'none') -> tf.data.Dataset:
+  """Shuffled batches of a pool; balance='source' draws each (source, label) stratum equally.
+
+  Balanced draws keep an epoch at ceil(len(pool) / batch_size) batches, so epochs stay
+  comparable with plain training.
+  """
+  labels = pool.labels.astype(np.float32)
+  if balance in ('none', None, False):
+    return (tf.data.Dataset.from_tensor_slices((pool.images, labels))
+            .shuffle(len(pool), seed=seed, reshuffle_each_iteration=True)
+            .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+  if balance != 'source':
+    raise errors.UsageError(f"balance must be 'none' or 'source', got {balance!r}")
+  sources = _source_array(pool)
+  strata = sorted(set(zip(sources, pool.labels.tolist())))
+  parts = []
+  for k, (source, label) in enumerate(strata):
+    mask = (sources == source) & (pool.labels == label)
+    parts.append(tf.data.Dataset.from_tensor_slices((pool.images[mask], labels[mask]))
+                 .shuffle(int(mask.sum()), seed=None if seed is None else seed + k,
+                          reshuffle_each_iteration=True).repeat())
+  steps = math.ceil(len(pool) / batch_size)
+  mixed = tf.data.Dataset.sample_from_datasets(parts, seed=seed)
+  return mixed.batch(batch_size).take(steps).prefetch(tf.data.AUTOTUNE)
+
+
+def _predict(model, images: np.ndarray, batch: int) -> np.ndarray:
+  if not len(images):
+    return np.zeros(0)
+  return np.concatenate([np.asarray(model(images[i:i + batch], training=False),
+                                    np.float64).reshape(-1)
+                         for i in range(0, len(images), batch)])
+
+
+def hold_out_sources(config: dict, out_dir: str, pools: dict[str, Pool], *,
+                     sources: Sequence[str] | None = None, threshold_policy: str = 'youden',
+                     calibrate: bool = False, n_bootstrap: int = metrics.DEFAULT_BOOTSTRAP,
+                     overwrite: bool = False, verbose: int = 0) -> dict:
+  """Trains once per normal source with every image of that source left out; scores it.
+
+  For each source S holding normal images: train on pools['train'] without S, choose the
+  operating point on pools['validation'] without S by `threshold_policy`, then report the
+  specificity on ALL of S's normal images (every split; none was trained on) and the
+  sensitivity on pools['test'] COVID-19 images of other sources at that threshold, plus the
+  ROC-AUC of those COVID-19 images against S's normals. A source whose removal leaves no normal
+  image to train on is reported as skipped, with the reason.
+
+  Args:
+    config: covidlib.train config (the recipe: model, epochs, augmentation, standardization...).
+      A 'balance' key of 'source' samples (source, label) strata equally.
+    out_dir: holdout_<source>/ model_dirs and hold_out.json / hold_out.md go here.
+    pools: {'train', 'validation', 'test'} -> Pool (load_pool of each split).
+    sources: the sources to leave out; default every source with a normal image.
+  """
+  from covidlib import evaluate
+  from covidlib import train
+
+  missing = [s for s in ('train', 'validation', 'test') if s not in pools]
+  if missing:
+    raise errors.UsageError(f'leaving a source out needs the train, validation and test splits; '
+                            f'missing {missing}')
+  config = train.make_config(**config)
+  every = {name: _source_array(pool) for name, pool in pools.items()}
+  normal_sources = sorted({s for name, pool in pools.items()
+                           for s in every[name][pool.labels == 0]})
+  if sources:
+    unknown = sorted(set(sources) - set(normal_sources))
+    if unknown:
+      raise errors.UsageError(f'cannot leave out {unknown}: the normal sources are '
+                              f'{normal_sources}')
+  description = pools['train'].description.rsplit(' ', 1)[0]
+  os.makedirs(out_dir, exist_ok=True)
+  batch = config['batch_size']
+  entries = []
+  for source in sources or normal_sources:
+    keep = {name: every[name] != source for name in pools}
+    train_pool = _subset(pools['train'], keep['train'], f'{description} without {source}')
+    if not np.any(train_pool.labels == 0):
+      entries.append({'source': source, 'skipped': (
+          f'{source} is the only normal source of the training split: leaving it out leaves '
+          'no normal image to train on')})
+      continue
+    val_pool = _subset(pools['validation'], keep['validation'], '')
+    run_config = train.make_config(**{**config, 'dataset': f'{description} without source '
+                                                           f'{source}'})
+    train_data = training_dataset(train_pool, batch, config['seed'],
+                                  config.get('balance', 'none'))
+    val_data = tf.data.Dataset.from_tensor_slices(
+        (val_pool.images, val_pool.labels.astype(np.float32))).batch(batch)
+    run_dir = os.path.join(out_dir, f'holdout_{source or "unknown"}')
+    model, reused = _train_fold(run_config, run_dir, train_data, val_data, overwrite, verbose)
+    decision, _ = evaluate.choose_decision(val_pool.labels, _predict(model, val_pool.images,
+                                                                     batch),
+                                           threshold_policy, calibrate, 'validation')
+    md.save_decision(run_dir, decision)
+    held = [_subset(pool, ~keep[name], '') for name, pool in pools.items()]
+    held_labels = np.concatenate([h.labels for h in held])
+    held_p = np.concatenate([_predict(model, h.images, batch) for h in held])
+    test = pools['test']
+    covid_mask = keep['test'] & (test.labels == 1)
+    covid_p = _predict(model, test.images[covid_mask], batch)
+    t = decision.threshold
+
+    def calibrated(p):
+      return calibration.apply_temperature(p, decision.temperature)
+
+    normal_p = calibrated(held_p[held_labels == 0])
+    covid_cal = calibrated(covid_p)
+    entry = {
+        'source': source, 'how': 'left out of training (covidlib-crossval --hold_out=source)',
+        'data': f'{description}: every split, images of source {source}',
+        'model_dir': run_dir, 'reused': reused, 'n_train': len(train_pool),
+        'policy': decision.policy, 'threshold': t, 'temperature': decision.temperature,
+        'n_normal': int(normal_p.size),
+        'specificity': metrics.proportion(int((normal_p < t).sum()), int(normal_p.size),
+                                          'normal images').as_dict(),
+        'n_covid': int(covid_p.size),
+        'sensitivity': metrics.proportion(int((covid_cal >= t).sum()), int(covid_p.size),
+                                          'COVID-19 images').as_dict(),
+        'sensitivity_data': f'{description} test split, COVID-19 images of other sources',
+        'roc_auc_covid_vs_these_normals': (metrics.compute_metrics(
+            np.concatenate([np.ones(covid_p.size), np.zeros(normal_p.size)]),
+            np.concatenate([covid_p, held_p[held_labels == 0]]), 0.5, n_bootstrap=n_bootstrap,
+        ).figures['roc_auc'].as_dict() if covid_p.size and normal_p.size else None),
+    }
+    if np.any(held_labels == 1):  # A source holding both classes (e.g. a user's own site).
+      entry['n_covid_in_source'] = int((held_labels == 1).sum())
+      entry['sensitivity_in_source'] = metrics.proportion(
+          int((calibrated(held_p[held_labels == 1]) >= t).sum()), int((held_labels == 1).sum()),
+          'COVID-19 images').as_dict()
+    from covidlib import shortcuts  # Deferred: shortcuts imports this module.
+    entry['meets_target'] = shortcuts.meets_target(entry)
+    entries.append(entry)
+  report = {
+      'caveat': ('Research software, not a diagnostic device. Each figure is one training run '
+                 'on one source left out; a few hundred images, so intervals are wide.'),
+      'data': description, 'config': config, 'threshold_policy': threshold_policy,
+      'calibrate': calibrate, 'held_out': entries,
+  }
+  md.write_json(os.path.join(out_dir, HOLD_OUT_JSON), report)
+  md.write_bytes_atomic(os.path.join(out_dir, HOLD_OUT_MD),
+                        render_hold_out_markdown(report).encode())
+  return report
+
+
+def read_hold_out_report(path: str) -> dict:
+  """A hold_out.json (or the folder holding it) written by hold_out_sources."""
+  if os.path.isdir(path):
+    path = os.path.join(path, HOLD_OUT_JSON)
+  if not os.path.isfile(path):
+    raise errors.UsageError(f'{path}: no hold-out report (run covidlib-crossval '
+                            '--hold_out=source first)')
+  report = md.read_json(path)
+  if not isinstance(report, dict) or 'held_out' not in report:
+    raise errors.DataError(f'{path}: not a covidlib-crossval --hold_out=source report')
+  return report
+
+
+def _estimate(figure: dict | None) -> str:
+  if not figure or figure.get('value') is None:
+    return '—'
+  low, high = figure['ci95']
+  return f'{figure["value"]:.3f}' + ('' if low is None else f' [{low:.3f}, {high:.3f}]')
+
+
+def render_hold_out_markdown(report: dict) -> str:
+  c = report['config']
+  out = [f'# Held-out sources: {c["model"]} on {report["data"]}', '',
+         f'> **{report["caveat"]}**', '',
+         f'Each row trains {c["model"]} ({c["epochs"]} epochs, seed {c["seed"]}) with every '
+         'image of one normal source left out, chooses the threshold on the validation split '
+         f'without it (policy `{report["threshold_policy"]}`), and scores that source\'s '
+         'normals (every split) and the test split\'s COVID-19 images of other sources. '
+         f'Target: specificity >= 0.80 at sensitivity >= 0.90.', '',
+         '| left out | normals | specificity [95%] | COVID-19 | sensitivity [95%] | '
+         'ROC-AUC COVID-19 vs these normals | target met | model_dir |',
+         '|---|---|---|---|---|---|---|---|']
+  for e in report['held_out']:
+    if 'skipped' in e:
+      out.append(f'| {e["source"]} | — | skipped: {e["skipped"]} | | | | | |')
+      continue
+    met = {True: 'yes', False: 'no', None: '—'}[e['meets_target']]
+    out.append(f'| {e["source"]} | {e["n_normal"]} | {_estimate(e["specificity"])} | '
+               f'{e["n_covid"]} | {_estimate(e["sensitivity"])} | '
+               f'{_estimate(e["roc_auc_covid_vs_these_normals"])} | {met} | '
+               f'`{e["model_dir"]}` |')
+  return '\n'.join(out) + '\n'
 
 
 def render_markdown(report: dict) -> str:

@@ -256,7 +256,8 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
                        write_decision: bool = True, group_by: Sequence[str] | None = None,
                        n_bootstrap: int = metrics.DEFAULT_BOOTSTRAP, seed: int = 0,
                        n_bins: int = metrics.DEFAULT_BINS, gradcam: bool = True,
-                       gradcam_layer: str | None = None, batch_size: int = 32) -> Evaluation:
+                       gradcam_layer: str | None = None, batch_size: int = 32,
+                       shortcut_options: dict | None = None) -> Evaluation:
   """Evaluates a model_dir on a split (or a folder, or datasets passed in).
 
   Args:
@@ -272,6 +273,9 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
       'source' when the data has it (TFDS splits), nothing for folders.
     n_bootstrap, seed, n_bins: see covidlib.metrics.
     gradcam: compute Grad-CAM maps (lung-focus scores and the grid).
+    shortcut_options: add the `shortcuts` section (covidlib.shortcuts.for_model_dir keyword
+      arguments, e.g. {'other_dataset': 'auto', 'unseen': 'auto', 'held_out_reports': []});
+      None leaves it out.
 
   Raises:
     UsageError: a bad model_dir, policy, split or grouping feature.
@@ -313,7 +317,8 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
   if eval_data is None:
     eval_data, source_note['eval_data'] = load_split(
         config, split, dataset=dataset, data_dir=data_dir, folder=folder, batch_size=batch_size)
-  predictions = predict_dataset(model, eval_data, keep_images=gradcam)
+  predictions = predict_dataset(model, eval_data,
+                                keep_images=gradcam or shortcut_options is not None)
   report = {
       'caveat': CAVEAT,
       'model_dir': os.path.abspath(model_dir),
@@ -360,5 +365,14 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
             heatmaps, predictions.labels,
             {g: predictions.metadata[g] for g in group_by if g in predictions.metadata}),
     }
+
+  # ------------------------------------------------------------ Shortcuts.
+  if shortcut_options is not None:
+    from covidlib import shortcuts
+
+    report['shortcuts'] = shortcuts.for_model_dir(
+        model, config, decision, shortcuts.as_scored(predictions),
+        data_dir=data_dir or config.get('data_dir'), n_bootstrap=n_bootstrap, seed=seed,
+        batch_size=batch_size, **shortcut_options)
   return Evaluation(report=report, predictions=predictions, calibrated_scores=scores,
                     decision=decision, heatmaps=heatmaps, grid_indices=grid)

@@ -115,6 +115,10 @@ def render_markdown(report: dict, plots: dict) -> str:
     out += ['', '— = undefined in that group (e.g. sensitivity where it holds no COVID-19 '
             'image, ROC-AUC with one class only). A group holding one class only measures '
             'that class alone.', '']
+  if 'shortcuts' in report:
+    from covidlib import shortcuts  # Deferred: it loads data code only when called.
+
+    out += shortcuts.render_markdown(report['shortcuts'])
   out += ['## Operating threshold', '']
   if d['chosen_now']:
     choice = d['threshold_choice']

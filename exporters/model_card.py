@@ -20,6 +20,7 @@ import os
 
 import covidlib
 from covidlib import model_dir as model_dir_lib
+from covidlib import shortcuts
 
 FILENAME = 'MODEL_CARD.md'
 _FIGURES = (('roc_auc', 'ROC-AUC'), ('sensitivity', 'Sensitivity (COVID-19 recall)'),
@@ -188,6 +189,7 @@ def render_model_card(config: dict, decision: model_dir_lib.Decision, *,
     lines.append(f'| {key} | `{value}` |')
   lines += ['', '## Metrics', '']
   lines += _metrics_section(evaluation, evaluation_source)
+  lines += shortcuts.render_markdown((evaluation or {}).get('shortcuts'), heading='##')
   lines += ['## Known confounds and limitations', '', CONFOUNDS, '',
             '## Quantization deltas', '']
   lines += _quantization_section(parity)

@@ -4,7 +4,17 @@
         --dataset=covid_xray/patient_split --data_dir=tfds_data --splits=train,validation \\
         --folds=5 --epochs=10
 
-(or `python -m covidlib.cli.crossval ...`). Trains one model per fold into <out>/fold_<k>/ (each a
+    covidlib-crossval --hold_out=source --out=runs/holdout --dataset=covid_xray/adult_pediatric \\
+        --data_dir=tfds_data --recipe=runs/default/compact_resnet --threshold_policy=youden
+
+(or `python -m covidlib.cli.crossval ...`). With --hold_out=source it does not make folds: it
+trains once per normal source with every image of that source left out (train split without it),
+chooses the threshold on the validation split without it, and reports the specificity on that
+source's normals (every split) and the sensitivity on the test split's COVID-19 images of other
+sources: <out>/holdout_<source>/ model_dirs, <out>/hold_out.json and hold_out.md, which
+`covidlib-evaluate --held_out_report=<out>` puts in its `shortcuts` section. --recipe takes
+every training setting from an existing model_dir's config.json (flags given still override).
+Without --hold_out: Trains one model per fold into <out>/fold_<k>/ (each a
 normal model_dir) and writes <out>/crossval.json and <out>/crossval.md: per-fold figures, mean
 and 95% t-interval per figure, pooled out-of-fold metrics. Rerunning the same command reuses
 finished folds (--overwrite retrains them). Keep the test split out of --splits so it stays
@@ -48,6 +58,15 @@ _BATCH_SIZE = _DEFINE(flags.DEFINE_integer, 'batch_size', None, 'Global batch si
 _LEARNING_RATE = _DEFINE(flags.DEFINE_float, 'learning_rate', None, 'Adam learning rate.')
 _SEED = _DEFINE(flags.DEFINE_integer, 'seed', None, 'Training seed (init, shuffle, augment).')
 _CLASS_WEIGHT = _DEFINE(flags.DEFINE_string, 'class_weight', None, "'none' or 'balanced'.")
+_HOLD_OUT = _DEFINE(flags.DEFINE_string, 'hold_out', 'none',
+                    "'none' (k folds) or 'source': leave each normal source out once.")
+_SOURCES = _DEFINE(flags.DEFINE_list, 'sources', None,
+                   'With --hold_out=source: the sources to leave out (default: every source '
+                   'holding normal images).')
+_THRESHOLD_POLICY = _DEFINE(flags.DEFINE_string, 'threshold_policy', 'youden',
+                            'With --hold_out=source: how the threshold is chosen on validation.')
+_RECIPE = _DEFINE(flags.DEFINE_string, 'recipe', None,
+                  'A model_dir whose config.json gives the training settings.')
 _VERBOSE = _DEFINE(flags.DEFINE_integer, 'verbose', 0, 'Keras fit verbosity (0, 1, 2).')
 
 _TRAIN_FLAGS = {'model': _MODEL, 'image_size': _IMAGE_SIZE, 'channels': _CHANNELS,
@@ -65,9 +84,38 @@ def main(argv: list[str]) -> None:
     raise errors.UsageError('flag --out is required')
   overrides = {key: holder.value for key, holder in _TRAIN_FLAGS.items()
                if holder.value is not None}
-  dataset = _DATASET.value or train.DEFAULT_CONFIG['dataset']
-  config = train.make_config(dataset=dataset, data_dir=_DATA_DIR.value, **overrides)
-  pool = crossval.load_pool(dataset, _SPLITS.value, data_dir=_DATA_DIR.value,
+  recipe = {}
+  if _RECIPE.value:
+    from covidlib import model_dir as md
+    recipe = md.load_config(md.check_model_dir(_RECIPE.value))
+  dataset = _DATASET.value or recipe.get('dataset') or train.DEFAULT_CONFIG['dataset']
+  data_dir = _DATA_DIR.value or recipe.get('data_dir')
+  config = train.make_config(**{**recipe, 'dataset': dataset, 'data_dir': data_dir,
+                                **overrides})
+  if _HOLD_OUT.value not in ('none', 'source'):
+    raise errors.UsageError(f"--hold_out must be 'none' or 'source', got {_HOLD_OUT.value!r}")
+  if _HOLD_OUT.value == 'source':
+    from covidlib import threshold
+    threshold.parse_policy(_THRESHOLD_POLICY.value)
+    pools = {split: crossval.load_pool(dataset, [split], data_dir=data_dir,
+                                       image_size=config['image_size'],
+                                       channels=config['channels'])
+             for split in ('train', 'validation', 'test')}
+    result = crossval.hold_out_sources(
+        config, _OUT.value, pools, sources=_SOURCES.value,
+        threshold_policy=_THRESHOLD_POLICY.value, n_bootstrap=_N_BOOTSTRAP.value,
+        overwrite=_OVERWRITE.value, verbose=_VERBOSE.value)
+    for e in result['held_out']:
+      if 'skipped' in e:
+        print(f'{e["source"]}: skipped: {e["skipped"]}')
+        continue
+      spec, sens = e['specificity']['value'], e['sensitivity']['value']
+      print(f'{e["source"]} left out: specificity {spec:.3f} on {e["n_normal"]} normals, '
+            f'sensitivity ' + ('n/a' if sens is None else f'{sens:.3f}')
+            + f' on {e["n_covid"]} COVID-19 at threshold {e["threshold"]:.4f}')
+    print(f'report: {_OUT.value}/{crossval.HOLD_OUT_MD}')
+    return
+  pool = crossval.load_pool(dataset, _SPLITS.value, data_dir=data_dir,
                             image_size=config['image_size'], channels=config['channels'])
   result = crossval.cross_validate(
       config, _OUT.value, pool, n_folds=_FOLDS.value, fold_seed=_FOLD_SEED.value,

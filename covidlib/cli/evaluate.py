@@ -15,6 +15,16 @@ apply. Policies: fixed:T, youden, sensitivity:X, specificity:X (see covidlib/thr
 With --folder, a threshold or temperature is fitted on --threshold_split of the training
 dataset (the folder has no splits).
 
+Shortcut figures (report.json `shortcuts`, report.md "Shortcuts"; see covidlib/shortcuts.py):
+within-source ROC-AUC, specificity on normal sources never trained on, a source probe on the
+penultimate features, and the share of other findings called COVID-19. By default (`auto`) the
+other findings come from covid_xray/other_findings and the unseen normals from the covid_xray
+configs holding NIH adults / pediatric normals, where built in --data_dir and absent from the
+training split; --held_out_report adds the figures of `covidlib-crossval --hold_out=source`:
+
+    covidlib-evaluate --model_dir=runs/default/compact_resnet --dataset=covid_xray/adult \\
+        --split=test --threshold_policy=sensitivity:0.9 --held_out_report=runs/default/holdout
+
 Exit status: 0 done; 2 bad flags or usage; 1 other failures (one line on stderr, no traceback).
 """
 
@@ -65,6 +75,22 @@ _GRADCAM = _DEFINE(flags.DEFINE_boolean, 'gradcam', True,
 _GRADCAM_LAYER = _DEFINE(flags.DEFINE_string, 'gradcam_layer', None,
                          'Grad-CAM target layer; default: the last feature map.')
 _PLOTS = _DEFINE(flags.DEFINE_boolean, 'plots', True, 'Write matplotlib plots (if installed).')
+_SHORTCUTS = _DEFINE(flags.DEFINE_boolean, 'shortcuts', True,
+                     'Add the shortcut figures (within-source, unseen sources, source probe, '
+                     'other findings).')
+_OTHER_FINDINGS = _DEFINE(
+    flags.DEFINE_string, 'other_findings', 'auto',
+    "Dataset of other findings (label 0 = not COVID-19), e.g. covid_xray/other_findings; "
+    "'auto': that one if built; '' for none.")
+_UNSEEN = _DEFINE(
+    flags.DEFINE_list, 'unseen_sources', ['auto'],
+    "Normals of sources absent from training, as DATASET:SOURCE (e.g. "
+    "covid_xray/adult_pediatric:kaggle_pediatric); 'auto': the covid_xray ones that are built; "
+    "'' for none.")
+_HELD_OUT = _DEFINE(flags.DEFINE_list, 'held_out_report', [],
+                    'Folders or hold_out.json files of covidlib-crossval --hold_out=source.')
+_PROBE = _DEFINE(flags.DEFINE_boolean, 'source_probe', True,
+                 'Fit the source probe on the penultimate features.')
 _BATCH_SIZE = _DEFINE(flags.DEFINE_integer, 'batch_size', 32, 'Evaluation batch size.',
                       lower_bound=1)
 
@@ -82,7 +108,11 @@ def main(argv: list[str]) -> None:
       threshold_split=_THRESHOLD_SPLIT.value, calibrate=_CALIBRATE.value,
       write_decision=_WRITE_DECISION.value, group_by=_GROUP_BY.value,
       n_bootstrap=_N_BOOTSTRAP.value, seed=_SEED.value, n_bins=_BINS.value,
-      gradcam=_GRADCAM.value, gradcam_layer=_GRADCAM_LAYER.value, batch_size=_BATCH_SIZE.value)
+      gradcam=_GRADCAM.value, gradcam_layer=_GRADCAM_LAYER.value, batch_size=_BATCH_SIZE.value,
+      shortcut_options=None if not _SHORTCUTS.value else {
+          'other_dataset': _OTHER_FINDINGS.value or None,
+          'unseen': 'auto' if _UNSEEN.value == ['auto'] else [u for u in _UNSEEN.value if u],
+          'held_out_reports': _HELD_OUT.value, 'probe': _PROBE.value})
   paths = report.write_report(out, result, history=report.load_history(_MODEL_DIR.value),
                               plots=_PLOTS.value)
   figures = result.report['metrics']['figures']
@@ -100,6 +130,19 @@ def main(argv: list[str]) -> None:
   print('; '.join(show(n) for n in ('accuracy', 'sensitivity', 'specificity', 'roc_auc')))
   if result.report['decision'].get('written_to'):
     print(f'decision written to {result.report["decision"]["written_to"]}')
+  cuts = result.report.get('shortcuts')
+  if cuts:
+    for name, w in cuts['within_source'].items():
+      if w['roc_auc']['value'] is not None:
+        print(f'within source {name}: ROC-AUC {w["roc_auc"]["value"]:.3f}')
+    for e in cuts['held_out_source']:
+      if 'skipped' not in e:
+        print(f'normals of unseen source {e["source"]}: specificity '
+              f'{e["specificity"]["value"]:.3f} ({e["n_normal"]} images)')
+    if cuts.get('other_findings'):
+      print(f'other findings called COVID-19: '
+            f'{cuts["other_findings"]["called_covid"]["value"]:.3f} '
+            f'({cuts["other_findings"]["n"]} images, label 0 = not COVID-19)')
   print(f'report: {paths["report_md"]}')
 
 
