@@ -170,3 +170,19 @@ def test_crossval_binary_usage_errors(tmp_path, parsed_flags, capsys):
   with flagsaver.flagsaver(**{**values, 'model': 'compact_resnet'}):
     assert common.call_main(cli.main, ['covidlib-crossval'], 'covidlib-crossval') == 2
   assert 'split folder' in capsys.readouterr().err
+
+
+def test_crossval_binary_hold_out_usage_errors(tmp_path, parsed_flags, capsys):
+  values = dict(out=str(tmp_path / 'cv'), dataset=f'folder:{tmp_path}', data_dir=None,
+                model='compact_resnet', image_size=32, epochs=1, batch_size=8, seed=0,
+                hold_out='patients', recipe=None, threshold_policy='youden')
+  with flagsaver.flagsaver(**values):
+    assert common.call_main(cli.main, ['covidlib-crossval'], 'covidlib-crossval') == 2
+  assert ("--hold_out must be 'none' or 'source', got 'patients'"
+          in capsys.readouterr().err)
+  with flagsaver.flagsaver(**{**values, 'hold_out': 'source', 'threshold_policy': 'best'}):
+    assert common.call_main(cli.main, ['covidlib-crossval'], 'covidlib-crossval') == 2
+  assert "threshold policy 'best'" in capsys.readouterr().err.lower()
+  with flagsaver.flagsaver(**{**values, 'hold_out': 'source', 'recipe': str(tmp_path / 'no')}):
+    assert common.call_main(cli.main, ['covidlib-crossval'], 'covidlib-crossval') == 2
+  assert str(tmp_path / 'no') in capsys.readouterr().err
