@@ -271,7 +271,8 @@ def source_probe(model, pool: Scored, *, n_folds: int = 5, seed: int = 0) -> dic
   features = penultimate_features(model, pool.images)
   out = {'n': len(pool), 'features': int(features.shape[1]), 'note': PROBE_NOTE,
          'source': _probe(features, sources, groups, n_folds, seed),
-         'label': _probe(features, pool.labels, groups, n_folds, seed),
+         'label': _probe(features, np.where(pool.labels == 1, 'COVID-19', 'not COVID-19'),
+                         groups, n_folds, seed),
          'source_within_label': {}}
   for label, name in ((0, 'not COVID-19'), (1, 'COVID-19')):
     mask = pool.labels == label
