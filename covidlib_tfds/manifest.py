@@ -135,3 +135,76 @@ def compare_listing(entries: dict[str, Entry], paths: list[str], *, archive: str
     logging.warning('%d image(s) of the manifest are missing from %s; the build goes on without '
                     'them (recorded in info.metadata["missing_files"])', len(missing), archive)
   return missing
+
+
+# The manifests of the prepared collections (`nih_adult_normals/`, `ieee8023_more/`): one row per
+# prepared file, with where its original came from and both checksums.
+_SOURCE_COLUMNS = ('file', 'label', 'finding', 'source', 'original_repo', 'commit',
+                   'original_path', 'original_sha256', 'sha256', 'patient_id', 'age', 'sex',
+                   'view', 'width', 'height', 'licence')
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceEntry:
+  """One prepared image of a collection and the original it was made from."""
+  file: str  # Relative to the collection's folder, e.g. 'images/00001280_004.png'.
+  label: str  # 'normal', 'covid' or 'other'.
+  finding: str
+  source: str  # 'nih' or 'ieee8023'.
+  original_repo: str  # GitHub owner/name.
+  commit: str
+  original_path: str  # Inside the repository at `commit`.
+  original_sha256: str
+  sha256: str  # Of the prepared file.
+  patient_id: str
+  age: str  # As written; blank when unknown.
+  sex: str
+  view: str
+
+
+def read_source_manifest(path: epath.PathLike) -> dict[str, SourceEntry]:
+  """Reads a prepared collection's manifest TSV into {file: SourceEntry}, in file order.
+
+  Raises:
+    DataError: naming the file, if it is missing, lacks a column, repeats a file or has a row
+      without both checksums.
+  """
+  path = epath.Path(path)
+  try:
+    text = path.read_text()
+  except FileNotFoundError:
+    raise errors.DataError(f'{path}: manifest not found') from None
+  reader = csv.DictReader(io.StringIO(text), delimiter='\t')
+  absent = [c for c in _SOURCE_COLUMNS if c not in (reader.fieldnames or ())]
+  if absent:
+    raise errors.DataError(f'{path}: manifest lacks column(s) {", ".join(absent)}')
+  fields = [f.name for f in dataclasses.fields(SourceEntry)]
+  entries = {}
+  for line, row in enumerate(reader, start=2):
+    if row['file'] in entries:
+      raise errors.DataError(f'{path}:{line}: {row["file"]} is listed twice')
+    if not row['sha256'] or not row['original_sha256']:
+      raise errors.DataError(f'{path}:{line}: {row["file"]} lacks sha256 or original_sha256')
+    entries[row['file']] = SourceEntry(**{f: (row[f] or '').strip() for f in fields})
+  if not entries:
+    raise errors.DataError(f'{path}: manifest lists no images')
+  return entries
+
+
+def verify_sha256(name: str, contents: bytes, expected: str, pinned_by: str) -> None:
+  """Checks `contents` against a pinned sha256.
+
+  Args:
+    name: the file, as messages should name it (relative, never a local path).
+    contents: its bytes.
+    expected: the pinned sha256 (hex).
+    pinned_by: what pins it, for the message (e.g. 'ieee8023_more.tsv').
+
+  Raises:
+    DataError: naming the file, with the expected and actual checksum.
+  """
+  actual = hashlib.sha256(contents).hexdigest()
+  if actual != expected.lower():
+    raise errors.DataError(
+        f'{name}: differs from {pinned_by} (sha256 {actual}, expected {expected}, '
+        f'{len(contents)} bytes): not the pinned version or the file is corrupt')

@@ -1,30 +1,41 @@
-"""covid_xray: COVID-19 vs normal chest X-rays, as in "Detecting COVID-19 using Deep Learning".
+"""covid_xray: COVID-19 vs normal chest X-rays, from the article's data to adult-only sets.
 
-Build offline from our copy of the article's archive (one image absent from it, so allow that):
+Build offline from our copies. One manual dir serves every config: the folder holding
+`covid_xray_seed/` (the article's archive), `nih_adult_normals/` and `ieee8023_more/`. Our copy of
+the archive lacks one image, so allow that:
 
-    python -m covidlib_tfds.build --config=seed --manual_dir=../shared/data/covid_xray_seed \
+    python -m covidlib_tfds.build --config=adult --manual_dir=../shared/data \
         --data_dir=$HOME/tensorflow_datasets --allow_missing
-    python -m covidlib_tfds.build --config=patient_split \
-        --manual_dir=../shared/data/covid_xray_seed --data_dir=$HOME/tensorflow_datasets \
-        --allow_missing
+    python -m covidlib_tfds.build --config=seed --manual_dir=../shared/data \
+        --data_dir=$HOME/tensorflow_datasets --allow_missing
 
+(likewise `adult_pediatric`, `other_findings`, `patient_split`; for `seed` and `patient_split`
+the folder holding the zip itself, `../shared/data/covid_xray_seed`, works too).
 Where apache-beam is installed (the `tfds` command of tensorflow-datasets 4.9.10 imports it at
-start-up), the same is `tfds build covid_xray/seed/allow_missing=True --imports=covidlib_tfds
---manual_dir=... --data_dir=...`. Without a manual dir holding the archive, `seed` and
-`patient_split` download it from GitHub. Then:
+start-up), the same is `tfds build covid_xray/adult/allow_missing=True --imports=covidlib_tfds
+--manual_dir=... --data_dir=...`. Whatever the manual dir lacks is downloaded from GitHub at a
+pinned commit: the article's archive, and for `nih_adult_normals/` and `ieee8023_more/` the
+archives of the repositories they were prepared from, whose originals are verified by sha256 and
+prepared exactly as our copies were (`covidlib_tfds.originals`). Then:
 
     import covidlib_tfds, tensorflow_datasets as tfds
-    ds = tfds.load('covid_xray/seed', split='train', data_dir=...)
+    ds = tfds.load('covid_xray/adult', split='train', data_dir=...)
 
 Builder arguments (also as `covid_xray/<config>/name=value` in a dataset name):
-  allow_missing: build even when images the manifest lists are absent from the archive. They
-    are logged by name and listed in `info.metadata['missing_files']`. Never silent.
-  manifest_path: verify against another manifest than the shipped `manifest.tsv` (the tests
-    point it at `dummy_data/manifest.tsv`, which pins the dummy images).
+  allow_missing: build even when images a manifest lists are absent. They are logged by name and
+    listed in `info.metadata['missing_files']`. Never silent.
+  manifest_path: verify the article's archive against another manifest than the shipped
+    `manifest.tsv` (the tests point it at `dummy_data/manifest.tsv`).
+  nih_manifest_path, ieee8023_more_manifest_path: likewise for `nih_adult_normals/` and
+    `ieee8023_more/` (shipped: `nih_adult_normals.tsv`, `ieee8023_more.tsv`).
+Images a config leaves out on purpose (COVID-19 patients under 18; other findings that share a
+patient or a near-duplicate with a COVID-19 image) are logged and listed with the reason in
+`info.metadata['excluded']`.
 """
 
 import collections
 import dataclasses
+from typing import Callable
 import zipfile
 
 from absl import logging
@@ -35,6 +46,7 @@ import tensorflow_datasets as tfds
 from covidlib import errors
 from covidlib import preprocess
 from covidlib_tfds import manifest as manifest_lib
+from covidlib_tfds import originals
 from covidlib_tfds import perceptual_hash
 from covidlib_tfds import sources
 from covidlib_tfds import splitting
@@ -48,6 +60,7 @@ _ARCHIVE_NAME = f'Covid-19-Detection-{_COMMIT}.zip'
 _ARCHIVE_URL = f'https://github.com/dakshtrehan/Covid-19-Detection/archive/{_COMMIT}.zip'
 _ARCHIVE_ROOT = f'Covid-19-Detection-{_COMMIT}/'
 _ARCHIVE_IMAGES = 'CovidDataset/'  # The manifest's paths start here.
+_SEED_FOLDER = 'covid_xray_seed'  # The archive's folder in a manual dir holding all sources.
 _SEED_SPLITS = {'Train': 'train', 'Val': 'validation'}
 _FOLDER_LABELS = {'Covid': 'covid', 'Normal': 'normal'}
 
@@ -55,6 +68,7 @@ _FOLDER_LABELS = {'Covid': 'covid', 'Normal': 'normal'}
 _RAW_METADATA = 'covid-chestxray-dataset/metadata.csv'
 _RAW_IMAGES = 'covid-chestxray-dataset/images'
 _KAGGLE_NORMAL_DIRS = ('chest_xray/train/NORMAL', 'chest_xray/val/NORMAL', 'chest_xray/test/NORMAL')
+_NO_FINDING = 'No Finding'  # The finding of a normal film, as ieee8023 and NIH write it.
 
 # The largest source image is 4280 x 3520 and models use at most 512 x 512: storing images with
 # their longest side capped at 1024 keeps the prepared dataset small and decoding fast, and still
@@ -63,10 +77,44 @@ MAX_SIDE = 1024
 
 _SPLIT_SEED = 2020  # Fixes the patient-level splits (and the curated config's normal sample).
 _SPLIT_FRACTIONS = {'train': 0.6, 'validation': 0.2, 'test': 0.2}
+_ADULT_AGE = 18  # The adult configs keep COVID-19 patients this old or older, or of unknown age.
+
+
+@dataclasses.dataclass(frozen=True)
+class _Collection:
+  """A prepared collection: its folder in the manual dir, and the repository it came from."""
+  folder: str
+  manifest: epath.Path  # The shipped copy of the folder's manifest.tsv.
+  repo: str  # GitHub owner/name of the originals.
+  commit: str
+  prepare: Callable[[bytes, str], np.ndarray]  # Original file -> the prepared copy's pixels.
+
+  @property
+  def url(self) -> str:
+    return f'https://github.com/{self.repo}/archive/{self.commit}.zip'
+
+  @property
+  def root(self) -> str:
+    """The root folder of GitHub's archive of the commit."""
+    return f'{self.repo.split("/")[1]}-{self.commit}/'
+
+
+_NIH = _Collection(
+    folder='nih_adult_normals', manifest=_HERE / 'nih_adult_normals.tsv',
+    repo='muhammedtalo/COVID-19', commit='ee3e2cffc0824711bed675275506b26f19be7198',
+    prepare=originals.prepare_nih)
+_IEEE8023_MORE = _Collection(
+    folder='ieee8023_more', manifest=_HERE / 'ieee8023_more.tsv',
+    repo='raiprabh/covid-chestxray-dataset', commit='0e8f80adc2e951778cda8da0e8f0ee7beb00ca00',
+    prepare=originals.prepare_ieee8023)
 
 _MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
 seed, patient_split: put {_ARCHIVE_NAME} (the GitHub archive of dakshtrehan/Covid-19-Detection at
-commit {_COMMIT}, {_ARCHIVE_URL}) in the manual dir, or give no manual dir to download it.
+commit {_COMMIT}, {_ARCHIVE_URL}) in the manual dir or in its {_SEED_FOLDER}/ folder, or give no
+manual dir to download it.
+adult, adult_pediatric, other_findings: the manual dir holds {_SEED_FOLDER}/{_ARCHIVE_NAME},
+{_NIH.folder}/ and {_IEEE8023_MORE.folder}/ (images/ and manifest.tsv each); what it lacks is
+downloaded: {_ARCHIVE_URL}, {_NIH.url}, {_IEEE8023_MORE.url}.
 curated: the manual dir holds the raw collections:
   covid-chestxray-dataset/metadata.csv and covid-chestxray-dataset/images/ (github
     ieee8023/covid-chestxray-dataset)
@@ -84,19 +132,24 @@ class _Image:
   source: str = ''
   view: str = ''
   age: int = -1
+  finding: str = ''
 
 
 @dataclasses.dataclass
 class CovidXrayConfig(tfds.core.BuilderConfig):
   """A config: where the images come from and how they are split.
 
-  source: 'article_archive' (the article's zip, verified against the manifest) or
-    'raw_collections' (the ieee8023 and Kaggle folders, selected by the article's rule).
-  split: 'as_published' (the archive's Train/Val folders) or 'by_patient' (60/20/20, no
-    patient or near-duplicate cluster on two sides).
+  source: 'article_archive' (the article's zip, verified against the manifest),
+    'raw_collections' (the ieee8023 and Kaggle folders, selected by the article's rule),
+    'adult_collections' (COVID-19 of the archive and ieee8023_more, NIH adult normals), or
+    'other_findings' (the non-COVID findings of ieee8023_more).
+  split: 'as_published' (the archive's Train/Val folders), 'by_patient' (60/20/20, no
+    patient or near-duplicate cluster on two sides) or 'test_only' (one split, `test`).
+  pediatric_normals: with 'adult_collections', add the archive's Kaggle pediatric normals.
   """
   source: str = 'article_archive'
   split: str = 'as_published'
+  pediatric_normals: bool = False
 
 
 def decode_for_dataset(contents: bytes, name: str) -> np.ndarray:
@@ -110,7 +163,7 @@ def decode_for_dataset(contents: bytes, name: str) -> np.ndarray:
 
 
 def features() -> tfds.features.FeaturesDict:
-  """The covid_xray example layout (every config); label 1 = COVID-19."""
+  """The covid_xray example layout (every config); label 1 = COVID-19, 0 = not COVID-19."""
   return tfds.features.FeaturesDict({
       'image': tfds.features.Image(shape=(None, None, 1), encoding_format='png'),
       'label': tfds.features.ClassLabel(names=['normal', 'covid']),
@@ -119,14 +172,20 @@ def features() -> tfds.features.FeaturesDict:
       'source': tfds.features.Text(),
       'view': tfds.features.Text(),
       'age': tfds.features.Scalar(dtype=np.int32),
+      'finding': tfds.features.Text(),
   })
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
   """COVID-19 vs normal chest X-rays: the article's split, a patient split, and a re-curation."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '1.1.0': 'Configs adult, adult_pediatric (NIH adult normals, COVID-19 aged 18 or over) and '
+               'other_findings (non-COVID findings, evaluation only); a `finding` feature; one '
+               'manual dir for every config; `info.metadata["excluded"]`.',
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIGS = [
       CovidXrayConfig(
@@ -141,17 +200,46 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           name='curated', source='raw_collections', split='by_patient',
           description='The article\'s data preparation re-run on the raw collections: COVID-19 '
                       'PA X-rays and as many sampled Kaggle normals, split by patient.'),
+      CovidXrayConfig(
+          name='adult', source='adult_collections', split='by_patient',
+          description='Adults only. COVID-19: the article\'s COVID-19 images and the COVID-19 '
+                      'images of ieee8023_more (same collection), patients aged 18 or over or '
+                      'of unknown age. Normal: NIH ChestX-ray14 "No Finding" adults '
+                      '(nih_adult_normals). Split 60/20/20 by patient and near-duplicate '
+                      'cluster. Each class still comes from its own sites.'),
+      CovidXrayConfig(
+          name='adult_pediatric', source='adult_collections', split='by_patient',
+          pediatric_normals=True,
+          description='adult plus the article\'s Kaggle pediatric normals as a second normal '
+                      'source, split together 60/20/20 by patient and near-duplicate cluster.'),
+      CovidXrayConfig(
+          name='other_findings', source='other_findings', split='test_only',
+          description='Evaluation only, one split `test`: the non-COVID findings of '
+                      'ieee8023_more (SARS, Pneumocystis, Streptococcus, ARDS, ...), all ages. '
+                      'Label 0 ("normal") here means NOT COVID-19, not a healthy film: it asks '
+                      'whether a model sees COVID-19 or any opacity. Images sharing a patient or '
+                      'near-duplicate with a COVID-19 image of adult are left out (listed in '
+                      'info.metadata["excluded"]).'),
   ]
   DEFAULT_BUILDER_CONFIG_NAME = 'seed'
 
   def __init__(self, *, allow_missing: bool = False,
-               manifest_path: epath.PathLike | None = None, **kwargs):
+               manifest_path: epath.PathLike | None = None,
+               nih_manifest_path: epath.PathLike | None = None,
+               ieee8023_more_manifest_path: epath.PathLike | None = None, **kwargs):
     if not isinstance(allow_missing, bool):
       raise errors.UsageError(f'allow_missing must be True or False, got {allow_missing!r}')
     self._allow_missing = allow_missing
     self._manifest_path = epath.Path(manifest_path) if manifest_path else _MANIFEST
+    self._collection_manifests = {
+        _NIH.folder: epath.Path(nih_manifest_path) if nih_manifest_path else _NIH.manifest,
+        _IEEE8023_MORE.folder: (epath.Path(ieee8023_more_manifest_path)
+                                if ieee8023_more_manifest_path else _IEEE8023_MORE.manifest),
+    }
     super().__init__(**kwargs)
-    self._original_state.update(allow_missing=allow_missing, manifest_path=manifest_path)
+    self._original_state.update(allow_missing=allow_missing, manifest_path=manifest_path,
+                                nih_manifest_path=nih_manifest_path,
+                                ieee8023_more_manifest_path=ieee8023_more_manifest_path)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -162,37 +250,53 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    if self.builder_config.source == 'article_archive':
-      read, images, missing = self._archive_images(dl_manager)
+    config = self.builder_config
+    excluded = []
+    if config.source == 'article_archive':
+      load, images, missing = self._archive_images(dl_manager)
+    elif config.source == 'raw_collections':
+      load, images, missing = self._raw_images(dl_manager)
+    elif config.source == 'adult_collections':
+      load, images, missing, excluded = self._adult_images(dl_manager, config.pediatric_normals)
     else:
-      read, images, missing = self._raw_images(dl_manager)
+      load, images, missing, excluded = self._other_findings(dl_manager)
     self.info.metadata['missing_files'] = missing
-    if self.builder_config.split == 'by_patient':
-      images = _split_by_patient(images, read)
-    by_patient = self.builder_config.split == 'by_patient'
-    names = list(_SPLIT_FRACTIONS) if by_patient else list(_SEED_SPLITS.values())
+    self.info.metadata['excluded'] = excluded
+    for line in excluded:
+      logging.warning('Excluded from covid_xray/%s: %s', config.name, line)
+    if config.split == 'by_patient':
+      images = _split_by_patient(images, load)
+      names = list(_SPLIT_FRACTIONS)
+    elif config.split == 'test_only':
+      images = [dataclasses.replace(i, split='test') for i in images]
+      names = ['test']
+    else:
+      names = list(_SEED_SPLITS.values())
     for name in names:
       labels = collections.Counter(i.label for i in images if i.split == name)
-      logging.info('covid_xray/%s %s: %d images (%s)', self.builder_config.name, name,
+      logging.info('covid_xray/%s %s: %d images (%s)', config.name, name,
                    sum(labels.values()), ', '.join(f'{k} {v}' for k, v in sorted(labels.items())))
-    return {name: self._generate_examples(read, [i for i in images if i.split == name])
+    return {name: self._generate_examples(load, [i for i in images if i.split == name])
             for name in names}
 
-  def _generate_examples(self, read, images):
+  def _generate_examples(self, load, images):
     for image in images:
       yield image.key, {
-          'image': decode_for_dataset(read(image.key), image.key),
+          'image': load(image.key),
           'label': image.label,
           'image/filename': image.key,
           'patient_id': image.patient_id,
           'source': image.source,
           'view': image.view,
           'age': image.age,
+          'finding': image.finding,
       }
 
   def _archive_images(self, dl_manager):
     """The article's images, verified against the manifest, with what metadata knows of them."""
-    archive = _manual_file(dl_manager, _ARCHIVE_NAME) or _download_archive(dl_manager)
+    archive = (_manual_file(dl_manager, _ARCHIVE_NAME)
+               or _manual_file(dl_manager, f'{_SEED_FOLDER}/{_ARCHIVE_NAME}')
+               or _download_archive(dl_manager))
     entries = manifest_lib.read_manifest(self._manifest_path)
     read = _ZipReader(archive, _ARCHIVE_ROOT)
     listed = [p for p in read.paths() if p.startswith(_ARCHIVE_IMAGES)]
@@ -212,11 +316,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         images.append(_Image(
             key=path, label=label, split=split, source=sources.IEEE8023,
             patient_id=row['patientid'] if row else '', view=row['view'] if row else '',
-            age=sources.parse_age(row['age']) if row else -1))
+            age=sources.parse_age(row['age']) if row else -1,
+            finding=(row['finding'] if row and row['finding'] else 'COVID-19')))
       else:
         images.append(_Image(key=path, label=label, split=split, source=sources.KAGGLE_PEDIATRIC,
-                             patient_id=sources.kaggle_patient_id(name)))
-    return read, images, missing
+                             patient_id=sources.kaggle_patient_id(name), finding=_NO_FINDING))
+    return _decoder(read), images, missing
 
   def _raw_images(self, dl_manager):
     """The article's selection re-run on the raw collections in the manual dir."""
@@ -238,24 +343,140 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       logging.warning('Missing image, allowed by allow_missing=True: %s', path)
     images = [_Image(key=f'{_RAW_IMAGES}/{row["filename"]}', label='covid',
                      source=sources.IEEE8023, patient_id=row['patientid'], view=row['view'],
-                     age=sources.parse_age(row['age']))
+                     age=sources.parse_age(row['age']), finding=row['finding'])
               for row in rows if f'{_RAW_IMAGES}/{row["filename"]}' in present]
     normals = _kaggle_normals(root)
     for key in sources.sample(normals, len(images), _SPLIT_SEED,
                               f'Kaggle NORMAL images in {", ".join(_KAGGLE_NORMAL_DIRS)}'):
       images.append(_Image(key=key, label='normal', source=sources.KAGGLE_PEDIATRIC,
-                           patient_id=sources.kaggle_patient_id(key)))
-    return _FolderReader(root), images, missing
+                           patient_id=sources.kaggle_patient_id(key), finding=_NO_FINDING))
+    return _decoder(_FolderReader(root)), images, missing
+
+  def _adult_covid(self, dl_manager):
+    """COVID-19 images of the archive and ieee8023_more, 18 or over or of unknown age.
+
+    Returns:
+      (load, COVID-19 images kept, the archive's other images, ieee8023_more's other images,
+      missing files, excluded 'name: reason' lines).
+    """
+    archive_load, archive, missing = self._archive_images(dl_manager)
+    more_load, more, more_missing = self._collection_images(dl_manager, _IEEE8023_MORE)
+    load = _Loader({i.key: archive_load for i in archive} | {i.key: more_load for i in more})
+    covid, excluded = [], []
+    for image in [i for i in archive + more if i.label == 'covid']:
+      if 0 <= image.age < _ADULT_AGE:
+        excluded.append(f'{image.key}: COVID-19 patient {image.patient_id} aged {image.age}, '
+                        f'under {_ADULT_AGE}')
+      else:
+        covid.append(image)
+    rest = [i for i in archive if i.label != 'covid']
+    others = [i for i in more if i.label != 'covid']
+    return load, covid, rest, others, missing + more_missing, excluded
+
+  def _adult_images(self, dl_manager, pediatric_normals: bool):
+    """The adult configs: adult COVID-19 vs NIH adult normals (and the Kaggle ones)."""
+    load, covid, archive_normals, _, missing, excluded = self._adult_covid(dl_manager)
+    nih_load, nih, nih_missing = self._collection_images(dl_manager, _NIH)
+    load.add({i.key: nih_load for i in nih})
+    images = covid + nih + (archive_normals if pediatric_normals else [])
+    return load, images, missing + nih_missing, excluded
+
+  def _other_findings(self, dl_manager):
+    """ieee8023_more's other findings, labelled 0 (not COVID-19), none linked to adult's COVID-19.
+
+    An image is left out, and listed, if its patient also has COVID-19 images in the adult
+    configs or it is a near-duplicate of one of those images.
+    """
+    load, covid, _, others, missing, _ = self._adult_covid(dl_manager)
+    covid_files = collections.defaultdict(list)
+    for image in covid:
+      if image.patient_id:
+        covid_files[_patient_key(image)].append(image.key)
+    hashes = [perceptual_hash.image_hash(load(i.key)) for i in covid + others]
+    reasons = collections.defaultdict(list)
+    for other in others:
+      if _patient_key(other) in covid_files:
+        files = covid_files[_patient_key(other)]
+        reasons[other.key].append(
+            f'patient {other.patient_id} also has COVID-19 image(s) in covid_xray/adult: '
+            f'{manifest_lib.name_list(sorted(files))}')
+    for i, j, distance in perceptual_hash.near_duplicate_pairs(hashes):
+      if i < len(covid) <= j:
+        reasons[others[j - len(covid)].key].append(
+            f'near-duplicate ({distance} of {perceptual_hash.HASH_BITS} hash bits) of the '
+            f'COVID-19 image {covid[i].key}')
+    excluded = [f'{key}: {"; ".join(why)}' for key, why in sorted(reasons.items())]
+    images = [dataclasses.replace(i, label='normal') for i in others if i.key not in reasons]
+    return load, images, missing, excluded
+
+  def _collection_images(self, dl_manager, collection: _Collection):
+    """A prepared collection's images, verified, from the manual dir or else downloaded.
+
+    Offline, `manual_dir/<folder>/` must hold exactly the files its manifest lists, each with the
+    manifest's sha256. Otherwise the repository's archive at the pinned commit is downloaded,
+    each original checked against `original_sha256` and prepared as the folder's copy was.
+    Either way an image's key is `<folder>/<file>`, so both routes give the same examples.
+    """
+    manifest_path = self._collection_manifests[collection.folder]
+    entries = manifest_lib.read_source_manifest(manifest_path)
+    for file, entry in entries.items():
+      if (entry.original_repo, entry.commit) != (collection.repo, collection.commit):
+        raise errors.DataError(
+            f'{manifest_path.name}: {file} comes from {entry.original_repo}@{entry.commit}, '
+            f'not {collection.repo}@{collection.commit}')
+    keyed = {f'{collection.folder}/{file}': entry for file, entry in entries.items()}
+    folder = _manual_file(dl_manager, collection.folder)
+    if folder is not None:
+      root = folder.parent
+      listed = sorted(f'{collection.folder}/{d}/{p.name}'
+                      for d in sorted({f.rsplit('/', 1)[0] for f in entries})
+                      if (folder / d).is_dir() for p in (folder / d).iterdir())
+      missing = manifest_lib.compare_listing(keyed, listed, archive=f'{collection.folder}/',
+                                             allow_missing=self._allow_missing)
+      for key in listed:
+        manifest_lib.verify_sha256(key, (root / key).read_bytes(), keyed[key].sha256,
+                                   manifest_path.name)
+      load = _decoder(_FolderReader(root))
+    else:
+      read = _ZipReader(_download_archive(dl_manager, collection.url, collection.folder),
+                        collection.root)
+      members = set(read.paths())
+      listed = sorted(k for k, e in keyed.items() if e.original_path in members)
+      missing = manifest_lib.compare_listing(keyed, listed, archive=collection.url,
+                                             allow_missing=self._allow_missing)
+      for key in listed:
+        entry = keyed[key]
+        manifest_lib.verify_sha256(f'{collection.repo}:{entry.original_path}',
+                                   read(entry.original_path), entry.original_sha256,
+                                   f'{manifest_path.name} (original_sha256)')
+
+      def load(key):
+        path = keyed[key].original_path
+        return collection.prepare(read(path), f'{collection.repo}:{path}')
+
+    images = [_Image(key=key, label=keyed[key].label, source=keyed[key].source,
+                     patient_id=keyed[key].patient_id, view=keyed[key].view,
+                     age=sources.parse_age(keyed[key].age), finding=keyed[key].finding)
+              for key in listed]
+    return load, images, missing
 
 
-def _download_archive(dl_manager) -> epath.Path:
-  """Downloads the article's archive; a failure is one DataError saying how to work offline."""
+def _download_archive(dl_manager, url: str = _ARCHIVE_URL, folder: str = '') -> epath.Path:
+  """Downloads an archive; a failure is one DataError saying how to work offline.
+
+  Args:
+    dl_manager: the TFDS download manager.
+    url: the article's archive, or a prepared collection's repository archive.
+    folder: for a collection, its folder name (what a manual dir would hold instead).
+  """
   try:
-    return epath.Path(dl_manager.download(_ARCHIVE_URL))
+    return epath.Path(dl_manager.download(url))
   except Exception as e:  # requests' ConnectionError, HTTP errors, TFDS checksum errors...
+    offline = (f'pass as --manual_dir a folder holding {folder}/ (images/ and manifest.tsv)'
+               if folder else f'put {_ARCHIVE_NAME} in a folder and pass it as --manual_dir')
     raise errors.DataError(
-        f'cannot download {_ARCHIVE_URL} ({type(e).__name__}: {str(e)[:160]}); offline, put '
-        f'{_ARCHIVE_NAME} in a folder and pass it as --manual_dir') from None
+        f'cannot download {url} ({type(e).__name__}: {str(e)[:160]}); offline, {offline}'
+    ) from None
 
 
 def _manual_file(dl_manager, name):
@@ -281,10 +502,15 @@ def _kaggle_normals(root):
   return normals
 
 
-def _split_by_patient(images, read):
+def _patient_key(image: _Image) -> str:
+  """'source:patient_id', '' when the patient is unknown; one key is one patient."""
+  return f'{image.source}:{image.patient_id}' if image.patient_id else ''
+
+
+def _split_by_patient(images, load):
   """Re-splits images by patient and near-duplicate cluster (see covidlib_tfds.splitting)."""
-  keys = [f'{i.source}:{i.patient_id}' if i.patient_id else '' for i in images]
-  hashes = [perceptual_hash.image_hash(decode_for_dataset(read(i.key), i.key)) for i in images]
+  keys = [_patient_key(i) for i in images]
+  hashes = [perceptual_hash.image_hash(load(i.key)) for i in images]
   groups = splitting.group_images(keys, hashes)
   labels = [int(i.label == 'covid') for i in images]
   names = splitting.split_groups(groups, labels, _SPLIT_FRACTIONS, seed=_SPLIT_SEED)
@@ -295,6 +521,24 @@ def _split_by_patient(images, read):
         f'to fill the {", ".join(_SPLIT_FRACTIONS)} splits: {", ".join(empty)} would be empty')
   logging.info('%d images in %d patient / near-duplicate groups', len(images), len(set(groups)))
   return [dataclasses.replace(i, split=name) for i, name in zip(images, names)]
+
+
+def _decoder(read: Callable[[str], bytes]) -> Callable[[str], np.ndarray]:
+  """key -> the stored image: `decode_for_dataset` of the file `read` gives."""
+  return lambda key: decode_for_dataset(read(key), key)
+
+
+class _Loader:
+  """key -> the stored image, each key with the loader of the source it comes from."""
+
+  def __init__(self, by_key: dict[str, Callable[[str], np.ndarray]]):
+    self._by_key = dict(by_key)
+
+  def add(self, by_key: dict[str, Callable[[str], np.ndarray]]) -> None:
+    self._by_key.update(by_key)
+
+  def __call__(self, key: str) -> np.ndarray:
+    return self._by_key[key](key)
 
 
 class _ZipReader:

@@ -17,6 +17,19 @@ images are far apart in perceptual hash, except the planted copies. What it writ
 - `covid-chestxray-dataset/{metadata.csv,images/}` and `chest_xray/{train,val,test}/{NORMAL,
   PNEUMONIA}/` for the `curated` config: 8 metadata rows of which 4 pass the selection (COVID-19,
   PA, X-ray), 7 Kaggle normals to sample 4 from, and pneumonia images that must be ignored.
+- `shared/`, a manual dir for every config in the layout of `../shared/data`:
+  `covid_xray_seed/` (a copy of the archive above), `nih_adult_normals/` (6 images of 5
+  patients) and `ieee8023_more/` (5 COVID-19 and 5 other findings), each `images/` +
+  `manifest.tsv`. Planted: a COVID-19 patient aged 15 (left out of adult), one of unknown age
+  (kept), ieee8023 patient 186 with COVID-19 in the archive and in ieee8023_more (one group) and
+  an ARDS film (left out of other_findings), an other-finding film that is a near-duplicate of
+  the archive's F4341CE7-... (left out of other_findings), a 2048 px wide original (halved by
+  the 1024 px cap), originals with alpha (RGBA, gray + alpha) and a gray JPEG.
+- `github/`, the two repositories' archives holding the originals (`COVID-19-<commit>.zip`,
+  `covid-chestxray-dataset-<commit>.zip`, plus files that must be ignored), for the download
+  route. The prepared copies in `shared/` are made from these originals by `prepare_*` below, a
+  numpy/PIL implementation written apart from `covidlib_tfds.originals` (which uses TF), so the
+  test that both routes agree is not circular.
 """
 
 import hashlib
@@ -33,6 +46,11 @@ from covidlib_tfds import perceptual_hash
 DUMMY_DIR = epath.Path(__file__).parent / 'dummy_data'
 COMMIT = 'a70eb2394d4b75ef6765aa79394e765ee6f9faf2'
 ROOT = f'Covid-19-Detection-{COMMIT}/'
+NIH_REPO, NIH_COMMIT = 'muhammedtalo/COVID-19', 'ee3e2cffc0824711bed675275506b26f19be7198'
+IEEE_REPO, IEEE_COMMIT = 'raiprabh/covid-chestxray-dataset', '0e8f80adc2e951778cda8da0e8f0ee7beb00ca00'
+NIH_ZIP = f'COVID-19-{NIH_COMMIT}.zip'
+IEEE_ZIP = f'covid-chestxray-dataset-{IEEE_COMMIT}.zip'
+_NIH_FOLDER = 'X-Ray Image DataSet/No_findings/'
 _DATE = (2021, 4, 17, 0, 0, 0)
 
 # (path in the archive, format, mode, seed). A seed of None marks a planted copy.
@@ -87,6 +105,37 @@ RAW_NORMALS = [
 ]
 
 
+# nih_adult_normals: (file, patient_id, age, sex, view, mode, seed); originals 48 x 40 -> 24 x 20.
+NIH_ROWS = [
+    ('00000001_000.png', '1', '45', 'M', 'PA', 'L', 51),
+    ('00000001_001.png', '1', '46', 'M', 'AP', 'L', 52),
+    ('00000002_000.png', '2', '30', 'F', 'AP', 'RGBA', 53),
+    ('00000003_000.png', '3', '62', 'F', 'PA', 'L', 54),
+    ('00000004_000.png', '4', '18', 'M', 'AP', 'L', 55),
+    ('00000005_000.png', '5', '77', 'F', 'PA', 'L', 56),
+]
+# ieee8023_more: (stem, original suffix, label, finding, patient_id, age, view, format, mode,
+# seed, (height, width)). A seed of None: a near-duplicate of the archive's F4341CE7-....
+IEEE_ROWS = [
+    ('m-covid-1', '.jpeg', 'covid', 'COVID-19', '201', '54', 'PA', 'JPEG', 'L', 61, (40, 32)),
+    ('m-covid-2', '.jpg', 'covid', 'COVID-19, ARDS', '201', '54', 'AP', 'JPEG', 'RGB', 62,
+     (36, 30)),
+    ('m-covid-186', '.png', 'covid', 'COVID-19', '186', '73', 'AP', 'PNG', 'RGBA', 63, (40, 32)),
+    ('m-covid-child', '.jpg', 'covid', 'COVID-19', '202', '15', 'AP Supine', 'JPEG', 'L', 64,
+     (40, 32)),
+    ('m-covid-wide', '.png', 'covid', 'COVID-19', '203', '', 'PA', 'PNG', 'L', 65, (24, 2048)),
+    ('m-sars', '.jpeg', 'other', 'SARS', '301', '40', 'PA', 'JPEG', 'L', 66, (40, 32)),
+    ('m-pcp', '.png', 'other', 'Pneumocystis', '302', '', 'AP Supine', 'PNG', 'LA', 67, (40, 32)),
+    ('m-ards-186', '.jpg', 'other', 'ARDS', '186', '73', 'PA', 'JPEG', 'L', 68, (40, 32)),
+    ('m-strep-copy', '.jpg', 'other', 'Streptococcus', '303', '35', 'PA', 'JPEG', 'RGB', None,
+     (38, 30)),
+    ('m-none', '.jpeg', 'other', 'No Finding', '304', '8', 'PA', 'JPEG', 'L', 69, (40, 32)),
+]
+NEAR_COPY_OF = 'CovidDataset/Train/Covid/F4341CE7-73C9-45C6-99C8-8567A5484B63.jpeg'
+_SOURCE_HEADER = ('file\tlabel\tfinding\tsource\toriginal_repo\tcommit\toriginal_path\t'
+                  'original_sha256\tsha256\tpatient_id\tage\tsex\tview\twidth\theight\tlicence')
+
+
 def smooth_image(seed: int, height: int = 40, width: int = 32) -> np.ndarray:
   """uint8 (height, width): a 5 x 4 random field, bicubically enlarged, plus faint noise."""
   rs = np.random.RandomState(seed)
@@ -101,6 +150,14 @@ def encode(gray: np.ndarray, fmt: str, mode: str) -> bytes:
     image = Image.merge('RGB', [image, image, image])  # Gray content in RGB files, as in X-rays.
   elif mode == 'RGBA':
     image = Image.merge('RGBA', [image, image, image, Image.new('L', image.size, 255)])
+  elif mode in ('RGBA-alpha', 'LA-alpha'):  # Alpha varying: a transparent ramp at the top.
+    alpha = np.full(gray.shape, 255, np.uint8)
+    alpha[:8] = np.linspace(0, 250, 8, dtype=np.uint8)[:, None]
+    alpha = Image.fromarray(alpha)
+    # In colour, so that the gray conversion's weights and rounding are put to the test.
+    tinted = [image, Image.fromarray(np.roll(gray, 3, axis=1)), Image.fromarray(255 - gray)]
+    image = (Image.merge('RGBA', tinted + [alpha]) if mode == 'RGBA-alpha'
+             else Image.merge('LA', [image, alpha]))
   buffer = io.BytesIO()
   image.save(buffer, fmt, **({'quality': 90} if fmt == 'JPEG' else {}))
   return buffer.getvalue()
@@ -157,27 +214,129 @@ def raw_collection_files() -> dict[str, bytes]:
   return files
 
 
+# The reference preparation of the originals: Pillow and numpy only, written apart from
+# covidlib_tfds.originals (TF decoders) so that the two-routes test compares two implementations:
+# Pillow decodes (JPEG: libjpeg's accurate IDCT); alpha is composited on black channel by
+# channel, round(c * alpha / 255); Pillow's convert('L') makes gray; NIH is halved by 2 x 2 means
+# rounded half up; ieee8023's longest side is capped at 1024 (the dummy's only case: exactly
+# halved, the area mean rounded half to even, as tf.round does).
+
+
+def _reference_gray(contents: bytes) -> np.ndarray:
+  image = Image.open(io.BytesIO(contents))
+  image.load()
+  if image.mode in ('LA', 'RGBA'):
+    array = np.asarray(image).astype(np.int64)
+    colour = (array[..., :-1] * array[..., -1:] + 127) // 255  # Exact rounding: 255 is odd.
+    image = Image.fromarray(colour.astype(np.uint8).squeeze(-1) if image.mode == 'LA'
+                            else colour.astype(np.uint8))
+  return np.asarray(image.convert('L'))
+
+
+def prepare_nih(contents: bytes) -> np.ndarray:
+  gray = _reference_gray(contents).astype(np.int64)
+  h, w = gray.shape
+  return ((gray.reshape(h // 2, 2, w // 2, 2).sum(axis=(1, 3)) + 2) // 4).astype(np.uint8)
+
+
+def prepare_ieee8023(contents: bytes) -> np.ndarray:
+  gray = _reference_gray(contents)
+  h, w = gray.shape
+  if max(h, w) <= 1024:
+    return gray
+  assert max(h, w) == 2048 and h % 2 == 0 and w % 2 == 0, 'the reference only halves'
+  means = gray.astype(np.float64).reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+  return np.rint(means).astype(np.uint8)
+
+
+def _png(gray: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(gray, 'L').save(buffer, 'PNG')
+  return buffer.getvalue()
+
+
+def collection_files(seed_files: dict[str, bytes]) -> tuple[dict[str, bytes], dict[str, bytes],
+                                                            dict[str, bytes]]:
+  """({shared/ path: bytes}, {NIH original path: bytes}, {ieee8023 original path: bytes})."""
+  shared, nih, ieee = {}, {}, {}
+  lines = [_SOURCE_HEADER]
+  licence = 'NIH Clinical Center ChestX-ray14: no restrictions'
+  for name, patient, age, sex, view, mode, seed in NIH_ROWS:
+    original = encode(smooth_image(seed, 48, 40), 'PNG',
+                      'RGBA-alpha' if mode == 'RGBA' else mode)
+    nih[_NIH_FOLDER + name] = original
+    prepared = _png(prepare_nih(original))
+    shared[f'nih_adult_normals/images/{name}'] = prepared
+    lines.append('\t'.join([
+        f'images/{name}', 'normal', 'No Finding', 'nih', NIH_REPO, NIH_COMMIT, _NIH_FOLDER + name,
+        hashlib.sha256(original).hexdigest(), hashlib.sha256(prepared).hexdigest(), patient, age,
+        sex, view, '20', '24', licence]))
+  shared['nih_adult_normals/manifest.tsv'] = ('\n'.join(lines) + '\n').encode()
+  lines = [_SOURCE_HEADER]
+  near = Image.open(io.BytesIO(seed_files[NEAR_COPY_OF])).convert('L')
+  for (stem, suffix, label, finding, patient, age, view, fmt, mode, seed,
+       (height, width)) in IEEE_ROWS:
+    if seed is None:
+      original = copy_of(np.asarray(near))
+    else:
+      alpha_mode = {'RGBA': 'RGBA-alpha', 'LA': 'LA-alpha'}.get(mode, mode)
+      original = encode(smooth_image(seed, height, width), fmt, alpha_mode)
+    path = f'images/{stem}{suffix}'
+    ieee[path] = original
+    prepared_gray = prepare_ieee8023(original)
+    prepared = _png(prepared_gray)
+    shared[f'ieee8023_more/images/{stem}.png'] = prepared
+    lines.append('\t'.join([
+        f'images/{stem}.png', label, finding, 'ieee8023', IEEE_REPO, IEEE_COMMIT, path,
+        hashlib.sha256(original).hexdigest(), hashlib.sha256(prepared).hexdigest(), patient, age,
+        'M', view, str(prepared_gray.shape[1]), str(prepared_gray.shape[0]), 'CC BY']))
+  shared['ieee8023_more/manifest.tsv'] = ('\n'.join(lines) + '\n').encode()
+  shared[f'covid_xray_seed/Covid-19-Detection-{COMMIT}.zip'] = zip_bytes(seed_files)
+  return shared, nih, ieee
+
+
+def github_archives(nih: dict[str, bytes], ieee: dict[str, bytes]) -> dict[str, bytes]:
+  """{file name: zip bytes}: the two repositories' archives, with files to be ignored."""
+  nih = {**nih, 'README.md': b'# COVID-19\n',
+         'X-Ray Image DataSet/Covid-19/01E392EE-69F9-4E33-BFCE-E5C968654078.jpeg':
+             encode(smooth_image(70), 'JPEG', 'L')}
+  ieee = {**ieee, 'metadata.csv': b'patientid,finding\n', 'images/not-selected.jpg':
+              encode(smooth_image(71), 'JPEG', 'L')}
+  return {NIH_ZIP: zip_bytes(nih, f'COVID-19-{NIH_COMMIT}/'),
+          IEEE_ZIP: zip_bytes(ieee, f'covid-chestxray-dataset-{IEEE_COMMIT}/')}
+
+
 def _check_hashes(files: dict[str, bytes]) -> None:
   """The planted copies must be near-duplicates and nothing else may be."""
   from covidlib_tfds.covid_xray import covid_xray_dataset_builder as builder  # Heavy: TF.
-  paths = sorted(p for p in files if not p.endswith('.csv'))
+  paths = sorted(p for p in files if p.endswith(sources_suffixes()))
   hashes = [perceptual_hash.image_hash(builder.decode_for_dataset(files[p], p)) for p in paths]
   found = {(paths[i], paths[j]) for i, j, _ in perceptual_hash.near_duplicate_pairs(hashes)}
   planted = {tuple(sorted(pair)) for pair in COPIES.items()}
+  planted.add(tuple(sorted([NEAR_COPY_OF, 'ieee8023_more/images/m-strep-copy.png'])))
   assert found == planted, f'near-duplicates {found}, planted {planted}'
+
+
+def sources_suffixes() -> tuple[str, ...]:
+  return ('.jpeg', '.jpg', '.png')
 
 
 def main() -> None:
   seed_files = seed_archive_files()
   raw_files = raw_collection_files()
-  _check_hashes({**seed_files, **raw_files})
+  shared, nih, ieee = collection_files(seed_files)
+  prepared = {p: c for p, c in shared.items() if '/images/' in p}
+  _check_hashes({**seed_files, **raw_files, **prepared})
   DUMMY_DIR.mkdir(exist_ok=True)
   (DUMMY_DIR / f'Covid-19-Detection-{COMMIT}.zip').write_bytes(zip_bytes(seed_files))
   (DUMMY_DIR / 'manifest.tsv').write_text(manifest_text(seed_files, (GIT_BLOB_ONLY,)))
-  for path, contents in raw_files.items():
+  archives = {f'github/{name}': data for name, data in github_archives(nih, ieee).items()}
+  shared = {f'shared/{path}': data for path, data in shared.items()}
+  for path, contents in {**raw_files, **shared, **archives}.items():
     (DUMMY_DIR / path).parent.mkdir(parents=True, exist_ok=True)
     (DUMMY_DIR / path).write_bytes(contents)
-  print(f'wrote {len(seed_files)} archive images and {len(raw_files)} raw files to {DUMMY_DIR}')
+  print(f'wrote {len(seed_files)} archive images, {len(raw_files)} raw files, {len(shared)} '
+        f'shared files and {len(archives)} GitHub archives to {DUMMY_DIR}')
 
 
 if __name__ == '__main__':

@@ -12,6 +12,7 @@ from covidlib_tfds.covid_xray import dummy_data_generation as dummy_gen
 
 DUMMY_DIR = epath.Path(builder_lib.__file__).parent / 'dummy_data'
 ARCHIVE_NAME = f'Covid-19-Detection-{dummy_gen.COMMIT}.zip'
+SHARED_DIR = DUMMY_DIR / 'shared'  # A manual dir for every config, as ../shared/data.
 
 
 class Dummy:
@@ -20,6 +21,16 @@ class Dummy:
   archive = DUMMY_DIR / ARCHIVE_NAME
   manifest = DUMMY_DIR / 'manifest.tsv'
   root = dummy_gen.ROOT
+  shared = SHARED_DIR
+  nih_manifest = SHARED_DIR / 'nih_adult_normals' / 'manifest.tsv'
+  ieee8023_more_manifest = SHARED_DIR / 'ieee8023_more' / 'manifest.tsv'
+  # What `dl_manager.download` returns for each pinned repository archive (the download route).
+  github = {
+      f'https://github.com/{dummy_gen.NIH_REPO}/archive/{dummy_gen.NIH_COMMIT}.zip':
+          DUMMY_DIR / 'github' / dummy_gen.NIH_ZIP,
+      f'https://github.com/{dummy_gen.IEEE_REPO}/archive/{dummy_gen.IEEE_COMMIT}.zip':
+          DUMMY_DIR / 'github' / dummy_gen.IEEE_ZIP,
+  }
 
   @staticmethod
   def members() -> dict[str, bytes]:
@@ -38,7 +49,12 @@ class Dummy:
   @staticmethod
   def build(config: str, data_dir, manual_dir=DUMMY_DIR, manifest_path=None, name=None,
             **kwargs) -> tfds.core.DatasetBuilder:
-    """Builds `config` (or the full `name`, e.g. 'covid_xray/seed/allow_missing=True')."""
+    """Builds `config` (or the full `name`, e.g. 'covid_xray/seed/allow_missing=True').
+
+    The dummy data's manifests are the defaults; kwargs may override them.
+    """
+    kwargs.setdefault('nih_manifest_path', Dummy.nih_manifest)
+    kwargs.setdefault('ieee8023_more_manifest_path', Dummy.ieee8023_more_manifest)
     builder = tfds.builder(name or f'covid_xray/{config}', data_dir=data_dir,
                            manifest_path=manifest_path or DUMMY_DIR / 'manifest.tsv', **kwargs)
     builder.download_and_prepare(

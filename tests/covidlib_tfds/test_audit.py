@@ -47,7 +47,7 @@ def test_audit_finds_the_planted_patient_and_copy(built_dummy):
 
 def test_audit_reports_balance_and_source_mix(built_dummy):
   report = audit.audit(tfds.builder('covid_xray/seed', data_dir=built_dummy))
-  assert report.dataset == 'covid_xray/seed:1.0.0'
+  assert report.dataset == 'covid_xray/seed:1.1.0'
   assert report.splits == {
       'train': audit.SplitSummary(10, {'covid': 5, 'normal': 5},
                                   {'ieee8023': 5, 'kaggle_pediatric': 5}),
@@ -85,7 +85,7 @@ def test_audit_binary_exit_codes(built_dummy, capsys, config, allow, code):
   args = [f'--config={config}', f'--data_dir={built_dummy}'] + (['--allow_leakage'] * allow)
   assert _run(audit, *args) == code
   out = capsys.readouterr().out
-  assert out.startswith(f'Leakage audit of covid_xray/{config}:1.0.0')
+  assert out.startswith(f'Leakage audit of covid_xray/{config}:1.1.0')
 
 
 @pytest.mark.parametrize('config, data_dir, message', [
