@@ -34,6 +34,30 @@ really did, and how it maps here (defaults reproduce it):
 Optional, off by default: rotation (degrees, like ImageDataGenerator's rotation_range),
 translation (fraction of the side, like width/height_shift_range), contrast and brightness
 (fractions, with value_range=(0, 1) so images stay in [0, 1]).
+
+Image-quality and intensity augmentations (off by default; issue #9: every model trained on our
+public data learns the SOURCE of an image, and sources differ in resolution, sharpness, noise
+and tone curve, so these make such cues unreliable within one class):
+  * downscale=d: resample each image down by a factor drawn from {1 - d, ..., 1} (5 steps) and
+    back up, bilinear: the blockiness of a small paper figure enlarged to 224 px.
+  * blur=s: Gaussian blur with sigma drawn per image from {0, s/4, s/2, 3s/4, s} pixels.
+  * gamma=g: x -> x ** gamma, gamma log-uniform in [1 / (1 + g), 1 + g]: another tone curve.
+  * noise=n: additive Gaussian noise, its standard deviation uniform in [0, n] per image.
+  All four are small registered Keras layers (below): Keras 3.15's RandomGaussianBlur draws one
+  sigma per BATCH and caps sigma at 1; ours draw per image. Downscale and blur choose each
+  image's level from a few fixed ones and compute every level for the whole batch, so every
+  shape is static (XLA compiles it; 4 extra resizes or convolutions per batch, cheap next to
+  the network). All keep images in [0, 1] and are the identity unless training=True.
+
+Presets (PRESETS; `covidlib-train --augment=article|strong`):
+  article  the article's recipe above (the default; results stay comparable with it).
+  strong   the article's flip, shear and zoom plus rotation 10 deg and translation 0.1 (patient
+           positioning varies that much between films), contrast 0.3, brightness 0.1 and gamma
+           0.3 (exposure and tone-curve differences between sites), blur 1 px, noise 0.02
+           (about 5 of 255 gray levels) and downscale 0.5 (a 224 px input from a 112 px figure,
+           which is what small paper figures give). Strong enough to blur the cues that tell
+           sources apart at 224 px, mild enough that the lungs stay readable (checked by eye on
+           samples).
 """
 
 from __future__ import annotations
@@ -41,10 +65,155 @@ from __future__ import annotations
 import math
 
 import keras
+import tensorflow as tf
 
 from covidlib import errors
 
 FILL_MODES = ('nearest', 'reflect', 'constant', 'wrap')
+
+# Number of levels (the identity included) the downscale and blur layers choose from per image.
+_STEPS = 5
+
+# The arguments of build_augmentation that a preset sets (not seed or fill_mode).
+KEYS = ('flip', 'zoom', 'shear', 'rotation', 'translation', 'contrast', 'brightness', 'gamma',
+        'blur', 'noise', 'downscale')
+PRESETS = {
+    'article': dict(flip=True, zoom=0.2, shear=0.2, rotation=0.0, translation=0.0, contrast=0.0,
+                    brightness=0.0, gamma=0.0, blur=0.0, noise=0.0, downscale=0.0),
+    'strong': dict(flip=True, zoom=0.2, shear=0.2, rotation=10.0, translation=0.1, contrast=0.3,
+                   brightness=0.1, gamma=0.3, blur=1.0, noise=0.02, downscale=0.5),
+}
+
+
+def _per_image(images, shape_tail=(1, 1, 1)):
+  """(B,) + shape_tail for per-image random draws."""
+  return (tf.shape(images)[0],) + tuple(shape_tail)
+
+
+def _select(candidates: list, index):
+  """Per image b, candidates[index[b]][b]; candidates are (B, H, W, C) tensors."""
+  weights = tf.one_hot(index, len(candidates), dtype=candidates[0].dtype)  # (B, K)
+  stacked = tf.stack(candidates, axis=1)                                   # (B, K, H, W, C)
+  return tf.einsum('bk,bkhwc->bhwc', weights, stacked)
+
+
+class _RandomLayer(keras.layers.Layer):
+  """A float32 random augmentation: identity unless training=True; `seed` fixes its draws."""
+
+  def __init__(self, seed: int | None = None, **kwargs):
+    kwargs.setdefault('dtype', 'float32')
+    super().__init__(**kwargs)
+    self.seed = seed
+    self.seed_generator = keras.random.SeedGenerator(seed)
+
+  def call(self, images, training=False):
+    if not training:
+      return images
+    images = tf.convert_to_tensor(images, tf.float32)
+    return tf.clip_by_value(self.augment(images), 0.0, 1.0)
+
+  def augment(self, images):
+    raise NotImplementedError
+
+  def compute_output_shape(self, input_shape):
+    return input_shape
+
+  def get_config(self):
+    return {**super().get_config(), 'seed': self.seed}
+
+
+@keras.saving.register_keras_serializable(package='covidlib')
+class RandomGamma(_RandomLayer):
+  """x -> x ** gamma per image, gamma log-uniform in [1 / (1 + factor), 1 + factor]."""
+
+  def __init__(self, factor: float, seed: int | None = None, **kwargs):
+    super().__init__(seed=seed, **kwargs)
+    self.factor = float(factor)
+
+  def augment(self, images):
+    bound = math.log1p(self.factor)
+    log_gamma = keras.random.uniform(_per_image(images), -bound, bound, seed=self.seed_generator)
+    return tf.pow(tf.clip_by_value(images, 0.0, 1.0), tf.exp(log_gamma))
+
+  def get_config(self):
+    return {**super().get_config(), 'factor': self.factor}
+
+
+@keras.saving.register_keras_serializable(package='covidlib')
+class RandomNoise(_RandomLayer):
+  """Adds Gaussian noise, standard deviation uniform in [0, stddev] per image, then clips."""
+
+  def __init__(self, stddev: float, seed: int | None = None, **kwargs):
+    super().__init__(seed=seed, **kwargs)
+    self.stddev = float(stddev)
+
+  def augment(self, images):
+    sigma = keras.random.uniform(_per_image(images), 0.0, self.stddev, seed=self.seed_generator)
+    noise = keras.random.normal(tf.shape(images), seed=self.seed_generator)
+    return images + sigma * noise
+
+  def get_config(self):
+    return {**super().get_config(), 'stddev': self.stddev}
+
+
+@keras.saving.register_keras_serializable(package='covidlib')
+class RandomDownscale(_RandomLayer):
+  """Per image, bilinear resize down by a factor from {1 - factor, ..., 1} and back up."""
+
+  def __init__(self, factor: float, seed: int | None = None, **kwargs):
+    super().__init__(seed=seed, **kwargs)
+    self.factor = float(factor)
+
+  def augment(self, images):
+    height, width = images.shape[1], images.shape[2]
+    if height is None or width is None:
+      raise ValueError(f'RandomDownscale needs a static image size, got shape {images.shape}')
+    candidates = [images]
+    for step in range(1, _STEPS):
+      scale = 1.0 - self.factor * step / (_STEPS - 1)
+      small = tf.image.resize(images, [max(1, round(height * scale)), max(1, round(width * scale))],
+                              method='bilinear')
+      candidates.append(tf.image.resize(small, [height, width], method='bilinear'))
+    index = keras.random.randint((tf.shape(images)[0],), 0, _STEPS, seed=self.seed_generator)
+    return _select(candidates, index)
+
+  def get_config(self):
+    return {**super().get_config(), 'factor': self.factor}
+
+
+def _gaussian_kernel(sigma: float) -> tf.Tensor:
+  radius = max(1, math.ceil(2.0 * sigma))
+  taps = [math.exp(-0.5 * (i / sigma) ** 2) for i in range(-radius, radius + 1)]
+  total = sum(taps)
+  return tf.constant([t / total for t in taps], tf.float32)
+
+
+@keras.saving.register_keras_serializable(package='covidlib')
+class RandomBlur(_RandomLayer):
+  """Per image, Gaussian blur with sigma from {0, sigma/4, ..., sigma} px; edges reflected."""
+
+  def __init__(self, sigma: float, seed: int | None = None, **kwargs):
+    super().__init__(seed=seed, **kwargs)
+    self.sigma = float(sigma)
+
+  def augment(self, images):
+    channels = images.shape[-1]
+    if channels is None:
+      raise ValueError(f'RandomBlur needs a static channel count, got shape {images.shape}')
+    candidates = [images]
+    for step in range(1, _STEPS):
+      kernel = _gaussian_kernel(self.sigma * step / (_STEPS - 1))
+      radius = (int(kernel.shape[0]) - 1) // 2
+      padded = tf.pad(images, [[0, 0], [radius, radius], [radius, radius], [0, 0]], 'REFLECT')
+      rows = tf.tile(tf.reshape(kernel, [-1, 1, 1, 1]), [1, 1, channels, 1])
+      cols = tf.tile(tf.reshape(kernel, [1, -1, 1, 1]), [1, 1, channels, 1])
+      blurred = tf.nn.depthwise_conv2d(padded, rows, [1, 1, 1, 1], 'VALID')
+      candidates.append(tf.nn.depthwise_conv2d(blurred, cols, [1, 1, 1, 1], 'VALID'))
+    index = keras.random.randint((tf.shape(images)[0],), 0, _STEPS, seed=self.seed_generator)
+    return _select(candidates, index)
+
+  def get_config(self):
+    return {**super().get_config(), 'sigma': self.sigma}
 
 
 def _check_range(name: str, value, low: float, high: float, high_inclusive: bool = False):
@@ -57,28 +226,12 @@ def _check_range(name: str, value, low: float, high: float, high_inclusive: bool
                             f'got {value!r}')
 
 
-def build_augmentation(flip: bool = True, zoom: float = 0.2, shear: float = 0.2,
-                       rotation: float = 0.0, translation: float = 0.0, contrast: float = 0.0,
-                       brightness: float = 0.0, seed: int | None = None,
-                       fill_mode: str = 'nearest') -> keras.Sequential:
-  """The augmentation layers, in the order flip, rotation, shear, zoom, translation, brightness,
-  contrast. A zero (or False) argument leaves its layer out.
-
-  Args:
-    flip: mirror left-right with probability 1/2.
-    zoom: scale each axis independently by a factor in [1 - zoom, 1 + zoom]; in [0, 1).
-    shear: maximum horizontal shear angle in degrees (ImageDataGenerator's unit); in [0, 45).
-    rotation: maximum rotation in degrees either way; in [0, 180].
-    translation: maximum shift as a fraction of height and width; in [0, 1).
-    contrast: contrast factor drawn from [1 - contrast, 1 + contrast]; in [0, 1].
-    brightness: add up to +-brightness (images are in [0, 1]); in [0, 1].
-    seed: fixes the random stream (each layer gets seed + its index); None = fresh randomness.
-    fill_mode: how geometric transforms fill pixels from outside the image.
-
-  Returns:
-    keras.Sequential named 'augmentation': float32 (B, S, S, C) in [0, 1] -> same shape and
-    range; identity unless called with training=True. It takes batches only: in tf.data, map it
-    after `.batch()` (each image in a batch gets its own random transform).
+def check_arguments(flip: bool = True, zoom: float = 0.2, shear: float = 0.2,
+                    rotation: float = 0.0, translation: float = 0.0, contrast: float = 0.0,
+                    brightness: float = 0.0, gamma: float = 0.0, blur: float = 0.0,
+                    noise: float = 0.0, downscale: float = 0.0, seed: int | None = None,
+                    fill_mode: str = 'nearest') -> None:
+  """Validates `build_augmentation`'s arguments without building anything.
 
   Raises:
     UsageError: naming the argument and the value, for anything out of range.
@@ -91,10 +244,51 @@ def build_augmentation(flip: bool = True, zoom: float = 0.2, shear: float = 0.2,
   _check_range('translation', translation, 0.0, 1.0)
   _check_range('contrast', contrast, 0.0, 1.0, high_inclusive=True)
   _check_range('brightness', brightness, 0.0, 1.0, high_inclusive=True)
+  _check_range('gamma', gamma, 0.0, 1.0, high_inclusive=True)
+  _check_range('blur', blur, 0.0, 3.0, high_inclusive=True)
+  _check_range('noise', noise, 0.0, 0.2, high_inclusive=True)
+  _check_range('downscale', downscale, 0.0, 0.9, high_inclusive=True)
   if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
     raise errors.UsageError(f'seed must be a non-negative integer or None, got {seed!r}')
   if fill_mode not in FILL_MODES:
     raise errors.UsageError(f'fill_mode must be one of {", ".join(FILL_MODES)}, got {fill_mode!r}')
+
+
+def build_augmentation(flip: bool = True, zoom: float = 0.2, shear: float = 0.2,
+                       rotation: float = 0.0, translation: float = 0.0, contrast: float = 0.0,
+                       brightness: float = 0.0, gamma: float = 0.0, blur: float = 0.0,
+                       noise: float = 0.0, downscale: float = 0.0, seed: int | None = None,
+                       fill_mode: str = 'nearest') -> keras.Sequential:
+  """The augmentation layers, in the order flip, rotation, shear, zoom, translation, downscale,
+  blur, brightness, contrast, gamma, noise (geometry, then resolution, then tone, then sensor
+  noise). A zero (or False) argument leaves its layer out.
+
+  Args:
+    flip: mirror left-right with probability 1/2.
+    zoom: scale each axis independently by a factor in [1 - zoom, 1 + zoom]; in [0, 1).
+    shear: maximum horizontal shear angle in degrees (ImageDataGenerator's unit); in [0, 45).
+    rotation: maximum rotation in degrees either way; in [0, 180].
+    translation: maximum shift as a fraction of height and width; in [0, 1).
+    contrast: contrast factor drawn from [1 - contrast, 1 + contrast]; in [0, 1].
+    brightness: add up to +-brightness (images are in [0, 1]); in [0, 1].
+    gamma: x ** gamma, gamma log-uniform in [1 / (1 + gamma), 1 + gamma]; in [0, 1].
+    blur: maximum Gaussian blur sigma in pixels; in [0, 3].
+    noise: maximum standard deviation of additive Gaussian noise; in [0, 0.2].
+    downscale: resample down by a factor in [1 - downscale, 1] and back up; in [0, 0.9].
+    seed: fixes the random stream (each layer gets seed + its index); None = fresh randomness.
+    fill_mode: how geometric transforms fill pixels from outside the image.
+
+  Returns:
+    keras.Sequential named 'augmentation': float32 (B, S, S, C) in [0, 1] -> same shape and
+    range; identity unless called with training=True. It takes batches only: in tf.data, map it
+    after `.batch()` (each image in a batch gets its own random transform).
+
+  Raises:
+    UsageError: naming the argument and the value, for anything out of range.
+  """
+  check_arguments(flip=flip, zoom=zoom, shear=shear, rotation=rotation, translation=translation,
+                  contrast=contrast, brightness=brightness, gamma=gamma, blur=blur, noise=noise,
+                  downscale=downscale, seed=seed, fill_mode=fill_mode)
 
   def layer_seed(index: int) -> int | None:
     return None if seed is None else seed + index
@@ -124,12 +318,20 @@ def build_augmentation(flip: bool = True, zoom: float = 0.2, shear: float = 0.2,
   if translation:
     layers.append(keras.layers.RandomTranslation(translation, translation, seed=layer_seed(4),
                                                  name='translation', **geometric))
+  if downscale:
+    layers.append(RandomDownscale(downscale, seed=layer_seed(7), name='downscale'))
+  if blur:
+    layers.append(RandomBlur(blur, seed=layer_seed(8), name='blur'))
   if brightness:
     layers.append(keras.layers.RandomBrightness(brightness, value_range=(0.0, 1.0),
                                                 seed=layer_seed(5), name='brightness', **common))
   if contrast:
     layers.append(keras.layers.RandomContrast(contrast, value_range=(0.0, 1.0),
                                               seed=layer_seed(6), name='contrast', **common))
+  if gamma:
+    layers.append(RandomGamma(gamma, seed=layer_seed(9), name='gamma'))
+  if noise:
+    layers.append(RandomNoise(noise, seed=layer_seed(10), name='noise'))
   if not layers:
     layers.append(keras.layers.Identity(name='no_augmentation'))
   # An explicit rank-4 input of any size: without it Keras' Sequential builds on the first

@@ -7,6 +7,11 @@
       print(images.shape, labels)           # (32, 224, 224, 1) float32 in [0, 1], (32,) float32
     external = data.load_folder('adult_xrays/')   # adult_xrays/{covid,normal}/*.{png,jpg,...}
     n_normal, n_covid = data.class_counts('covid_xray/patient_split', 'train', 'tfds_data')
+    strata = data.stratum_counts('covid_xray/adult', 'train', 'tfds_data')
+    # {('ieee8023', 1): 140, ('nih', 0): 300}
+    balanced = data.load_tfds('covid_xray/adult', 'train', data_dir='tfds_data',
+                              batch_size=32, balance='source', seed=0)   # infinite
+    steps = data.steps_per_epoch(sum(strata.values()), 32)
 
 Every image goes through `covidlib.preprocess.decode_image` and `covidlib.preprocess.preprocess`,
 the same two functions the exported SavedModel and `covidlib.predict` use, so training and
@@ -21,6 +26,13 @@ reshuffled every epoch) -> repeat -> batch -> prefetch. Caching after preprocess
 file is read and decoded once per process, not once per epoch; the cache holds S x S x C float32
 per image (224 x 224 x 1 x 4 B = 200 KB, so ~60 MB for the ~300 images of the `seed` config).
 For much larger datasets pass `cache='/path/to/file'` (a tf.data file cache) or `cache=False`.
+
+Source-balanced sampling (`balance='source'`, issue #9): each (source, label) stratum of the
+split gets its own pipeline (filter on the undecoded record -> decode + preprocess -> cache ->
+shuffle -> repeat), and `tf.data.Dataset.sample_from_datasets` draws from them with equal
+weights, seeded. The result is infinite: train for `steps_per_epoch(n, batch_size)` steps per
+epoch (the split size over the batch size, so an epoch stays comparable with plain training).
+Small strata are repeated more often than large ones; every image is still decoded once.
 
 A folder or file list is checked eagerly before any pipeline is built: every file is decoded
 once, and unreadable files raise `DataError` naming each of them. Nothing is dropped silently
@@ -53,6 +65,7 @@ _BUILD_HINT = ('python -m covidlib_tfds.build --config={config} '
                '--data_dir={data_dir} (see covidlib_tfds/covid_xray/README.md)')
 
 METADATA_KEYS = ('filename', 'source', 'view', 'patient_id', 'age')
+BALANCE = ('none', 'source')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,11 +180,41 @@ def class_counts(dataset: str, split: str,
   return int(counts[0]), int(counts[1])
 
 
+def stratum_counts(dataset: str, split: str,
+                   data_dir: str | os.PathLike | None = None) -> dict[tuple[str, int], int]:
+  """{(source, label): examples} of a split, sorted; reads only those two columns.
+
+  Raises:
+    UsageError: the dataset has no 'source' feature (and the errors of `load_tfds`).
+  """
+  import tensorflow_datasets as tfds
+
+  builder = _builder(dataset, data_dir)
+  _split_info(builder, dataset, split)
+  if 'source' not in builder.info.features:
+    raise errors.UsageError(
+        f'dataset {dataset!r} has no \'source\' feature: source-balanced sampling needs one '
+        '(covid_xray/adult and covid_xray/adult_pediatric have it)')
+  ds = builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()})
+  counts: dict[tuple[str, int], int] = {}
+  for sources, labels in ds.map(lambda ex: (ex['source'], ex['label']),
+                                num_parallel_calls=AUTOTUNE).batch(4096):
+    for source, label in zip(sources.numpy().tolist(), labels.numpy().tolist()):
+      key = (source.decode(), int(label))
+      counts[key] = counts.get(key, 0) + 1
+  return dict(sorted(counts.items()))
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Batches in one pass over `num_examples`: ceil(num_examples / batch_size), at least 1."""
+  return max(1, -(-int(num_examples) // int(batch_size)))
+
+
 def load_tfds(dataset: str, split: str, *, data_dir: str | os.PathLike | None = None,
               image_size: int = 224, channels: int = 1, batch_size: int = 32,
               shuffle: bool = False, seed: int | None = None, repeat: bool | int = False,
               with_metadata: bool = False, drop_remainder: bool = False,
-              cache: bool | str = True) -> tf.data.Dataset:
+              cache: bool | str = True, balance: str = 'none') -> tf.data.Dataset:
   """A split of a built TFDS dataset as batches for training or evaluation.
 
   Args:
@@ -187,6 +230,10 @@ def load_tfds(dataset: str, split: str, *, data_dir: str | os.PathLike | None = 
     drop_remainder: drop a last partial batch (static batch shape, e.g. for TPUs).
     cache: True caches preprocessed images in memory, a path caches them to that file, False
       does not cache.
+    balance: 'none', or 'source': draw each (source, label) stratum of the split equally often
+      (see the module docstring). The dataset is then shuffled and INFINITE whatever `shuffle`
+      and `repeat` say (`repeat` must be left False); iterate it `steps_per_epoch(...)` batches
+      per epoch. Needs a 'source' feature.
 
   Returns:
     tf.data.Dataset of (image float32 (B, S, S, C) in [0, 1], label float32 (B,)), or
@@ -199,6 +246,11 @@ def load_tfds(dataset: str, split: str, *, data_dir: str | os.PathLike | None = 
   import tensorflow_datasets as tfds
 
   _check_pipeline_args(image_size, channels, batch_size)
+  if balance not in BALANCE:
+    raise errors.UsageError(f'balance must be one of {", ".join(BALANCE)}, got {balance!r}')
+  if balance != 'none' and repeat is not False:
+    raise errors.UsageError(f'balance={balance!r} repeats forever already; leave repeat False, '
+                            f'got repeat={repeat!r}')
   builder = _builder(dataset, data_dir)
   info = _split_info(builder, dataset, split)
   features = builder.info.features
@@ -231,9 +283,40 @@ def load_tfds(dataset: str, split: str, *, data_dir: str | os.PathLike | None = 
     }
     return image, label, metadata
 
+  if balance == 'source':
+    return _balanced(ds, stratum_counts(dataset, split, data_dir), to_example,
+                     batch_size=batch_size, seed=seed, drop_remainder=drop_remainder,
+                     cache=cache)
   ds = ds.map(to_example, num_parallel_calls=AUTOTUNE, deterministic=True)
   return _finish(ds, int(info.num_examples), batch_size=batch_size, shuffle=shuffle, seed=seed,
                  repeat=repeat, drop_remainder=drop_remainder, cache=cache)
+
+
+def _balanced(records: tf.data.Dataset, strata: dict[tuple[str, int], int], to_example, *,
+              batch_size: int, seed: int | None, drop_remainder: bool,
+              cache: bool | str) -> tf.data.Dataset:
+  """Equal-weight sampling over per-stratum pipelines of undecoded TFDS records."""
+  per_stratum = []
+  for index, ((source, label), count) in enumerate(strata.items()):
+    def matches(example, source=source, label=label):
+      return tf.logical_and(tf.equal(example['source'], source),
+                            tf.equal(tf.cast(example['label'], tf.int64), label))
+
+    ds = records.filter(matches).map(to_example, num_parallel_calls=AUTOTUNE,
+                                      deterministic=True)
+    if cache:  # One cache per stratum: a file cache gets a suffix per stratum.
+      ds = ds.cache() if cache is True else ds.cache(f'{os.fspath(cache)}.stratum{index}')
+    ds = ds.shuffle(max(1, min(count, MAX_SHUFFLE_BUFFER)),
+                    seed=None if seed is None else seed + index + 1,
+                    reshuffle_each_iteration=True)
+    per_stratum.append(ds.repeat())
+  if not per_stratum:
+    raise errors.DataError('the split holds no examples to balance')
+  ds = tf.data.Dataset.sample_from_datasets(
+      per_stratum, weights=[1.0 / len(per_stratum)] * len(per_stratum), seed=seed)
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE,
+                deterministic=True)
+  return ds.prefetch(AUTOTUNE)
 
 
 # ---------------------------------------------------------------------------------------------

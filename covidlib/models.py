@@ -11,6 +11,11 @@ output (B, 1) float32 P(COVID-19) from a sigmoid layer named 'probability'. The 
 under a mixed-precision policy. No augmentation inside (see `covidlib.augment.training_model`),
 no Lambda layers (models load with Keras safe_mode on), no downloaded weights.
 
+`crop` and `equalize` (default off) put `covidlib.standardize` layers right after the input
+('crop', then 'equalize'), inside the model, so every path that runs it (training, evaluation,
+SavedModel, TFLite, predict) standardizes alike. They hold no weights: a model with them has the
+same weights, in the same order, as one without.
+
 `seed=None` draws fresh initial weights; an integer seed gives the same weights (and dropout
 masks) on every build.
 """
@@ -22,6 +27,7 @@ from typing import Callable
 import keras
 
 from covidlib import errors
+from covidlib import standardize
 
 
 def _seeded(seed: int | None, offset: int, kind: str = 'glorot_uniform'):
@@ -44,7 +50,17 @@ def _head(x, seed: int | None):
   return keras.layers.Activation('sigmoid', dtype='float32', name='probability')(logit)
 
 
-def seed_cnn(image_size: int = 224, channels: int = 1, seed: int | None = None) -> keras.Model:
+def _input(image_size: int, channels: int, crop: float, equalize: str):
+  """The 'image' input and the tensor after the standardization layers (if any)."""
+  inputs = keras.Input((image_size, image_size, channels), dtype='float32', name='image')
+  x = inputs
+  for layer in standardize.build_standardization(crop, equalize):
+    x = layer(x)
+  return inputs, x
+
+
+def seed_cnn(image_size: int = 224, channels: int = 1, seed: int | None = None,
+             crop: float = 0.0, equalize: str = 'none') -> keras.Model:
   """The network of the article ("Detecting COVID-19 using Deep Learning", D. Trehan, 2020).
 
   Layer for layer as in its notebook (dakshtrehan/Covid-19-Detection, `Covid-19 Detection.ipynb`),
@@ -54,9 +70,9 @@ def seed_cnn(image_size: int = 224, channels: int = 1, seed: int | None = None) 
   'probability' (same parameters, same function). Valid padding, Keras default initializers.
   About 5.8 GFLOPs per 224x224 image, 98% of the parameters in the Dense(64) after Flatten.
   """
-  inputs = keras.Input((image_size, image_size, channels), dtype='float32', name='image')
+  inputs, x = _input(image_size, channels, crop, equalize)
   x = keras.layers.Conv2D(32, 3, activation='relu', kernel_initializer=_seeded(seed, 1),
-                          name='conv1')(inputs)
+                          name='conv1')(x)
   x = keras.layers.Conv2D(128, 3, activation='relu', kernel_initializer=_seeded(seed, 2),
                           name='conv2')(x)
   x = keras.layers.MaxPooling2D(2, name='pool2')(x)
@@ -109,8 +125,8 @@ def _residual_block(x, filters: int, strides: int, seed: int | None, offset: int
   return keras.layers.ReLU(name=f'{name}_out')(x)
 
 
-def compact_resnet(image_size: int = 224, channels: int = 1,
-                   seed: int | None = None) -> keras.Model:
+def compact_resnet(image_size: int = 224, channels: int = 1, seed: int | None = None,
+                   crop: float = 0.0, equalize: str = 'none') -> keras.Model:
   """A small ResNet for a few hundred gray X-rays: ~0.3M parameters, ~60x fewer FLOPs.
 
   Stem: 3x3/2 conv (16) + 2x2 max pool takes 224 -> 56 cheaply; then four stages of one basic
@@ -124,8 +140,8 @@ def compact_resnet(image_size: int = 224, channels: int = 1,
   position-keyed layer; batch norm makes a from-scratch net train in a few epochs on CPU; the
   whole net costs ~0.1 GFLOPs per 224x224 image against seed_cnn's ~5.8.
   """
-  inputs = keras.Input((image_size, image_size, channels), dtype='float32', name='image')
-  x = _conv_bn_relu(inputs, COMPACT_RESNET_WIDTHS[0], 2, seed, 1, 'stem')
+  inputs, x = _input(image_size, channels, crop, equalize)
+  x = _conv_bn_relu(x, COMPACT_RESNET_WIDTHS[0], 2, seed, 1, 'stem')
   x = keras.layers.MaxPooling2D(2, name='stem_pool')(x)
   for stage, filters in enumerate(COMPACT_RESNET_WIDTHS):
     x = _residual_block(x, filters, 1 if stage == 0 else 2, seed, 10 * (stage + 1),
@@ -147,12 +163,18 @@ _MIN_IMAGE_SIZE = {'seed_cnn': 24, 'compact_resnet': 16}
 
 
 def build_model(name: str, image_size: int = 224, channels: int = 1,
-                seed: int | None = None) -> keras.Model:
+                seed: int | None = None, crop: float = 0.0,
+                equalize: str = 'none') -> keras.Model:
   """Builds the inference model `name` (a key of MODELS).
+
+  Args:
+    crop: fraction of each side cut off (then resized back) inside the model; in [0, 0.4).
+    equalize: 'none' or 'histogram' (per-image histogram equalization inside the model).
+    See `covidlib.standardize` for both.
 
   Raises:
     UsageError: for an unknown name (the message lists the valid ones), a channel count other
-      than 1 or 3, or an image size too small for the network.
+      than 1 or 3, an image size too small for the network, or a bad crop or equalize.
   """
   if name not in MODELS:
     raise errors.UsageError(f'unknown model {name!r}; valid models: {", ".join(sorted(MODELS))}')
@@ -164,7 +186,10 @@ def build_model(name: str, image_size: int = 224, channels: int = 1,
         f'image_size must be an integer >= {minimum} for model {name!r}, got {image_size!r}')
   if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
     raise errors.UsageError(f'seed must be a non-negative integer or None, got {seed!r}')
-  return MODELS[name](image_size=image_size, channels=channels, seed=seed)
+  crop = standardize.check_crop(crop)
+  standardize.check_equalize(equalize)
+  return MODELS[name](image_size=image_size, channels=channels, seed=seed, crop=crop,
+                      equalize=equalize)
 
 
 def count_params(model: keras.Model) -> int:

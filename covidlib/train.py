@@ -46,6 +46,7 @@ from covidlib import distribute
 from covidlib import errors
 from covidlib import model_dir as md
 from covidlib import models
+from covidlib import standardize
 
 STATE = 'state.json'
 BEST_WEIGHTS = 'best.weights.h5'
@@ -72,16 +73,13 @@ DEFAULT_CONFIG: dict[str, Any] = {
     'strategy': 'auto',
     'mixed_precision': 'auto',
     'jit_compile': 'auto',   # XLA; Keras' 'auto' uses it on GPU/TPU only.
-    'augment': {             # covidlib.augment.build_augmentation arguments (article: flip,
-        'flip': True,        # zoom 0.2, shear 0.2; see that module for what they mean).
-        'zoom': 0.2,
-        'shear': 0.2,
-        'rotation': 0.0,
-        'translation': 0.0,
-        'contrast': 0.0,
-        'brightness': 0.0,
-    },
-}
+    # Measures against source shortcuts (issue #9); all off by default (= the plain recipe).
+    'crop': 0.0,             # Fraction of each side cut off INSIDE the model (covidlib.standardize).
+    'equalize': 'none',      # 'histogram': per-image histogram equalization inside the model.
+    'balance': 'none',       # 'source': draw each (source, label) stratum of train equally often.
+    'augment_preset': 'article',  # Base of 'augment': covidlib.augment.PRESETS ('strong').
+    'augment': dict(augment.PRESETS['article']),  # build_augmentation arguments; keys given
+}                                                 # here override the preset's.
 
 _POSITIVE_INTS = ('image_size', 'batch_size', 'epochs')
 
@@ -98,6 +96,9 @@ class TrainingError(errors.CovidlibError):
 def make_config(**overrides: Any) -> dict[str, Any]:
   """DEFAULT_CONFIG with `overrides`, validated; `augment` may override some of its keys.
 
+  config['augment'] is always complete: the preset `augment_preset` names
+  (covidlib.augment.PRESETS), with the keys `overrides['augment']` gives on top.
+
   Raises:
     UsageError: naming the key and the value, for an unknown key or a bad value.
   """
@@ -106,7 +107,10 @@ def make_config(**overrides: Any) -> dict[str, Any]:
     raise errors.UsageError(
         f'unknown config keys {unknown}; valid keys: {", ".join(sorted(DEFAULT_CONFIG))}')
   config = {**DEFAULT_CONFIG, **overrides}
-  config['augment'] = dict(DEFAULT_CONFIG['augment'])
+  if config['augment_preset'] not in augment.PRESETS:
+    raise errors.UsageError(f'config augment_preset must be one of '
+                            f'{", ".join(augment.PRESETS)}, got {config["augment_preset"]!r}')
+  config['augment'] = dict(augment.PRESETS[config['augment_preset']])
   aug = overrides.get('augment') or {}
   if not isinstance(aug, dict):
     raise errors.UsageError(f'config augment must be a dict, got {aug!r}')
@@ -115,6 +119,7 @@ def make_config(**overrides: Any) -> dict[str, Any]:
     raise errors.UsageError(f'unknown augment keys {bad_aug}; valid: '
                             f'{", ".join(sorted(DEFAULT_CONFIG["augment"]))}')
   config['augment'].update(aug)
+  augment.check_arguments(**config['augment'])  # Raises UsageError naming the key and value.
 
   def bad(key, expected):
     raise errors.UsageError(f'config {key} must be {expected}, got {config[key]!r}')
@@ -166,7 +171,23 @@ def make_config(**overrides: Any) -> dict[str, Any]:
     bad('mixed_precision', f'one of {", ".join(distribute.PRECISIONS)}')
   if config['jit_compile'] not in ('auto', True, False):
     bad('jit_compile', "'auto', true or false")
+  config['crop'] = standardize.check_crop(config['crop'])
+  standardize.check_equalize(config['equalize'])
+  if config['balance'] not in ('none', 'source'):
+    bad('balance', "'none' or 'source'")
+  if config['balance'] != 'none' and config['dataset'].startswith('folder:'):
+    raise errors.UsageError(
+        f'balance={config["balance"]!r} needs a TFDS dataset with a source feature (e.g. '
+        f'covid_xray/adult); {config["dataset"]!r} is a folder')
   return config
+
+
+def _with_defaults(saved: dict) -> dict:
+  """A config.json of an older covidlib completed with the defaults of keys it predates (the
+  run used them), so a resumed run compares like with like."""
+  saved = {**DEFAULT_CONFIG, **saved}
+  saved['augment'] = {**DEFAULT_CONFIG['augment'], **(saved.get('augment') or {})}
+  return saved
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +228,7 @@ def _check_model_dir(model_dir: str, config: dict, overwrite: bool) -> None:
         f'model_dir {model_dir!r} holds a finished run ({md.MODEL}); pass --overwrite to '
         'train again from scratch, or choose another model_dir')
   elif os.path.exists(os.path.join(model_dir, md.CHECKPOINTS, STATE)):
-    saved = md.read_json(config_path)
+    saved = _with_defaults(md.read_json(config_path))
     differing = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
     if differing:
       details = '; '.join(f'{k}: {saved.get(k)!r} saved, {config.get(k)!r} now'
@@ -315,7 +336,11 @@ def _build_tfds_if_needed(config: dict) -> None:
 
 
 def load_datasets(config: dict) -> tuple[tf.data.Dataset, tf.data.Dataset | None]:
-  """The (train, validation) datasets a config names; validation is None without a split."""
+  """The (train, validation) datasets a config names; validation is None without a split.
+
+  With config['balance'] == 'source' the training dataset is infinite (source-balanced, see
+  covidlib.data); train for `balanced_steps(config)` steps per epoch.
+  """
   from covidlib import data
 
   common = dict(image_size=config['image_size'], channels=config['channels'],
@@ -333,8 +358,9 @@ def load_datasets(config: dict) -> tuple[tf.data.Dataset, tf.data.Dataset | None
       _build_tfds_if_needed(config)
 
     def load(split, shuffle):
+      balance = config['balance'] if shuffle else 'none'  # Only the training split.
       return data.load_tfds(dataset, split, data_dir=config['data_dir'], shuffle=shuffle,
-                            seed=config['seed'], **common)
+                            seed=config['seed'], balance=balance, **common)
   train_data = load(splits[0], True)
   validation_data = load(splits[1], False) if splits[1] else None
   return train_data, validation_data
@@ -370,6 +396,26 @@ def _config_class_counts(config: dict) -> tuple[int, int]:
   return data.class_counts(dataset, split, config['data_dir'])
 
 
+def balanced_steps(config: dict) -> int:
+  """Steps per epoch of a source-balanced training set: the split's size over the batch."""
+  from covidlib import data
+
+  n = data.num_examples(config['dataset'], config['train_split'], config['data_dir'])
+  return data.steps_per_epoch(n, config['batch_size'])
+
+
+def _balanced_class_counts(config: dict) -> tuple[int, int]:
+  """(normal, covid) strata of the training split: under balance='source' each stratum is
+  drawn equally often, so the classes appear in the ratio of their strata counts."""
+  from covidlib import data
+
+  if config['manual_dir']:
+    _build_tfds_if_needed(config)
+  strata = data.stratum_counts(config['dataset'], config['train_split'], config['data_dir'])
+  labels = [label for _, label in strata]
+  return labels.count(0), labels.count(1)
+
+
 def count_labels(dataset: tf.data.Dataset) -> tuple[int, int]:
   """(normal, covid) counts of a dataset of (image, label[, ...]) batches (iterates it once)."""
   counts = np.zeros(2, np.int64)
@@ -402,7 +448,8 @@ def build_models(config: dict) -> tuple[keras.Model, keras.Model]:
   """
   config = make_config(**config)
   inference_model = models.build_model(config['model'], config['image_size'], config['channels'],
-                                       seed=config['seed'])
+                                       seed=config['seed'], crop=config['crop'],
+                                       equalize=config['equalize'])
   augmentation = augment.build_augmentation(**config['augment'], seed=config['seed'])
   training_model = augment.training_model(inference_model, augmentation)
   training_model.compile(
@@ -434,7 +481,8 @@ def _save_inference_model(model: keras.Model, config: dict, path: str) -> None:
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy('float32')
     try:
-      plain = models.build_model(config['model'], config['image_size'], config['channels'])
+      plain = models.build_model(config['model'], config['image_size'], config['channels'],
+                                 crop=config['crop'], equalize=config['equalize'])
     finally:
       keras.config.set_dtype_policy(previous)
     plain.set_weights(model.get_weights())
@@ -494,12 +542,24 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
       tf.config.experimental.enable_op_determinism()  # For the whole process, irreversibly.
 
     # ---------------------------------------------------------------- Input pipeline.
+    if config['balance'] != 'none' and train_data is not None:
+      raise errors.UsageError(
+          f'balance={config["balance"]!r} balances the dataset the config names; it cannot '
+          're-balance train_data given directly (e.g. cross-validation folds)')
     class_weight = None
     if config['class_weight'] == 'balanced':
-      class_weight = balanced_class_weight(
-          *(count_labels(train_data) if train_data is not None else _config_class_counts(config)))
+      if train_data is not None:
+        counts = count_labels(train_data)
+      elif config['balance'] == 'source':
+        counts = _balanced_class_counts(config)
+      else:
+        counts = _config_class_counts(config)
+      class_weight = balanced_class_weight(*counts)
+    steps_per_epoch = None
     if train_data is None:
       train_data, validation_data = load_datasets(config)
+      if config['balance'] == 'source':
+        steps_per_epoch = balanced_steps(config)
     train_data = input_for_training(train_data)
     validation_data = input_for_training(validation_data)
     if config['early_stopping_patience'] and validation_data is None:
@@ -531,6 +591,7 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
     if state['epoch'] < config['epochs'] and not state['stopped_early']:
       training_model.fit(train_data, validation_data=validation_data, epochs=config['epochs'],
                          initial_epoch=state['epoch'], class_weight=class_weight,
+                         steps_per_epoch=steps_per_epoch,
                          callbacks=fit_callbacks, verbose=verbose,
                          shuffle=False)  # tf.data shuffles (seeded); Keras cannot.
     if nan_guard.failure:

@@ -11,6 +11,13 @@
     # Your own images: ROOT/train/{covid,normal}/* and ROOT/validation/{covid,normal}/*.
     covidlib-train --model_dir=runs/mine --dataset=folder:ROOT
 
+    # Measures against source shortcuts (issue #9), each off by default: crop 10% of each side
+    # and equalize the histogram inside the model, the strong augmentation preset (one key
+    # changed), and source-balanced sampling.
+    covidlib-train --model_dir=/work/runs/adult_measures --dataset=covid_xray/adult \
+        --data_dir=/tmp/tfds_real --crop=0.1 --equalize=histogram \
+        --augment=strong --augment_noise=0.01 --balance=source --seed=0
+
 (or `python -m covidlib.cli.train ...`). Killed at any moment, the same command resumes from the
 last completed epoch. A finished model_dir is refused unless --overwrite. If the TFDS dataset
 is not built in --data_dir, --manual_dir builds it first from the folder holding the article's
@@ -23,13 +30,16 @@ that does not divide by the replicas...); 1 failure (NaN loss, unreadable data..
 
 from absl import flags
 
+from covidlib import augment
 from covidlib import distribute
+from covidlib import errors
+from covidlib import standardize
 from covidlib import models
 from covidlib import train as train_lib
 from covidlib.cli import common
 
 _D = train_lib.DEFAULT_CONFIG
-_A = _D['augment']
+_ARTICLE = augment.PRESETS['article']
 
 _MODEL_DIR = flags.DEFINE_string(
     'model_dir', None, 'Where config.json, checkpoints/, logs/, history.json and model.keras go.',
@@ -85,23 +95,75 @@ _OVERWRITE = flags.DEFINE_boolean(
     'overwrite', False, 'Delete a previous run in --model_dir (finished or not) and start over.')
 _VERBOSE = flags.DEFINE_integer('verbose', 1, 'Keras fit verbosity: 0 silent, 1 progress bars, '
                                 '2 a line per epoch.', lower_bound=0, upper_bound=2)
-_AUGMENT_FLIP = flags.DEFINE_boolean('augment_flip', _A['flip'], 'Random left-right flip.')
-_AUGMENT_ZOOM = flags.DEFINE_float('augment_zoom', _A['zoom'],
-                                   'Zoom each axis by a factor in [1 - z, 1 + z].')
-_AUGMENT_SHEAR = flags.DEFINE_float('augment_shear', _A['shear'],
-                                    'Maximum shear angle in DEGREES (the article: 0.2).')
-_AUGMENT_ROTATION = flags.DEFINE_float('augment_rotation', _A['rotation'],
-                                       'Maximum rotation in degrees.')
-_AUGMENT_TRANSLATION = flags.DEFINE_float('augment_translation', _A['translation'],
-                                          'Maximum shift, as a fraction of the side.')
-_AUGMENT_CONTRAST = flags.DEFINE_float('augment_contrast', _A['contrast'],
-                                       'Contrast factor in [1 - c, 1 + c].')
-_AUGMENT_BRIGHTNESS = flags.DEFINE_float('augment_brightness', _A['brightness'],
-                                         'Add up to +-b to the [0, 1] pixels.')
+_CROP = flags.DEFINE_float(
+    'crop', _D['crop'],
+    'Fraction of each side cut off (then resized back) as the model\'s first layer, in [0, 0.4): '
+    'borders and text markers tell sources apart. Part of the model: every export runs it.')
+_EQUALIZE = flags.DEFINE_enum(
+    'equalize', _D['equalize'], list(standardize.EQUALIZE),
+    'histogram: per-image histogram equalization inside the model (after --crop).')
+_BALANCE = flags.DEFINE_enum(
+    'balance', _D['balance'], ['none', 'source'],
+    'source: draw every (source, label) stratum of the training split equally often; an epoch '
+    'stays split size / batch size steps. Needs a TFDS dataset with a source feature.')
+_AUGMENT = flags.DEFINE_enum(
+    'augment', _D['augment_preset'], list(augment.PRESETS),
+    'Augmentation preset (covidlib.augment.PRESETS); --augment_* flags override its keys. '
+    'article: flip, zoom 0.2, shear 0.2. strong: adds rotation, translation, contrast, '
+    'brightness, gamma, blur, noise and downscale.')
+
+
+def _augment_help(key: str, text: str) -> str:
+  return f'{text} Default: the --augment preset\'s (article: {_ARTICLE[key]}).'
+
+
+# Default None = the preset's value; only flags given on the command line override it.
+_AUGMENT_FLAGS = {
+    'flip': flags.DEFINE_boolean('augment_flip', None, _augment_help('flip',
+                                                                     'Random left-right flip.')),
+    'zoom': flags.DEFINE_float('augment_zoom', None, _augment_help(
+        'zoom', 'Zoom each axis by a factor in [1 - z, 1 + z].')),
+    'shear': flags.DEFINE_float('augment_shear', None, _augment_help(
+        'shear', 'Maximum shear angle in DEGREES (the article: 0.2).')),
+    'rotation': flags.DEFINE_float('augment_rotation', None, _augment_help(
+        'rotation', 'Maximum rotation in degrees.')),
+    'translation': flags.DEFINE_float('augment_translation', None, _augment_help(
+        'translation', 'Maximum shift, as a fraction of the side.')),
+    'contrast': flags.DEFINE_float('augment_contrast', None, _augment_help(
+        'contrast', 'Contrast factor in [1 - c, 1 + c].')),
+    'brightness': flags.DEFINE_float('augment_brightness', None, _augment_help(
+        'brightness', 'Add up to +-b to the [0, 1] pixels.')),
+    'gamma': flags.DEFINE_float('augment_gamma', None, _augment_help(
+        'gamma', 'x ** gamma, gamma log-uniform in [1 / (1 + g), 1 + g]; in [0, 1].')),
+    'blur': flags.DEFINE_float('augment_blur', None, _augment_help(
+        'blur', 'Gaussian blur, sigma up to this many pixels, per image; in [0, 3].')),
+    'noise': flags.DEFINE_float('augment_noise', None, _augment_help(
+        'noise', 'Additive Gaussian noise, std up to this, per image; in [0, 0.2].')),
+    'downscale': flags.DEFINE_float('augment_downscale', None, _augment_help(
+        'downscale', 'Resample down by a factor in [1 - d, 1] and back up; in [0, 0.9].')),
+}
+
+
+def _augment_overrides() -> dict:
+  """The --augment_* flags given, checked one by one so an error names its flag."""
+  overrides = {}
+  for key, holder in _AUGMENT_FLAGS.items():
+    if holder.value is None:
+      continue
+    try:
+      augment.check_arguments(**{key: holder.value})
+    except errors.UsageError as e:
+      raise errors.UsageError(f'--augment_{key}={holder.value}: {e}') from None
+    overrides[key] = holder.value
+  return overrides
 
 
 def config_from_flags() -> dict:
   """The training config the flags describe (validated by train_lib.make_config)."""
+  try:
+    standardize.check_crop(_CROP.value)
+  except errors.UsageError as e:
+    raise errors.UsageError(f'--crop={_CROP.value}: {e}') from None
   return train_lib.make_config(
       model=_MODEL.value, image_size=_IMAGE_SIZE.value, channels=_CHANNELS.value,
       dataset=_DATASET.value, data_dir=_DATA_DIR.value, manual_dir=_MANUAL_DIR.value,
@@ -113,10 +175,8 @@ def config_from_flags() -> dict:
       deterministic=_DETERMINISTIC.value, strategy=_STRATEGY.value,
       mixed_precision=_MIXED_PRECISION.value,
       jit_compile={'auto': 'auto', 'true': True, 'false': False}[_JIT_COMPILE.value],
-      augment=dict(flip=_AUGMENT_FLIP.value, zoom=_AUGMENT_ZOOM.value,
-                   shear=_AUGMENT_SHEAR.value, rotation=_AUGMENT_ROTATION.value,
-                   translation=_AUGMENT_TRANSLATION.value, contrast=_AUGMENT_CONTRAST.value,
-                   brightness=_AUGMENT_BRIGHTNESS.value))
+      crop=_CROP.value, equalize=_EQUALIZE.value, balance=_BALANCE.value,
+      augment_preset=_AUGMENT.value, augment=_augment_overrides())
 
 
 def main(argv: list[str]) -> int:

@@ -36,6 +36,7 @@ def _tiny_examples(split: str):
         'image': image, 'label': label, 'image/filename': f'{split}_{i}.png',
         'patient_id': f'p{i // 2}', 'source': ['ieee8023', 'kaggle_pediatric'][1 - label],
         'view': 'PA', 'age': np.int32(30 + i if label else -1),
+        'finding': 'COVID-19' if label else 'No Finding',
     }
 
 
@@ -64,7 +65,34 @@ NAME = 'covidlib_test_tiny_xray'
 def tfds_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp('tfds'))
   CovidlibTestTinyXray(data_dir=data_dir).download_and_prepare()
+  CovidlibTestTinySources(data_dir=data_dir).download_and_prepare()
   return data_dir
+
+
+# Three (source, label) strata of very different sizes, as in covid_xray/adult_pediatric.
+STRATA = {('ieee8023', 1): 6, ('kaggle_pediatric', 0): 10, ('nih', 0): 2}
+
+
+def _source_examples():
+  rs = np.random.RandomState(2)
+  i = 0
+  for (source, label), count in STRATA.items():
+    for _ in range(count):
+      yield f'{source}_{i}', {
+          'image': rs.randint(0, 255, (12, 12, 1), dtype=np.uint8), 'label': label,
+          'image/filename': f'{source}_{i}.png', 'patient_id': f'p{i}', 'source': source,
+          'view': 'PA', 'age': np.int32(-1), 'finding': 'COVID-19' if label else 'No Finding'}
+      i += 1
+
+
+class CovidlibTestTinySources(CovidlibTestTinyXray):
+  """18 training examples from three sources, for source-balanced sampling."""
+
+  def _split_generators(self, dl_manager):
+    return {'train': _source_examples()}
+
+
+SOURCES = 'covidlib_test_tiny_sources'
 
 
 def _reference(image: np.ndarray, channels: int = 1) -> np.ndarray:
@@ -152,6 +180,50 @@ def test_class_counts_and_num_examples(tfds_dir):
   assert data.class_counts(NAME, 'train', tfds_dir) == (3, 3)
   assert data.class_counts(NAME, 'validation', tfds_dir) == (2, 1)
   assert data.num_examples(NAME, 'validation', tfds_dir) == 3
+
+
+def test_stratum_counts_and_steps_per_epoch(tfds_dir):
+  assert data.stratum_counts(SOURCES, 'train', tfds_dir) == dict(sorted(STRATA.items()))
+  assert data.steps_per_epoch(18, 4) == 5 and data.steps_per_epoch(16, 4) == 4
+  assert data.steps_per_epoch(3, 32) == 1
+
+
+def _balanced_draws(tfds_dir, seed, batches=100):
+  ds = data.load_tfds(SOURCES, 'train', data_dir=tfds_dir, image_size=SIZE, batch_size=6,
+                      balance='source', seed=seed, with_metadata=True)
+  draws = []
+  for images, labels, meta in ds.take(batches):
+    assert images.shape == (6, SIZE, SIZE, 1)
+    draws += list(zip(meta['source'].numpy().tolist(), labels.numpy().astype(int).tolist(),
+                      meta['filename'].numpy().tolist()))
+  return draws
+
+
+def test_balance_source_draws_every_stratum_equally_often(tfds_dir):
+  draws = _balanced_draws(tfds_dir, seed=0)
+  counts = {}
+  for source, label, _ in draws:
+    counts[(source.decode(), label)] = counts.get((source.decode(), label), 0) + 1
+  assert set(counts) == set(STRATA)
+  # 600 draws, p = 1/3 each: standard deviation 11.5; 4 of them either way.
+  for key, count in counts.items():
+    assert abs(count - 200) <= 46, counts
+  # Every example of each stratum appears (each is reshuffled and repeated, none dropped).
+  assert len({f for _, _, f in draws}) == sum(STRATA.values())
+  # The stratum of 2 images is repeated ~100 times, the one of 10 ~20 times.
+
+
+def test_balance_source_is_seeded(tfds_dir):
+  a, b = _balanced_draws(tfds_dir, 0, 10), _balanced_draws(tfds_dir, 0, 10)
+  assert a == b
+  assert a != _balanced_draws(tfds_dir, 1, 10)
+
+
+def test_balance_errors_are_named(tfds_dir):
+  with pytest.raises(errors.UsageError, match="balance must be one of none, source, got 'x'"):
+    data.load_tfds(SOURCES, 'train', data_dir=tfds_dir, balance='x')
+  with pytest.raises(errors.UsageError, match="balance='source' repeats forever already"):
+    data.load_tfds(SOURCES, 'train', data_dir=tfds_dir, balance='source', repeat=2)
 
 
 def test_unknown_split_names_the_available_ones(tfds_dir):

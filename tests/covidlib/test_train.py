@@ -101,7 +101,14 @@ def test_make_config_fills_defaults_and_merges_augment():
     ({'deterministic': True, 'seed': None}, 'deterministic=True needs a seed'),
     ({'strategy': 'gpu'}, 'config strategy must be one of default, one_device'),
     ({'mixed_precision': 'fp16'}, 'config mixed_precision must be one of off, auto'),
-    ({'augment': {'blur': 1}}, r"unknown augment keys \['blur'\]"),
+    ({'augment': {'sharpen': 1}}, r"unknown augment keys \['sharpen'\]"),
+    ({'augment': {'gamma': 2.0}}, r'gamma must be a number in \[0, 1\], got 2.0'),
+    ({'augment_preset': 'heavy'}, "config augment_preset must be one of article, strong, got "
+                                  "'heavy'"),
+    ({'crop': 0.5}, r'crop must be a number in \[0, 0.4\)'),
+    ({'equalize': 'clahe'}, "equalize must be one of none, histogram, got 'clahe'"),
+    ({'balance': 'label'}, "config balance must be 'none' or 'source', got 'label'"),
+    ({'balance': 'source', 'dataset': 'folder:/x'}, "balance='source' needs a TFDS dataset"),
     ({'dataset': ''}, "config dataset must be 'name/config' or 'folder:ROOT', got ''"),
 ])
 def test_make_config_names_the_bad_key(overrides, message):
