@@ -2,6 +2,7 @@
 
     python -m covidlib_tfds.audit --config=seed --data_dir=DIR            # exit 1: leakage
     python -m covidlib_tfds.audit --config=patient_split --data_dir=DIR   # exit 0: clean
+    python -m covidlib_tfds.audit --config=adult --data_dir=DIR           # exit 0: clean
     python -m covidlib_tfds.audit --config=seed --data_dir=DIR --allow_leakage  # report, exit 0
 
 Library use: `report = audit('covid_xray/seed', data_dir=DIR); print(report.format())`.
@@ -10,7 +11,8 @@ It reads every example of every split, and lists:
 - every patient (same `source` and non-empty `patient_id`) found in more than one split;
 - every pair of images in different splits whose perceptual hashes are near-duplicates (the hash
   and threshold of `covidlib_tfds.perceptual_hash`, the ones the patient splitter uses);
-- per split: examples, class balance and source mix.
+- per split: examples, class balance and source mix (and, for other_findings, that label 0
+  means "not COVID-19" there).
 Exit status: 0 clean (or --allow_leakage), 1 leakage found or a data error, 2 usage error (unknown
 config, config not built), each error as one line on stderr.
 """
@@ -63,6 +65,7 @@ class AuditReport:
   shared_patients: list[SharedPatient]
   near_duplicates: list[NearDuplicate]
   max_bits: int
+  note: str = ''  # What the labels mean where it is not the usual (other_findings).
 
   @property
   def leakage(self) -> bool:
@@ -71,7 +74,8 @@ class AuditReport:
   def format(self) -> str:
     """The report as plain text, one fact per line."""
     label_names = sorted({n for s in self.splits.values() for n in s.labels})
-    lines = [f'Leakage audit of {self.dataset}', '',
+    lines = [f'Leakage audit of {self.dataset}'] + ([f'Note: {self.note}'] if self.note else [])
+    lines += ['',
              f'{"split":<12}{"examples":>9}' + ''.join(f'{n:>9}' for n in label_names)
              + '  sources']
     for name, split in self.splits.items():
@@ -155,14 +159,15 @@ def audit(builder_or_name: tfds.core.DatasetBuilder | str, data_dir: epath.PathL
       key=lambda d: (d.distance, d.file_a, d.file_b))
   version = f'{builder.name}/{builder.builder_config.name}:{builder.version}'
   return AuditReport(dataset=version, splits=summaries, shared_patients=shared,
-                     near_duplicates=duplicates, max_bits=max_bits)
+                     near_duplicates=duplicates, max_bits=max_bits,
+                     note=builder.info.metadata.get('label_note', ''))
 
 
 FLAGS = flags.FlagValues()  # This binary's own flags (see covidlib_tfds.cli).
 _DATASET = flags.DEFINE_string('dataset', 'covid_xray', 'The TFDS dataset name.',
                                flag_values=FLAGS)
-_CONFIG = flags.DEFINE_string('config', 'seed', 'The config to audit, e.g. seed, patient_split.',
-                              flag_values=FLAGS)
+_CONFIG = flags.DEFINE_string('config', 'seed', 'The config to audit, e.g. seed, patient_split, '
+                              'adult, adult_pediatric, other_findings.', flag_values=FLAGS)
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Where the dataset was built '
                                 '(default: TFDS_DATA_DIR or ~/tensorflow_datasets).',
                                 flag_values=FLAGS)

@@ -1,16 +1,26 @@
 """Builds a covid_xray config, with one-line errors instead of tracebacks.
 
-    python -m covidlib_tfds.build --config=seed --manual_dir=../shared/data/covid_xray_seed \
+    python -m covidlib_tfds.build --config=adult --manual_dir=../shared/data --data_dir=DIR \
+        --allow_missing
+    python -m covidlib_tfds.build --config=other_findings --manual_dir=../shared/data \
         --data_dir=DIR --allow_missing
-    python -m covidlib_tfds.build --config=patient_split \
-        --manual_dir=../shared/data/covid_xray_seed --data_dir=DIR --allow_missing
+    python -m covidlib_tfds.build --config=seed --manual_dir=../shared/data --data_dir=DIR \
+        --allow_missing
 
+Configs: seed, patient_split, curated (the article's data), adult, adult_pediatric (adult
+COVID-19 vs NIH adult normals, and also the Kaggle pediatric normals), other_findings (other
+findings, evaluation only: label 0 means NOT COVID-19 there). One --manual_dir serves every config
+but curated: the folder holding covid_xray_seed/, nih_adult_normals/ and ieee8023_more/ (seed and
+patient_split also take the folder holding the archive's zip itself); whatever it lacks is
+downloaded from GitHub at a pinned commit and verified.
 The same as `tfds build covid_xray/<config>/allow_missing=True --imports=covidlib_tfds
 --manual_dir=... --data_dir=...`, which needs apache-beam installed (the `tfds` command of
 tensorflow-datasets 4.9.10 imports it at start-up); this one does not.
---allow_missing lets the build go on when images the manifest lists are absent from the archive
-(our offline copy lacks one); they are logged by name, listed in
-`info.metadata['missing_files']`, and printed here.
+--allow_missing lets the build go on when images a manifest lists are absent (our offline copy of
+the archive lacks one); they are logged by name, listed in `info.metadata['missing_files']`, and
+printed here. Images a config leaves out on purpose (COVID-19 patients under 18 in the adult
+configs; other findings linked to an adult COVID-19 image) are printed with the reason and listed
+in `info.metadata['excluded']`.
 A config already built in DATA_DIR is reused, not rebuilt (pass --overwrite to rebuild it).
 Exit status: 0 built, 1 a data error (changed, missing, unexpected or undecodable image), 2 a
 usage error (unknown config, bad flag).
@@ -34,11 +44,13 @@ _BINARY = 'covidlib_tfds.build'
 FLAGS = flags.FlagValues()  # This binary's own flags (see covidlib_tfds.cli).
 _DATASET = flags.DEFINE_string('dataset', 'covid_xray', 'The TFDS dataset name.',
                                flag_values=FLAGS)
-_CONFIG = flags.DEFINE_string('config', 'seed', 'The config to build: seed, patient_split or '
-                              'curated.', flag_values=FLAGS)
-_MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Folder holding the source archive (seed, '
-                                  'patient_split) or the raw collections (curated).',
-                                  flag_values=FLAGS)
+_CONFIG = flags.DEFINE_string('config', 'seed', 'The config to build: seed, patient_split, '
+                              'curated, adult, adult_pediatric or other_findings.',
+                              flag_values=FLAGS)
+_MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Folder holding covid_xray_seed/, '
+                                  'nih_adult_normals/ and ieee8023_more/ (e.g. ../shared/data; '
+                                  'what it lacks is downloaded), or the raw collections '
+                                  '(curated).', flag_values=FLAGS)
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'Where to write the prepared dataset '
                                 '(default: TFDS_DATA_DIR or ~/tensorflow_datasets).',
                                 flag_values=FLAGS)
@@ -79,6 +91,11 @@ def main(argv: list[str]) -> int:
   print(f'{name}:{builder.version} in {builder.data_dir}: {sizes}')
   missing = builder.info.metadata.get('missing_files', [])
   print(f'missing images (allowed): {len(missing)}' + ''.join(f'\n  {m}' for m in missing))
+  excluded = builder.info.metadata.get('excluded', [])
+  print(f'excluded images: {len(excluded)}' + ''.join(f'\n  {e}' for e in excluded))
+  note = builder.info.metadata.get('label_note')
+  if note:
+    print(f'note: {note}')
   return 0
 
 

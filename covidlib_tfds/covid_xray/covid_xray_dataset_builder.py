@@ -78,6 +78,10 @@ MAX_SIDE = 1024
 _SPLIT_SEED = 2020  # Fixes the patient-level splits (and the curated config's normal sample).
 _SPLIT_FRACTIONS = {'train': 0.6, 'validation': 0.2, 'test': 0.2}
 _ADULT_AGE = 18  # The adult configs keep COVID-19 patients this old or older, or of unknown age.
+OTHER_FINDINGS_LABEL_NOTE = (
+    'covid_xray/other_findings: label 0 ("normal") means NOT COVID-19 here, films with other '
+    'findings (SARS, Pneumocystis, Streptococcus, ARDS, ...), not healthy ones; for evaluation '
+    'only: does a model see COVID-19, or any opacity?')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +266,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       load, images, missing, excluded = self._other_findings(dl_manager)
     self.info.metadata['missing_files'] = missing
     self.info.metadata['excluded'] = excluded
+    if config.source == 'other_findings':
+      self.info.metadata['label_note'] = OTHER_FINDINGS_LABEL_NOTE
     for line in excluded:
       logging.warning('Excluded from covid_xray/%s: %s', config.name, line)
     if config.split == 'by_patient':

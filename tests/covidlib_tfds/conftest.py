@@ -74,3 +74,11 @@ def built_dummy(tmp_path_factory) -> epath.Path:
   for config in ('seed', 'patient_split'):
     Dummy.build(config, data_dir)
   return epath.Path(data_dir)
+
+
+@pytest.fixture(scope='session')
+def built_shared(tmp_path_factory) -> dict[str, tfds.core.DatasetBuilder]:
+  """adult, adult_pediatric and other_findings built from dummy_data/shared, by config."""
+  data_dir = tmp_path_factory.mktemp('tfds_shared')
+  return {config: Dummy.build(config, data_dir, manual_dir=Dummy.shared)
+          for config in ('adult', 'adult_pediatric', 'other_findings')}

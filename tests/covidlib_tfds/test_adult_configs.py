@@ -66,14 +66,6 @@ def _examples(builder):
   return found
 
 
-@pytest.fixture(scope='module')
-def built_shared(dummy, tmp_path_factory):
-  """A data_dir holding adult, adult_pediatric and other_findings built from dummy_data/shared."""
-  data_dir = tmp_path_factory.mktemp('tfds')
-  return {config: dummy.build(config, data_dir, manual_dir=dummy.shared)
-          for config in ('adult', 'adult_pediatric', 'other_findings')}
-
-
 def _offline_copy(dummy, tmp_path, *folders):
   """A manual dir holding only `folders` of dummy_data/shared (always covid_xray_seed/)."""
   manual = tmp_path / 'manual'

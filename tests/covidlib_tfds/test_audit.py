@@ -131,3 +131,14 @@ def test_build_binary_unknown_config_exit_2(capsys):
   assert _run(build, '--config=nope') == 2
   assert capsys.readouterr().err.startswith("covidlib_tfds.build: error: covid_xray: unknown "
                                             "config 'nope'")
+
+
+def test_audit_of_adult_is_clean_and_other_findings_says_what_label_0_means(built_shared, capsys):
+  data_dir = built_shared['adult'].data_dir_root
+  assert _run(audit, '--config=adult', f'--data_dir={data_dir}') == 0
+  assert 'Leakage: none found' in capsys.readouterr().out
+  assert _run(audit, '--config=other_findings', f'--data_dir={data_dir}') == 0
+  out = capsys.readouterr().out
+  assert out.startswith('Leakage audit of covid_xray/other_findings:1.1.0\nNote: '
+                        'covid_xray/other_findings: label 0 ("normal") means NOT COVID-19 here')
+  assert '\ntest                3        3  ieee8023 3\n' in out  # Label 0 only.
