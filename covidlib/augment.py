@@ -141,7 +141,9 @@ class RandomGamma(_RandomLayer):
 
 @keras.saving.register_keras_serializable(package='covidlib')
 class RandomNoise(_RandomLayer):
-  """Adds Gaussian noise, standard deviation uniform in [0, stddev] per image, then clips."""
+  """Adds Gaussian noise, standard deviation uniform in [0, stddev] per image, then clips.
+
+  The same noise field for every channel, so a gray image in 3 channels stays gray."""
 
   def __init__(self, stddev: float, seed: int | None = None, **kwargs):
     super().__init__(seed=seed, **kwargs)
@@ -149,7 +151,10 @@ class RandomNoise(_RandomLayer):
 
   def augment(self, images):
     sigma = keras.random.uniform(_per_image(images), 0.0, self.stddev, seed=self.seed_generator)
-    noise = keras.random.normal(tf.shape(images), seed=self.seed_generator)
+    # One noise field per image, shared by its channels: a gray image (repeated into 3
+    # channels for some networks) stays gray.
+    shape = tf.concat([tf.shape(images)[:-1], [1]], axis=0)
+    noise = keras.random.normal(shape, seed=self.seed_generator)
     return images + sigma * noise
 
   def get_config(self):

@@ -21,6 +21,10 @@ ONLY = {
     'translation': dict(translation=0.2),
     'brightness': dict(brightness=0.5),
     'contrast': dict(contrast=0.5),
+    'gamma': dict(gamma=0.5),
+    'blur': dict(blur=2.0),
+    'noise': dict(noise=0.1),
+    'downscale': dict(downscale=0.6),
 }
 NONE = dict(flip=False, zoom=0.0, shear=0.0)
 
@@ -147,6 +151,10 @@ def test_unbatched_image_is_refused_not_misread():
     (dict(contrast='0.2'), "contrast must be a number in [0, 1], got '0.2'"),
     (dict(brightness=1.5), 'brightness must be a number in [0, 1], got 1.5'),
     (dict(flip='yes'), "flip must be True or False, got 'yes'"),
+    (dict(gamma=1.5), 'gamma must be a number in [0, 1], got 1.5'),
+    (dict(blur=-1), 'blur must be a number in [0, 3], got -1'),
+    (dict(noise=0.5), 'noise must be a number in [0, 0.2], got 0.5'),
+    (dict(downscale=0.95), 'downscale must be a number in [0, 0.9], got 0.95'),
     (dict(seed=-3), 'seed must be a non-negative integer or None, got -3'),
     (dict(fill_mode='mirror'), "fill_mode must be one of nearest, reflect, constant, wrap, "
                                "got 'mirror'"),
@@ -204,3 +212,71 @@ def test_augmentation_stays_float32_under_mixed_precision():
   finally:
     keras.mixed_precision.set_global_policy('float32')
   assert y.dtype == 'float32'
+
+
+# ---------------------------------------------------------------------------------------------
+# Image-quality and intensity augmentations, presets.
+
+def test_presets():
+  article = augment.build_augmentation(**augment.PRESETS['article'])
+  assert [l.name for l in article.layers] == ['flip', 'shear', 'zoom']
+  assert augment.PRESETS['article'] == dict(zip(augment.KEYS, [True, 0.2, 0.2] + [0.0] * 8))
+  strong = augment.build_augmentation(**augment.PRESETS['strong'], seed=0)
+  assert [l.name for l in strong.layers] == [
+      'flip', 'rotation', 'shear', 'zoom', 'translation', 'downscale', 'blur', 'brightness',
+      'contrast', 'gamma', 'noise']
+  x = _images(n=8, size=32)
+  y = np.asarray(strong(x, training=True))
+  assert y.shape == x.shape and 0.0 <= y.min() and y.max() <= 1.0
+  np.testing.assert_array_equal(np.asarray(strong(x, training=False)), x)
+
+
+def test_gamma_stays_within_its_range():
+  x = np.full((64, 4, 4, 1), 0.5, np.float32)
+  y = np.asarray(_only('gamma', gamma=0.3, seed=0)(x, training=True))[:, 0, 0, 0]
+  gammas = np.log(y) / np.log(0.5)
+  assert gammas.min() >= 1 / 1.3 - 1e-5 and gammas.max() <= 1.3 + 1e-5
+  assert gammas.min() < 0.9 and gammas.max() > 1.1   # Both darker and brighter.
+
+
+def test_noise_is_per_image_and_bounded():
+  x = np.full((32, 24, 24, 1), 0.5, np.float32)
+  y = np.asarray(_only('noise', noise=0.05, seed=0)(x, training=True))
+  stds = (y - x).std(axis=(1, 2, 3))
+  assert stds.max() <= 0.05 * 1.2 and stds.min() < 0.02 < stds.max()
+
+
+def test_downscale_and_blur_keep_some_images_and_soften_others():
+  checker = (np.indices((24, 24)).sum(axis=0) % 2).astype('float32')  # Finest detail.
+  x = np.tile(checker[None, :, :, None], (16, 1, 1, 1))
+  for name in ('downscale', 'blur'):
+    y = np.asarray(_only(name, seed=2)(x, training=True))
+    kept = [np.array_equal(y[i], x[i]) for i in range(16)]
+    assert any(kept) and not all(kept), name   # Level 0 (identity) is one of five.
+    softened = [i for i in range(16) if not kept[i]]
+    assert all(np.abs(y[i] - 0.5).mean() < np.abs(x[i] - 0.5).mean() for i in softened), name
+
+
+def test_new_layers_round_trip_and_load_with_safe_mode(tmp_path):
+  layer = augment.build_augmentation(gamma=0.3, blur=1.0, noise=0.02, downscale=0.5, seed=4)
+  for sub in layer.layers[-4:]:
+    config = json.loads(json.dumps(sub.get_config()))
+    assert type(sub).from_config(config).get_config() == sub.get_config()
+  model = models.build_model('compact_resnet', image_size=24, channels=1, seed=0)
+  training = augment.training_model(model, layer)
+  training.save(tmp_path / 'training.keras')
+  loaded = keras.saving.load_model(tmp_path / 'training.keras', safe_mode=True)
+  assert [l.name for l in loaded.get_layer('augmentation').layers] == [
+      'flip', 'shear', 'zoom', 'downscale', 'blur', 'gamma', 'noise']
+  x = _images()
+  np.testing.assert_array_equal(loaded.predict(x, verbose=0), training.predict(x, verbose=0))
+
+
+def test_new_layers_compile_with_xla():
+  """Static shapes only: unlike Keras' geometric layers these do not turn off jit_compile."""
+  layer = augment.build_augmentation(flip=False, zoom=0.0, shear=0.0, gamma=0.3, blur=1.0,
+                                     noise=0.02, downscale=0.5, seed=0)
+  assert all(l.supports_jit for l in layer.layers)
+  run = tf.function(lambda b: layer(b, training=True), jit_compile=True)
+  y = run(tf.constant(_images())).numpy()
+  assert y.shape == (8, 24, 24, 1) and 0.0 <= y.min() and y.max() <= 1.0
