@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from covidlib import augment
 from covidlib import errors
 from covidlib import model_dir as md
 from covidlib import train
@@ -83,6 +84,16 @@ def test_make_config_fills_defaults_and_merges_augment():
   assert config['augment'] == {**train.DEFAULT_CONFIG['augment'], 'rotation': 5.0}
   assert train.DEFAULT_CONFIG['augment']['rotation'] == 0.0  # Defaults untouched.
   assert json.loads(json.dumps(config)) == config  # JSON-safe for config.json.
+
+
+def test_augment_preset_and_overrides():
+  config = train.make_config(augment_preset='strong', augment={'noise': 0.01})
+  assert config['augment'] == {**augment.PRESETS['strong'], 'noise': 0.01}
+  assert train.make_config(**config) == config  # Idempotent: config.json rebuilds itself.
+  assert train.make_config()['augment'] == augment.PRESETS['article']
+  defaults = train.make_config()
+  assert (defaults['crop'], defaults['equalize'], defaults['balance'],
+          defaults['augment_preset']) == (0.0, 'none', 'none', 'article')
 
 
 @pytest.mark.parametrize('overrides, message', [
@@ -182,6 +193,24 @@ def test_resuming_with_another_config_names_the_keys(tmp_path):
           'learning_rate: 0.001 saved, 0.01 now)') in str(e.value)
 
 
+def test_a_run_from_before_the_shortcut_options_still_resumes(tmp_path):
+  # A config.json written before crop, equalize, balance, augment_preset and the new augment
+  # keys existed: it ran with their defaults, so the same command resumes it.
+  old = tiny_config()
+  for key in ('crop', 'equalize', 'balance', 'augment_preset'):
+    del old[key]
+  old['augment'] = {k: v for k, v in old['augment'].items()
+                    if k not in ('gamma', 'blur', 'noise', 'downscale')}
+  md.write_json(tmp_path / md.CONFIG, old)
+  md.write_json(tmp_path / md.CHECKPOINTS / train.STATE, {'epoch': 1})
+  train._check_model_dir(str(tmp_path), tiny_config(), overwrite=False)  # No error.
+  with pytest.raises(errors.UsageError) as e:
+    train._check_model_dir(str(tmp_path), tiny_config(crop=0.1, augment_preset='strong'),
+                           overwrite=False)
+  assert "crop: 0.0 saved, 0.1 now" in str(e.value)
+  assert "augment_preset: 'article' saved, 'strong' now" in str(e.value)
+
+
 def test_a_failed_start_leaves_nothing_to_conflict_with(tmp_path):
   model_dir = tmp_path / 'run'
   with pytest.raises(errors.UsageError, match='no such folder'):
@@ -278,6 +307,85 @@ def test_mixed_precision_run_saves_a_float32_model(tmp_path):
   model = md.load_model(model_dir)
   assert {layer.dtype_policy.name for layer in model.layers} == {'float32'}
   assert model(np.zeros((1, 32, 32, 1), np.float32)).dtype == tf.float32
+
+
+def test_standardization_is_in_the_saved_model_under_mixed_precision(tmp_path):
+  model_dir = tmp_path / 'run'
+  fit(tiny_config(epochs=1, mixed_precision='mixed_bfloat16', model='compact_resnet',
+                  image_size=32, crop=0.1, equalize='histogram', augment_preset='strong'),
+      model_dir, train_data=tiny_data(0).map(lambda x, y: (tf.image.resize(x, (32, 32)), y)),
+      validation_data=None)
+  model = md.load_model(model_dir)
+  assert [l.name for l in model.layers[:3]] == ['image', 'crop', 'equalize']
+  assert {layer.dtype_policy.name for layer in model.layers} == {'float32'}
+  assert md.load_config(model_dir)['augment'] == augment.PRESETS['strong']
+
+
+def _source_examples():
+  """(source, label) strata of 6, 10 and 2 tiny gray images; COVID-19 ones brighter."""
+  rs = np.random.RandomState(0)
+  i = 0
+  for (source, label), count in ((('ieee8023', 1), 6), (('kaggle_pediatric', 0), 10),
+                                 (('nih', 0), 2)):
+    for _ in range(count):
+      image = rs.randint(0, 120, (SIZE, SIZE, 1), dtype=np.uint8) + 100 * label
+      yield f'{i}', {'image': image.astype(np.uint8), 'label': label,
+                     'image/filename': f'{i}.png', 'patient_id': f'p{i}', 'source': source,
+                     'view': 'PA', 'age': np.int32(-1), 'finding': ''}
+      i += 1
+
+
+@pytest.fixture(scope='module')
+def sources_tfds(tmp_path_factory):
+  import tensorflow_datasets as tfds
+  from covidlib_tfds.covid_xray import covid_xray_dataset_builder
+
+  class CovidlibTestTrainSources(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=covid_xray_dataset_builder.features())
+
+    def _split_generators(self, dl_manager):
+      return {'train': _source_examples(), 'validation': _source_examples()}
+
+    def _generate_examples(self):
+      raise NotImplementedError
+
+  data_dir = str(tmp_path_factory.mktemp('tfds'))
+  CovidlibTestTrainSources(data_dir=data_dir).download_and_prepare()
+  return 'covidlib_test_train_sources', data_dir
+
+
+class BatchCounter(keras.callbacks.Callback):
+  def __init__(self):
+    super().__init__()
+    self.batches = []
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self.batches.append(0)
+
+  def on_train_batch_end(self, batch, logs=None):
+    self.batches[-1] += 1
+
+
+def test_balance_source_trains_split_size_over_batch_steps(tmp_path, sources_tfds):
+  dataset, data_dir = sources_tfds
+  counter = BatchCounter()
+  config = tiny_config(dataset=dataset, data_dir=data_dir, balance='source',
+                       class_weight='balanced')
+  history = train.train(config, tmp_path / 'run', callbacks=[counter])
+  assert counter.batches == [5, 5]  # ceil(18 / 4) per epoch, though the dataset is infinite.
+  assert len(history['val_loss']) == 2
+  # Two normal strata and one COVID-19 stratum, drawn equally: normals are 2/3 of the draws.
+  assert train._balanced_class_counts(config) == (2, 1)
+  assert md.load_config(tmp_path / 'run')['balance'] == 'source'
+
+
+def test_balance_cannot_rebalance_given_data(tmp_path):
+  with pytest.raises(errors.UsageError, match="balance='source' balances the dataset the "
+                     'config names; it cannot re-balance train_data given directly'):
+    fit(tiny_config(balance='source', dataset='covid_xray/adult'), tmp_path / 'run')
 
 
 def test_manual_dir_builds_the_dataset_first(tmp_path, monkeypatch):

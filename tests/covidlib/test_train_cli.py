@@ -87,6 +87,21 @@ def test_main_trains_and_writes_the_model_dir(tmp_path, make_folder):
   assert md.load_model(model_dir).input_shape == (None, 24, 24, 1)
 
 
+def test_shortcut_flags_are_recorded_in_config_json(tmp_path, make_folder):
+  model_dir, dataset = tmp_path / 'run', make_folder()
+  status, _, stderr = call(**tiny_flags(model_dir, dataset, crop=0.1, equalize='histogram',
+                                        augment='strong', augment_noise=0.01,
+                                        augment_flip=False))
+  assert status == 0, stderr
+  config = md.load_config(model_dir)
+  assert config == train_lib.make_config(
+      model='seed_cnn', image_size=24, batch_size=4, epochs=1, mixed_precision='off',
+      dataset=dataset, crop=0.1, equalize='histogram', augment_preset='strong',
+      augment={'noise': 0.01, 'flip': False})
+  assert config['augment']['rotation'] == 10.0  # From the preset.
+  assert [l.name for l in md.load_model(model_dir).layers[:3]] == ['image', 'crop', 'equalize']
+
+
 def test_summary_line_and_finished_model_dir_refused(tmp_path, make_folder):
   flag_values = tiny_flags(tmp_path / 'run', make_folder())
   status, stdout, stderr = call(**flag_values)
@@ -109,6 +124,10 @@ def test_summary_line_and_finished_model_dir_refused(tmp_path, make_folder):
     ({'dataset': 'folder:/nonexistent/xrays'}, 2, '/nonexistent/xrays/train: no such folder'),
     ({'dataset': 'covid_xray/seed', 'data_dir': '/nonexistent/tfds'}, 1,
      "dataset 'covid_xray/seed' is not built in data_dir '/nonexistent/tfds'"),
+    ({'crop': 0.5}, 2, '--crop=0.5: crop must be a number in [0, 0.4)'),
+    ({'augment_gamma': 2.0}, 2, '--augment_gamma=2.0: gamma must be a number in [0, 1], got 2.0'),
+    ({'augment_downscale': -0.1}, 2, '--augment_downscale=-0.1: downscale must be a number'),
+    ({'balance': 'source'}, 2, "balance='source' needs a TFDS dataset with a source feature"),
 ])
 def test_errors_are_one_line_with_exit_status(tmp_path, make_folder, overrides, status, message):
   got_status, _, stderr = call(**{**tiny_flags(tmp_path / 'run', make_folder()), **overrides})
@@ -138,6 +157,12 @@ def test_usage_errors_from_the_command_line(tmp_path):
       'missing model_dir': ([], 'flag --model_dir is required'),
       'unknown model': ([f'--model_dir={tmp_path}/a', '--model=vgg16'],
                         "unknown model 'vgg16'; valid models: compact_resnet, seed_cnn"),
+      'unknown equalize': ([f'--model_dir={tmp_path}/a', '--equalize=clahe'],
+                           'flag --equalize=clahe: value should be one of <none|histogram>'),
+      'unknown preset': ([f'--model_dir={tmp_path}/a', '--augment=heavy'],
+                         'flag --augment=heavy: value should be one of <article|strong>'),
+      'crop out of range': ([f'--model_dir={tmp_path}/a', '--crop=0.4'],
+                            '--crop=0.4: crop must be a number in [0, 0.4)'),
   }
   procs = {name: _start(args) for name, (args, _) in cases.items()}
   for name, proc in procs.items():
