@@ -45,15 +45,26 @@ DATA_SOURCES = """\
   `license`: CC BY, CC BY-NC-SA, Apache 2.0, unknown ...). Check them before redistributing.
 - **Normal images**: "Chest X-Ray Images (Pneumonia)", D. Kermany, K. Zhang, M. Goldbaum et al.
   (Mendeley Data v2, doi:10.17632/rscbjbr9sj.2; Cell 2018), **CC BY 4.0**: pediatric patients
-  aged 1 to 5 from one hospital (Guangzhou Women and Children's Medical Center)."""
+  aged 1 to 5 from one hospital (Guangzhou Women and Children's Medical Center). In configs
+  `seed`, `patient_split`, `curated` and `adult_pediatric`.
+- **Adult normal images** (configs `adult`, `adult_pediatric`): 427 "No Finding" films of the
+  NIH Clinical Center ChestX-ray14 set (X. Wang et al., CVPR 2017; nihcc.app.box.com/v/
+  ChestXray-NIHCC), adults aged 18-82 from ONE site; NIH states no restrictions on use; cite Wang
+  et al. and acknowledge the NIH Clinical Center.
+- **Other findings** (config `other_findings`, evaluation only): 51 SARS, Pneumocystis,
+  bacterial pneumonia, ARDS... films of the same ieee8023 collection; label 0 there means "not
+  COVID-19", not "normal"."""
 
 CONFOUNDS = """\
-- **Pediatric normals against adult COVID-19 images.** Every normal image is a child's X-ray from
-  one hospital; the COVID-19 images are adults from many sources. A model can separate the
-  classes by age, body size, scanner, hospital or annotation style without seeing any disease
-  (DeGrave et al., Nature Machine Intelligence 2021: such models "appear accurate, but fail when
-  tested in new hospitals"). Per-source metrics below cannot remove this: within a source only
-  one class exists.
+- **Each class from its own sources.** COVID-19 images are adults from many papers and
+  hospitals (figures, often cropped, annotated and re-compressed); normals are either children
+  from one hospital (`seed`, `patient_split`) or adults from one NIH site (`adult`). A model can
+  separate the classes by age, body size, scanner, hospital or annotation style without seeing
+  any disease (DeGrave et al., Nature Machine Intelligence 2021: such models "appear accurate,
+  but fail when tested in new hospitals"). Per-source metrics cannot remove this: within a
+  source only one class exists. The shortcut figures above are the evidence that counts:
+  within-source ROC-AUC, specificity on normals from sources never trained on, the source probe
+  and the share of other findings called COVID-19.
 - **Mixed file formats.** Every normal image is a grayscale JPEG, while COVID-19 images are RGB
   JPEG, RGBA PNG and gray JPEG: the file format alone predicts the label. covidlib canonicalises
   every image to one 8-bit gray channel (BT.601 luma, alpha dropped, 16-bit scaled) in its one

@@ -69,3 +69,32 @@ def test_find_evaluation_report_takes_the_newest(tmp_path, evaluation):
   model_dir_lib.write_json(tmp_path / 'not_a_report.json', {'a': 1})
   with pytest.raises(errors.DataError, match='not a covidlib-evaluate report'):
     model_card.load_evaluation_report(str(tmp_path / 'not_a_report.json'))
+
+
+def test_card_shows_the_shortcut_figures(evaluation):
+  from covidlib import shortcuts
+
+  rs = np.random.RandomState(3)
+  evaluated = shortcuts.Scored(np.array([1] * 20 + [0] * 20), rs.rand(40),
+                               {'source': np.array(['ieee8023'] * 20 + ['nih'] * 20, object)})
+  other = shortcuts.Scored(np.zeros(10, np.int64), rs.rand(10),
+                           {'source': np.array(['ieee8023'] * 10, object)})
+  pediatric = shortcuts.Scored(np.zeros(12, np.int64), rs.rand(12),
+                               {'source': np.array(['kaggle_pediatric'] * 12, object)})
+  section = shortcuts.shortcut_report(
+      None, DECISION, evaluated, other=other, other_description='covid_xray/other_findings',
+      unseen={'kaggle_pediatric': (pediatric, 'pediatric normals')}, probe=False,
+      n_bootstrap=50)
+  card = model_card.render_model_card(CONFIG, DECISION,
+                                      evaluation={**evaluation, 'shortcuts': section},
+                                      evaluation_source='r', parity=None, files=[])
+  auc = section['within_source']['ieee8023: COVID-19 vs other findings']['roc_auc']
+  assert f'| ieee8023: COVID-19 vs other findings | 20 | 10 (other findings (not COVID-19)) | '\
+         f'{auc["value"]:.3f} [' in card
+  spec = section['held_out_source'][0]['specificity']['value']
+  assert f'| kaggle_pediatric | never in the training set: evaluated directly | 12 | ' \
+         f'{spec:.3f} [' in card
+  assert 'not COVID-19' in card and '## Shortcuts: source, not disease?' in card
+  bare = model_card.render_model_card(CONFIG, DECISION, evaluation=evaluation,
+                                      evaluation_source='r', parity=None, files=[])
+  assert 'Not measured (covidlib-evaluate --shortcuts was off' in bare
