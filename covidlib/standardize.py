@@ -110,8 +110,11 @@ def equalize_histogram(images: tf.Tensor) -> tf.Tensor:
   height, width = _static_or_dynamic(images, 1), _static_or_dynamic(images, 2)
   channels = _static_or_dynamic(images, 3)
   pixels = height * width
-  # One row per (image, channel): (B x C, N).
-  rows = tf.reshape(tf.transpose(images, [0, 3, 1, 2]), tf.stack([-1, pixels]))
+  # One row per (image, channel): (B x C, N). A gray image needs no transpose (the common case;
+  # TFLite's transpose of a 224 x 224 image costs about as much as the histogram).
+  gray = channels == 1
+  rows = images if gray else tf.transpose(images, [0, 3, 1, 2])
+  rows = tf.reshape(rows, tf.stack([-1, pixels]))
   # Round to the nearest of the 256 levels. Written as round(255 x), clipped in int32, for the
   # full-integer TFLite model: there 255 x is an int8 tensor of scale 1 (exactly the levels
   # when the calibration images span [0, 1]) and ROUND runs on its dequantized value; a float
@@ -128,6 +131,8 @@ def equalize_histogram(images: tf.Tensor) -> tf.Tensor:
   equalized = (tf.cast(at_pixel - cdf_min, tf.float32)
                / tf.cast(tf.maximum(span, 1), tf.float32))
   equalized = tf.where(span > 0, equalized, rows)               # A constant image: unchanged.
+  if gray:
+    return tf.reshape(equalized, tf.stack([-1, height, width, 1]))
   back = tf.reshape(equalized, tf.stack([-1, channels, height, width]))
   return tf.transpose(back, [0, 2, 3, 1])
 

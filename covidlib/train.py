@@ -7,6 +7,25 @@
 
 or from the shell: `covidlib-train --model_dir=/work/runs/compact_resnet --data_dir=/tmp/tfds`.
 
+Measures against source shortcuts (issue #9), each a config key, all off by default so a plain
+config trains exactly as before:
+
+    config = train.make_config(dataset='covid_xray/adult_pediatric', data_dir='/tmp/tfds',
+                               crop=0.1, equalize='histogram',    # inside the model
+                               augment_preset='strong', augment={'noise': 0.01},
+                               balance='source')                  # in the input pipeline
+
+  crop, equalize   `covidlib.standardize` layers at the front of the inference model, so every
+                   export and `predict` runs them too (config.json records them; rebuilding the
+                   model from the config, as the float32 save after mixed precision does, keeps
+                   them).
+  augment_preset   'article' (default) or 'strong' (`covidlib.augment.PRESETS`); `augment` keys
+                   override the preset's. config.json holds the complete, resolved dict.
+  balance          'source': every (source, label) stratum of the training split drawn equally
+                   often (`covidlib.data`), `ceil(split size / batch)` steps per epoch. With
+                   class_weight='balanced' the weights follow the strata per class, which is how
+                   often each class is drawn. Not for train_data passed in (cross-validation).
+
 `train()` reads top to bottom: configuration -> strategy and precision -> model_dir (new,
 resumable, or finished) -> seeds -> input pipeline -> model and optimizer -> resume -> fit ->
 save. What it writes into model_dir is described in `covidlib.model_dir`.

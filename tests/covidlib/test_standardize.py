@@ -219,3 +219,22 @@ def test_tflite_int8_agrees_with_keras(standardized_model):
   expected = standardized_model.predict(x, verbose=0).reshape(-1)
   got = _run_tflite(data, x)
   assert np.abs(got - expected).max() <= 0.05, (got, expected)
+
+
+def test_saved_model_bytes_signature_runs_the_standardization(standardized_model, tmp_path,
+                                                              encode):
+  """Encoded PNG -> the SavedModel's one preprocessing + the model's standardization layers ==
+  covidlib.preprocess then the Keras model."""
+  saved_model = pytest.importorskip('exporters.saved_model')
+  from covidlib import model_dir as model_dir_lib
+  from covidlib import preprocess
+
+  archive = saved_model.build_archive(standardized_model, model_dir_lib.Decision())
+  archive.write_out(str(tmp_path / 'sm'), verbose=False)
+  serve = tf.saved_model.load(str(tmp_path / 'sm')).signatures['serving_default']
+  rs = np.random.RandomState(5)
+  pngs = [encode((rs.rand(40 + 5 * i, 36) ** 2 * 255).astype(np.uint8)) for i in range(3)]
+  got = serve(image_bytes=tf.constant(pngs))['probability'].numpy()
+  x = np.stack([preprocess.preprocess(preprocess.decode_image(p), 32).numpy() for p in pngs])
+  np.testing.assert_allclose(got, standardized_model.predict(x, verbose=0).reshape(-1),
+                             atol=1e-5)
