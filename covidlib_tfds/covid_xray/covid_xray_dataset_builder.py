@@ -514,12 +514,20 @@ def _patient_key(image: _Image) -> str:
 
 
 def _split_by_patient(images, load):
-  """Re-splits images by patient and near-duplicate cluster (see covidlib_tfds.splitting)."""
+  """Re-splits images by patient and near-duplicate cluster (see covidlib_tfds.splitting).
+
+  The splitter balances strata of (class, source), so a class drawn from two sources
+  (adult_pediatric's NIH and Kaggle normals) has each source spread 60/20/20 too. Where each
+  class has one source (patient_split, curated, adult) the strata are the classes, in the same
+  order: the split is the one balancing classes alone.
+  """
   keys = [_patient_key(i) for i in images]
   hashes = [perceptual_hash.image_hash(load(i.key)) for i in images]
   groups = splitting.group_images(keys, hashes)
-  labels = [int(i.label == 'covid') for i in images]
-  names = splitting.split_groups(groups, labels, _SPLIT_FRACTIONS, seed=_SPLIT_SEED)
+  strata = [(int(i.label == 'covid'), i.source) for i in images]
+  index = {stratum: n for n, stratum in enumerate(sorted(set(strata)))}
+  names = splitting.split_groups(groups, [index[s] for s in strata], _SPLIT_FRACTIONS,
+                                 seed=_SPLIT_SEED)
   empty = [name for name in _SPLIT_FRACTIONS if name not in names]
   if empty:
     raise errors.DataError(
