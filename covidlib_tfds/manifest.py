@@ -160,6 +160,8 @@ class SourceEntry:
   age: str  # As written; blank when unknown.
   sex: str
   view: str
+  width: str  # Of the prepared image, in pixels.
+  height: str
 
 
 def read_source_manifest(path: epath.PathLike) -> dict[str, SourceEntry]:

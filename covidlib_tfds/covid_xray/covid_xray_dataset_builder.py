@@ -457,8 +457,15 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                                    f'{manifest_path.name} (original_sha256)')
 
       def load(key):
-        path = keyed[key].original_path
-        return collection.prepare(read(path), f'{collection.repo}:{path}')
+        entry = keyed[key]
+        name = f'{collection.repo}:{entry.original_path}'
+        image = collection.prepare(read(entry.original_path), name)
+        # The manifest records our copy's size: a cheap check that both routes agree.
+        if (entry.width, entry.height) != (str(image.shape[1]), str(image.shape[0])):
+          raise errors.DataError(
+              f'{name}: prepared to {image.shape[1]} x {image.shape[0]}, but {key} is '
+              f'{entry.width} x {entry.height} in {manifest_path.name}')
+        return image
 
     images = [_Image(key=key, label=keyed[key].label, source=keyed[key].source,
                      patient_id=keyed[key].patient_id, view=keyed[key].view,

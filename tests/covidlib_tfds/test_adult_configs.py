@@ -255,3 +255,23 @@ def test_seed_builds_from_the_folder_holding_every_source(dummy, tmp_path):
   assert examples['CovidDataset/Train/Covid/4-x-day1.jpg']['finding'] == b'COVID-19'
   assert examples['CovidDataset/Train/Normal/IM-0156-0001.jpeg']['finding'] == b'No Finding'
   assert builder.info.metadata['excluded'] == []
+
+
+def test_download_route_checks_the_prepared_size_against_the_manifest(dummy, tmp_path):
+  lines = dummy.ieee8023_more_manifest.read_text().splitlines()
+  header = lines[0].split('\t')
+  width = header.index('width')
+  for n, line in enumerate(lines):
+    if line.startswith('images/m-sars.png\t'):
+      cells = line.split('\t')
+      cells[width] = '33'
+      lines[n] = '\t'.join(cells)
+  manifest = tmp_path / 'ieee8023_more.tsv'
+  manifest.write_text('\n'.join(lines) + '\n')
+  manual = _offline_copy(dummy, tmp_path)
+  with _download_from(dummy):
+    with pytest.raises(errors.DataError, match=(
+        'raiprabh/covid-chestxray-dataset:images/m-sars.jpeg: prepared to 32 x 40, but '
+        'ieee8023_more/images/m-sars.png is 33 x 40 in ieee8023_more.tsv')):
+      dummy.build('other_findings', tmp_path / 'data', manual_dir=manual,
+                  ieee8023_more_manifest_path=manifest)
