@@ -2,10 +2,11 @@
 
     import covidlib_tfds  # registers covid_xray with TFDS
     import tensorflow_datasets as tfds
-    ds = tfds.load('covid_xray/patient_split', split='train', data_dir=DIR)
+    ds = tfds.load('covid_xray/adult', split='train', data_dir=DIR)
 
-Build: `python -m covidlib_tfds.build --config=seed --manual_dir=DIR --data_dir=DIR`
-Audit: `python -m covidlib_tfds.audit --config=seed --data_dir=DIR`
+Build: `python -m covidlib_tfds.build --config=adult --manual_dir=../shared/data --data_dir=DIR
+--allow_missing` (configs: seed, patient_split, curated, adult, adult_pediatric, other_findings)
+Audit: `python -m covidlib_tfds.audit --config=adult --data_dir=DIR`
 Usable without the rest of covidlib's training code: it needs only covidlib.preprocess/errors.
 """
 

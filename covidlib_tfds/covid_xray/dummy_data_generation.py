@@ -42,12 +42,14 @@ from PIL import Image
 
 from covidlib_tfds import manifest as manifest_lib
 from covidlib_tfds import perceptual_hash
+from covidlib_tfds import sources
 
 DUMMY_DIR = epath.Path(__file__).parent / 'dummy_data'
 COMMIT = 'a70eb2394d4b75ef6765aa79394e765ee6f9faf2'
 ROOT = f'Covid-19-Detection-{COMMIT}/'
 NIH_REPO, NIH_COMMIT = 'muhammedtalo/COVID-19', 'ee3e2cffc0824711bed675275506b26f19be7198'
-IEEE_REPO, IEEE_COMMIT = 'raiprabh/covid-chestxray-dataset', '0e8f80adc2e951778cda8da0e8f0ee7beb00ca00'
+IEEE_REPO = 'raiprabh/covid-chestxray-dataset'
+IEEE_COMMIT = '0e8f80adc2e951778cda8da0e8f0ee7beb00ca00'
 NIH_ZIP = f'COVID-19-{NIH_COMMIT}.zip'
 IEEE_ZIP = f'covid-chestxray-dataset-{IEEE_COMMIT}.zip'
 _NIH_FOLDER = 'X-Ray Image DataSet/No_findings/'
@@ -309,16 +311,12 @@ def github_archives(nih: dict[str, bytes], ieee: dict[str, bytes]) -> dict[str, 
 def _check_hashes(files: dict[str, bytes]) -> None:
   """The planted copies must be near-duplicates and nothing else may be."""
   from covidlib_tfds.covid_xray import covid_xray_dataset_builder as builder  # Heavy: TF.
-  paths = sorted(p for p in files if p.endswith(sources_suffixes()))
+  paths = sorted(p for p in files if p.endswith(sources.IMAGE_SUFFIXES))
   hashes = [perceptual_hash.image_hash(builder.decode_for_dataset(files[p], p)) for p in paths]
   found = {(paths[i], paths[j]) for i, j, _ in perceptual_hash.near_duplicate_pairs(hashes)}
   planted = {tuple(sorted(pair)) for pair in COPIES.items()}
   planted.add(tuple(sorted([NEAR_COPY_OF, 'ieee8023_more/images/m-strep-copy.png'])))
   assert found == planted, f'near-duplicates {found}, planted {planted}'
-
-
-def sources_suffixes() -> tuple[str, ...]:
-  return ('.jpeg', '.jpg', '.png')
 
 
 def main() -> None:
