@@ -169,7 +169,7 @@ def build_model(name: str, image_size: int = 224, channels: int = 1,
 
   Args:
     crop: fraction of each side cut off (then resized back) inside the model; in [0, 0.4).
-    equalize: 'none' or 'histogram' (per-image histogram equalization inside the model).
+    equalize: 'none', 'histogram' or 'clahe' (per-image equalization inside the model).
     See `covidlib.standardize` for both.
 
   Raises:

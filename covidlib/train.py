@@ -94,7 +94,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     'jit_compile': 'auto',   # XLA; Keras' 'auto' uses it on GPU/TPU only.
     # Measures against source shortcuts (issue #9); all off by default (= the plain recipe).
     'crop': 0.0,             # Fraction of each side cut off INSIDE the model (covidlib.standardize).
-    'equalize': 'none',      # 'histogram': per-image histogram equalization inside the model.
+    'equalize': 'none',      # 'histogram' or 'clahe': per-image equalization inside the model.
     'balance': 'none',       # 'source': draw each (source, label) stratum of train equally often.
     'augment_preset': 'article',  # Base of 'augment': covidlib.augment.PRESETS ('strong').
     'augment': dict(augment.PRESETS['article']),  # build_augmentation arguments; keys given

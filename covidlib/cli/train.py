@@ -101,7 +101,8 @@ _CROP = flags.DEFINE_float(
     'borders and text markers tell sources apart. Part of the model: every export runs it.')
 _EQUALIZE = flags.DEFINE_enum(
     'equalize', _D['equalize'], list(standardize.EQUALIZE),
-    'histogram: per-image histogram equalization inside the model (after --crop).')
+    'histogram: per-image histogram equalization inside the model (after --crop); clahe: '
+    'OpenCV\'s CLAHE (clip limit 2, 8 x 8 tiles), likewise.')
 _BALANCE = flags.DEFINE_enum(
     'balance', _D['balance'], ['none', 'source'],
     'source: draw every (source, label) stratum of the training split equally often; an epoch '

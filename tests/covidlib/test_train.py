@@ -117,7 +117,7 @@ def test_augment_preset_and_overrides():
     ({'augment_preset': 'heavy'}, "config augment_preset must be one of article, strong, got "
                                   "'heavy'"),
     ({'crop': 0.5}, r'crop must be a number in \[0, 0.4\)'),
-    ({'equalize': 'clahe'}, "equalize must be one of none, histogram, got 'clahe'"),
+    ({'equalize': 'adaptive'}, "equalize must be one of none, histogram, clahe, got 'adaptive'"),
     ({'balance': 'label'}, "config balance must be 'none' or 'source', got 'label'"),
     ({'balance': 'source', 'dataset': 'folder:/x'}, "balance='source' needs a TFDS dataset"),
     ({'dataset': ''}, "config dataset must be 'name/config' or 'folder:ROOT', got ''"),

@@ -157,8 +157,9 @@ def test_usage_errors_from_the_command_line(tmp_path):
       'missing model_dir': ([], 'flag --model_dir is required'),
       'unknown model': ([f'--model_dir={tmp_path}/a', '--model=vgg16'],
                         "unknown model 'vgg16'; valid models: compact_resnet, seed_cnn"),
-      'unknown equalize': ([f'--model_dir={tmp_path}/a', '--equalize=clahe'],
-                           'flag --equalize=clahe: value should be one of <none|histogram>'),
+      'unknown equalize': ([f'--model_dir={tmp_path}/a', '--equalize=adaptive'],
+                           'flag --equalize=adaptive: value should be one of '
+                           '<none|histogram|clahe>'),
       'unknown preset': ([f'--model_dir={tmp_path}/a', '--augment=heavy'],
                          'flag --augment=heavy: value should be one of <article|strong>'),
       'crop out of range': ([f'--model_dir={tmp_path}/a', '--crop=0.4'],
