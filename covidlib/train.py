@@ -24,7 +24,8 @@ config trains exactly as before:
   balance          'source': every (source, label) stratum of the training split drawn equally
                    often (`covidlib.data`), `ceil(split size / batch)` steps per epoch. With
                    class_weight='balanced' the weights follow the strata per class, which is how
-                   often each class is drawn. Not for train_data passed in (cross-validation).
+                   often each class is drawn. With train_data passed in (cross-validation) it
+                   only describes how the caller drew that data.
 
 `train()` reads top to bottom: configuration -> strategy and precision -> model_dir (new,
 resumable, or finished) -> seeds -> input pipeline -> model and optimizer -> resume -> fit ->
@@ -522,8 +523,9 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
       A finished run there is refused unless `overwrite`; an unfinished one with the same
       config is resumed.
     train_data, validation_data: batched datasets of (image, label); when given, they replace
-      the datasets named by config (e.g. cross-validation folds); config['dataset'] is then
-      only a description.
+      the datasets named by config (e.g. cross-validation folds); config['dataset'] and
+      config['balance'] then only describe them (the caller balances its own data, as
+      covidlib.crossval.training_dataset does).
     overwrite: delete a previous run's files in model_dir and start from scratch.
     strategy: an existing tf.distribute strategy instead of config['strategy'].
     callbacks: extra Keras callbacks for fit.
@@ -561,10 +563,6 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
       tf.config.experimental.enable_op_determinism()  # For the whole process, irreversibly.
 
     # ---------------------------------------------------------------- Input pipeline.
-    if config['balance'] != 'none' and train_data is not None:
-      raise errors.UsageError(
-          f'balance={config["balance"]!r} balances the dataset the config names; it cannot '
-          're-balance train_data given directly (e.g. cross-validation folds)')
     class_weight = None
     if config['class_weight'] == 'balanced':
       if train_data is not None:

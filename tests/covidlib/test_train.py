@@ -382,10 +382,13 @@ def test_balance_source_trains_split_size_over_batch_steps(tmp_path, sources_tfd
   assert md.load_config(tmp_path / 'run')['balance'] == 'source'
 
 
-def test_balance_cannot_rebalance_given_data(tmp_path):
-  with pytest.raises(errors.UsageError, match="balance='source' balances the dataset the "
-                     'config names; it cannot re-balance train_data given directly'):
-    fit(tiny_config(balance='source', dataset='covid_xray/adult'), tmp_path / 'run')
+def test_balance_with_given_data_only_describes_it(tmp_path):
+  # Cross-validation balances its own folds and passes them in: train uses them as given.
+  counter = BatchCounter()
+  fit(tiny_config(balance='source', dataset='fold 1 of covid_xray/adult'), tmp_path / 'run',
+      callbacks=[counter])
+  assert counter.batches == [4, 4]  # tiny_data: 16 images in batches of 4, as given.
+  assert md.load_config(tmp_path / 'run')['balance'] == 'source'
 
 
 def test_manual_dir_builds_the_dataset_first(tmp_path, monkeypatch):
