@@ -87,6 +87,8 @@ CASES = {
     'crossval-unknown_model': Case('covidlib-crossval', ('--out={out}', '--model=vgg16'), 2,
                                    "unknown model 'vgg16'; valid models: compact_resnet, "
                                    'seed_cnn'),
+    'crossval-bad_hold_out': Case('covidlib-crossval', ('--out={out}', '--hold_out=site'), 2,
+                                  "--hold_out must be 'none' or 'source', got 'site'"),
     # covidlib-export
     'export-unknown_flag': Case('covidlib-export', ('--model_dir={model_dir}', '--out={out}',
                                                     '--format=tflite_fp32'), 2,
