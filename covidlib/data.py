@@ -312,8 +312,11 @@ def _balanced(records: tf.data.Dataset, strata: dict[tuple[str, int], int], to_e
     per_stratum.append(ds.repeat())
   if not per_stratum:
     raise errors.DataError('the split holds no examples to balance')
+  # rerandomize_each_iteration: a caller that iterates it anew every epoch (e.g. with .take)
+  # still gets new draws each time, the same ones for the same seed.
   ds = tf.data.Dataset.sample_from_datasets(
-      per_stratum, weights=[1.0 / len(per_stratum)] * len(per_stratum), seed=seed)
+      per_stratum, weights=[1.0 / len(per_stratum)] * len(per_stratum), seed=seed,
+      rerandomize_each_iteration=True)
   ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE,
                 deterministic=True)
   return ds.prefetch(AUTOTUNE)

@@ -219,6 +219,17 @@ def test_balance_source_is_seeded(tfds_dir):
   assert a != _balanced_draws(tfds_dir, 1, 10)
 
 
+def test_balance_source_draws_anew_on_every_iteration(tfds_dir):
+  ds = data.load_tfds(SOURCES, 'train', data_dir=tfds_dir, image_size=SIZE, batch_size=6,
+                      balance='source', seed=0, with_metadata=True).take(3)
+
+  def sources():
+    return [m['source'].numpy().tolist() for _, _, m in ds]
+
+  first, second = sources(), sources()
+  assert first != second  # A new epoch over .take(n) is not a replay of the last one.
+
+
 def test_balance_errors_are_named(tfds_dir):
   with pytest.raises(errors.UsageError, match="balance must be one of none, source, got 'x'"):
     data.load_tfds(SOURCES, 'train', data_dir=tfds_dir, balance='x')
