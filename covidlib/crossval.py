@@ -286,7 +286,8 @@ def training_dataset(pool: Pool, batch_size: int, seed: int | None,
                  .shuffle(int(mask.sum()), seed=None if seed is None else seed + k,
                           reshuffle_each_iteration=True).repeat())
   steps = math.ceil(len(pool) / batch_size)
-  mixed = tf.data.Dataset.sample_from_datasets(parts, seed=seed)
+  mixed = tf.data.Dataset.sample_from_datasets(parts, seed=seed,
+                                               rerandomize_each_iteration=True)
   return mixed.batch(batch_size).take(steps).prefetch(tf.data.AUTOTUNE)
 
 

@@ -90,7 +90,7 @@ def test_model_card(exported):
   with open(os.path.join(exported, 'MODEL_CARD.md')) as f:
     card = f.read()
   for text in ('Research use only', 'Not for diagnosis', 'CC BY 4.0',
-               '**each image has its own licence**', 'Pediatric normals against adult COVID-19',
+               '**each image has its own licence**', 'Each class from its own sources',
                'Mixed file formats', 'The seed split leaks', '445 of 448', 'ROC-AUC 0.33',
                '| learning_rate | `0.001` |', 'computed at export on the parity split',
                'Sensitivity (COVID-19 recall) | ', '## Quantization deltas',
