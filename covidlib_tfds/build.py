@@ -130,8 +130,10 @@ def _main_labelled() -> int:
     return 2 if isinstance(e, errors.UsageError) else 1
   sizes = ', '.join(f'{s} {info.num_examples}' for s, info in builder.info.splits.items())
   print(f'labelled_xrays/{_NAME.value}:{builder.version} in {builder.data_dir}: {sizes}')
-  for key, what in (('bad_files', 'bad files left out (--skip_bad)'),
-                    ('excluded_files', 'views left out (--frontal_only)')):
+  shown = [('bad_files', 'bad files left out (--skip_bad)')]
+  if _FRONTAL_ONLY.value:
+    shown.append(('excluded_files', 'views left out (--frontal_only)'))
+  for key, what in shown:
     listed = builder.info.metadata.get(key, [])
     print(f'{what}: {len(listed)}' + ''.join(f'\n  {m}' for m in listed))
   return 0

@@ -199,7 +199,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     if bad and not self._skip_bad:
       raise errors.DataError(
-          f'{len(bad)} bad file(s) (of {len(rows) + len(bad)} in {csv_path.name} and its '
+          f'{len(bad)} bad file(s) (of {len(images) + len(bad)} in {csv_path.name} and its '
           f'folder): {"; ".join(map(str, bad))}. Fix them, or build without them: --skip_bad '
           '(skip_bad=True); they are then listed in info.metadata["bad_files"]')
     for b in bad:
