@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+from absl.testing import flagsaver
 import numpy as np
 from PIL import Image
 import pydicom
@@ -23,7 +24,11 @@ import tensorflow_datasets as tfds
 
 from covidlib import data
 from covidlib import errors
+from covidlib import evaluate
+from covidlib import train
 from covidlib_tfds import audit
+from covidlib_tfds import build
+from covidlib_tfds import cli
 from covidlib_tfds import labels
 from covidlib_tfds import privacy
 from covidlib_tfds.labelled_xrays import labelled_xrays_dataset_builder as builder_lib
@@ -390,3 +395,50 @@ def test_labels_csv_rules(tmp_path):
 ])
 def test_reveals(path, identifiers, expected):
   assert privacy.reveals(path, identifiers) == expected
+
+
+def _run_build(*args: str) -> int:
+  """`python -m covidlib_tfds.build args`, in-process, flags restored after (as test_audit)."""
+  saved = flagsaver.save_flag_values(build.FLAGS)
+  try:
+    argv = cli.parse_flags(['covidlib_tfds.build', *args], build.FLAGS, 'covidlib_tfds.build',
+                           'doc')
+    return build.main(argv)
+  finally:
+    flagsaver.restore_flag_values(saved, build.FLAGS)
+
+
+def _error_lines(text: str) -> list[str]:
+  return [line for line in text.splitlines() if 'error:' in line]
+
+
+def test_binary_errors_are_one_line(folder, tmp_path, monkeypatch, capsys):
+  root, _ = folder
+  csv = f'--labels_csv={root / "labels.csv"}'
+  monkeypatch.delenv(privacy.SALT_ENV, raising=False)
+  assert _run_build(csv, f'--data_dir={tmp_path}') == 2
+  assert _error_lines(capsys.readouterr().err) == [
+      'covidlib_tfds.build: error: --labels_csv needs --name (the dataset becomes '
+      'labelled_xrays/NAME)']
+  assert _run_build(csv, '--name=x', f'--data_dir={tmp_path}') == 2
+  assert _error_lines(capsys.readouterr().err)[0].startswith(
+      'covidlib_tfds.build: error: a salt is required')
+  monkeypatch.setenv(privacy.SALT_ENV, SALT)
+  assert _run_build(csv, '--name=x', f'--data_dir={tmp_path}') == 1
+  lines = _error_lines(capsys.readouterr().err)
+  assert len(lines) == 1 and lines[0].startswith('covidlib_tfds.build: error: 7 bad file(s)')
+  assert all(name in lines[0] for name in BAD)
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_by_site(built, tmp_path):
+  """covidlib-train's and covidlib-evaluate's library calls on labelled_xrays/NAME."""
+  model_dir = str(tmp_path / 'run')
+  config = train.make_config(model='seed_cnn', dataset='labelled_xrays/site', data_dir=str(built),
+                             image_size=32, batch_size=4, epochs=1, seed=0)
+  history = train.train(config, model_dir, verbose=0)
+  assert len(history['loss']) == 1 and np.isfinite(history['loss'][0])
+  result = evaluate.evaluate_model_dir(model_dir, split='train', n_bootstrap=20, gradcam=False,
+                                       batch_size=8)
+  by_site = result.report['groups']['source']
+  assert set(by_site) == {'north', 'south', 'east'}
