@@ -8,7 +8,8 @@ Build: `python -m covidlib_tfds.build --config=seed --manual_dir=DIR --data_dir=
 Audit: `python -m covidlib_tfds.audit --config=seed --data_dir=DIR`
 Your own labelled X-rays: `python -m covidlib_tfds.build --labels_csv=FILE --name=NAME
 --data_dir=DIR`, then `tfds.load('labelled_xrays/NAME', ...)` (see labelled_xrays/).
-Usable without the rest of covidlib's training code: it needs only covidlib.preprocess, dicom, errors.
+Usable without the rest of covidlib's training code: it needs only covidlib.preprocess, dicom
+and errors.
 """
 
 from covidlib_tfds.covid_xray import covid_xray_dataset_builder  # noqa: F401  (registers)

@@ -15,8 +15,7 @@ Then load it like any TFDS dataset, without the CSV (TFDS reads the built config
     # covidlib-train --dataset=labelled_xrays/site_2025 --data_dir=tfds_data --model_dir=...
 
 The same build in Python: `tfds.builder('labelled_xrays/site_2025', data_dir=..., labels_csv=...,
-salt=...).download_and_prepare()` (builder arguments below; also as `labelled_xrays/site_2025/
-labels_csv=...,skip_bad=True` in a dataset name, e.g. for `tfds build`).
+salt=..., skip_bad=True).download_and_prepare()` (builder arguments below).
 
 What the build does, streaming (one image in memory at a time, per worker thread):
 1. Reads the CSV; lists every image file under the CSV's folder that it does not list.
@@ -39,7 +38,9 @@ list, and CSV rows with no or a bad label, path, split or age. The build fails w
 naming every one of them, unless skip_bad=True: then it goes on without them, logs each as a
 warning, and lists them in `info.metadata['bad_files']` ('<name>: <reason>').
 A file path that shows its patient's id or DICOM name fails the build (CSV line numbers named)
-unless hash_filenames=True. With frontal_only, views other than PA/AP are left out and listed in
+unless hash_filenames=True. Images with no patient id at all (neither in the CSV nor in a
+DICOM header) are split as their own patients; they are counted in the log and in
+`info.metadata['images_without_patient_id']`. With frontal_only, views other than PA/AP are left out and listed in
 `info.metadata['excluded_files']`; files of unknown view are kept (and counted in the log).
 
 Builder arguments (build time only; none is stored in the dataset):
@@ -221,6 +222,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
     if not images:
       raise errors.DataError(f'{csv_path.name}: no usable image is left to build from')
+    anonymous = sum(1 for i in images if not i.group_key)
+    self.info.metadata['images_without_patient_id'] = anonymous
+    if anonymous:
+      logging.warning('%d of %d images have no patient id (no patient_id in the CSV, no '
+                      'PatientID in a DICOM header): each is split as its own patient, grouped '
+                      'only with its near-duplicates', anonymous, len(images))
     if 'split' in columns:
       self.info.metadata['split_from'] = 'csv'
       _warn_patients_in_two_splits(images, self.info.metadata)

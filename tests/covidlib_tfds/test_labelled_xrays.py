@@ -248,6 +248,7 @@ def test_bad_files_are_recorded_by_name(built):
   for name, reason in BAD.items():
     assert any(r.startswith(f'{name}: ') and reason in r for r in recorded), name
   assert builder.info.metadata['excluded_files'] == []
+  assert builder.info.metadata['images_without_patient_id'] == 0
 
 
 def test_loads_through_covidlib_and_audits_clean(built):
@@ -269,8 +270,11 @@ def test_not_built_says_how_to_build(tmp_path):
 
 def test_frontal_only_leaves_out_the_lateral_view_and_lists_it(folder, tmp_path):
   root, _ = folder
-  builder = _build(root / 'labels.csv', tmp_path, skip_bad=True, frontal_only=True,
-                   val_fraction=0.2, test_fraction=0.2)
+  # The TFDS way: builder arguments to tfds.builder.
+  builder = tfds.builder('labelled_xrays/frontal', data_dir=tmp_path,
+                         labels_csv=root / 'labels.csv', salt=SALT, skip_bad=True,
+                         frontal_only=True, val_fraction=0.2, test_fraction=0.2)
+  builder.download_and_prepare()
   assert builder.info.metadata['excluded_files'] == ['north/dicom/lateral.dcm: view LL']
   assert sum(s.num_examples for s in builder.info.splits.values()) == len(folder[1]) - 1
 
