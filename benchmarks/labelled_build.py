@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/labelled_build.py --num_files=1000,10000 --work_dir=/tmp/lxb
 
-For each N it writes a folder of N generated X-rays (64 x 64: half 12-bit MONOCHROME1 DICOM with
+For each N it writes a folder of N generated images (64 x 64 by default, --side; coarse random
+blocks plus noise, so no two are near-duplicates; half 12-bit MONOCHROME1 DICOM with
 PatientID and ViewPosition in the header, half 8-bit PNG with the patient id in the CSV; 3
 sites, 3 images per patient) and its labels.csv, then runs the real binary as a child process:
 
@@ -68,8 +69,10 @@ def write_folder(root: str, n: int, side: int) -> None:
     site = _SITES[k % len(_SITES)]
     patient = k // (3 * len(_SITES)) * len(_SITES) + k % len(_SITES)  # 3 images each.
     label = 'covid' if patient % 2 else 'normal'
-    ramp = np.linspace(0, 160, side)[None, :] + np.linspace(0, 60, side)[:, None]
-    gray = np.clip(ramp + rs.randint(0, 96, (side, side)), 0, 255).astype(np.uint8)
+    # Coarse random blocks (what the perceptual hash sees: films must differ there, or they
+    # are near-duplicates and grouped) plus fine noise.
+    blocks = np.kron(rs.randint(0, 200, (8, 8)), np.ones((side // 8, side // 8)))
+    gray = (blocks + rs.randint(0, 56, (side, side))).astype(np.uint8)
     if k % 2:
       path = f'{site}/x{k:05d}.dcm'
       contents = _dicom_bytes(gray, f'P{patient:05d}')

@@ -43,6 +43,9 @@ DICOM header) are split as their own patients; they are counted in the log and i
 `info.metadata['images_without_patient_id']`. With frontal_only, views other than PA/AP are left out and listed in
 `info.metadata['excluded_files']`; files of unknown view are kept (and counted in the log).
 
+A config already built in data_dir is reused, not rebuilt: after changing the files or the CSV,
+build again with --overwrite (or under a new name).
+
 Builder arguments (build time only; none is stored in the dataset):
   labels_csv: the labels CSV.
   salt: the pseudonym salt (default: $COVIDLIB_SALT); required.

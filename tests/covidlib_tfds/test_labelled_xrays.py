@@ -264,8 +264,11 @@ def test_loads_through_covidlib_and_audits_clean(built):
 
 
 def test_not_built_says_how_to_build(tmp_path):
-  with pytest.raises(errors.DataError, match='not built'):
+  with pytest.raises(errors.DataError, match='not built .* --labels_csv=<your labels CSV> '
+                                             '--name=nowhere'):
     data.num_examples('labelled_xrays/nowhere', 'train', tmp_path)
+  with pytest.raises(errors.UsageError, match='not built .* --labels_csv=... --name=nowhere'):
+    audit.audit('labelled_xrays/nowhere', data_dir=tmp_path)
 
 
 def test_frontal_only_leaves_out_the_lateral_view_and_lists_it(folder, tmp_path):
