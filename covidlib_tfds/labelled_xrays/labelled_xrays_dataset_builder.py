@@ -208,7 +208,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           '(skip_bad=True); they are then listed in info.metadata["bad_files"]')
     for b in bad:
       logging.warning('Left out (skip_bad=True): %s', b)
+    csv_line = f'{csv_path.name} line '  # A bad row without a path: named by its line.
     self.info.metadata['bad_files'] = [
+        str(b) if b.name.startswith(csv_line) else
         str(dataclasses.replace(b, name=_stored_name(b.name, salt, config.hash_filenames)))
         for b in bad]
 

@@ -325,12 +325,15 @@ def test_a_path_naming_the_patient_fails_unless_file_names_are_hashed(tmp_path):
   write_dicom(root / 'other' / 'zebedee.dcm', rs.randint(0, 256, (SIDE, SIDE)), 'PIDZQ0043')
   rows.append('other/zebedee.dcm,normal,a,train')
   (root / 'labels.csv').write_text('\n'.join(rows) + '\n')
+  (root / 'PIDZQ0042' / 'stray.png').write_bytes(_png(np.zeros((SIDE, SIDE), np.uint8)))
   with pytest.raises(errors.DataError, match=r'5 file path\(s\) show the patient.s id or name.*'
                                              r'labels.csv line\(s\) 2, 3, 4, 5, 6\. .*'
                                              r'--hash_filenames'):
     _build(root / 'labels.csv', tmp_path / 'a')
-  builder = _build(root / 'labels.csv', tmp_path / 'b', hash_filenames=True)
+  builder = _build(root / 'labels.csv', tmp_path / 'b', hash_filenames=True, skip_bad=True)
   assert builder.info.metadata['split_from'] == 'csv'
+  [stray] = builder.info.metadata['bad_files']  # Named by its hashed name.
+  assert stray.startswith(privacy.hashed_filename(SALT, 'PIDZQ0042/stray.png') + ': ')
   assert {s: i.num_examples for s, i in builder.info.splits.items()} == {
       'train': 3, 'validation': 1, 'test': 1}
   # The CSV's split puts patient PIDZQ0042 on three sides: kept, and counted.
