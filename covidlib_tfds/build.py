@@ -143,6 +143,16 @@ def main(argv: list[str]) -> int:
   if len(argv) > 1:
     print(f'{_BINARY}: error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
     return 2
+  # Each way of building has its own flags; one given to the other is a mistake, not ignored.
+  labelled_only = ('name', 'salt', 'val_fraction', 'test_fraction', 'frontal_only', 'skip_bad',
+                   'hash_filenames')
+  archive_only = ('dataset', 'config', 'manual_dir', 'allow_missing')
+  given = [f for f in (archive_only if _LABELS_CSV.value else labelled_only) if FLAGS[f].present]
+  if given:
+    print(f'{_BINARY}: error: --{given[0]} '
+          + ('does not go with --labels_csv' if _LABELS_CSV.value else 'needs --labels_csv'),
+          file=sys.stderr)
+    return 2
   if _LABELS_CSV.value:
     return _main_labelled()
   name = f'{_DATASET.value}/{_CONFIG.value}'

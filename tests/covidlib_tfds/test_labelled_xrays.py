@@ -430,6 +430,12 @@ def test_binary_errors_are_one_line(folder, tmp_path, monkeypatch, capsys):
   assert _error_lines(capsys.readouterr().err) == [
       'covidlib_tfds.build: error: --labels_csv needs --name (the dataset becomes '
       'labelled_xrays/NAME)']
+  assert _run_build('--name=x', f'--data_dir={tmp_path}') == 2  # Not a covid_xray build.
+  assert _error_lines(capsys.readouterr().err) == [
+      'covidlib_tfds.build: error: --name needs --labels_csv']
+  assert _run_build(csv, '--config=seed', '--name=x', f'--data_dir={tmp_path}') == 2
+  assert _error_lines(capsys.readouterr().err) == [
+      'covidlib_tfds.build: error: --config does not go with --labels_csv']
   assert _run_build(csv, '--name=x', f'--data_dir={tmp_path}') == 2
   assert _error_lines(capsys.readouterr().err)[0].startswith(
       'covidlib_tfds.build: error: a salt is required')
