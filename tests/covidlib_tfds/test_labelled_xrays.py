@@ -58,6 +58,19 @@ BAD = {  # name -> what the reason says.
 }
 
 
+class DummyDataTest(tfds.testing.DatasetBuilderTestCase):
+  """TFDS's own checks (registration, features, split sizes, no example in two splits, no local
+  path in keys) on dummy_data/: 12 images of 6 patients, PNG and DICOM, 2 sites."""
+  DATASET_CLASS = builder_lib.Builder
+  BUILDER_CONFIG_NAMES_TO_TEST = [builder_lib.make_config('dummy')]
+  SPLITS = {'train': 8, 'validation': 2, 'test': 2}  # 70/15/15 of 6 patients x 2 images.
+
+  def _make_builder(self, config=None):
+    config = config or self.BUILDER_CONFIG_NAMES_TO_TEST[0]  # There is no default config.
+    return self.dataset_class(data_dir=self.tmp_dir, config=config, version=self.VERSION,
+                              labels_csv=self.dummy_data / 'labels.csv', salt=SALT)
+
+
 def _png(array: np.ndarray) -> bytes:
   buffer = io.BytesIO()
   Image.fromarray(array).save(buffer, 'PNG')
