@@ -5,7 +5,9 @@
 The folder (`_write_folder`) mixes DICOM (PatientID, ViewPosition, age and sex in the header;
 12-bit MONOCHROME1 and 16-bit MONOCHROME2) and PNG (ids in the CSV) from 3 sites, with repeated
 patients, a near-duplicate copy across patients, and one bad file or row of each kind. The
-DICOM headers are full of distinctive identifying strings (`PHI`), which no output may hold.
+DICOM headers are full of distinctive identifying strings (`PHI`), which no output may hold:
+`test_no_identifying_text_in_any_output` runs the binary as a process and searches every byte it
+writes and prints. `DummyDataTest` runs TFDS's own builder checks on the shipped dummy_data/.
 """
 
 import io
