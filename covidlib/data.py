@@ -101,13 +101,20 @@ def _finish(ds: tf.data.Dataset, num_examples: int, *, batch_size: int, shuffle:
 # ---------------------------------------------------------------------------------------------
 # TFDS.
 
+# The datasets of covidlib_tfds. labelled_xrays/NAME (a user's own data, NAME chosen when it was
+# built) is read back from data_dir by TFDS, since NAME is in no builder's list of configs.
+_COVIDLIB_TFDS_DATASETS = ('covid_xray', 'labelled_xrays')
+_LABELLED_BUILD_HINT = ('python -m covidlib_tfds.build --labels_csv=<your labels CSV> '
+                        '--name={config} --data_dir={data_dir} (see README.md, "Your own data")')
+
+
 def _register_builders(dataset: str) -> None:
-  """Registers `covid_xray` (when covidlib_tfds is installed) before TFDS looks it up.
+  """Registers covidlib_tfds' builders (when it is installed) before TFDS looks them up.
 
   A built dataset also loads without its builder code (TFDS reads the metadata in data_dir), so
   a missing covidlib_tfds is not an error; other datasets never import it.
   """
-  if dataset.split('/')[0].split(':')[0] == 'covid_xray':
+  if dataset.split('/')[0].split(':')[0] in _COVIDLIB_TFDS_DATASETS:
     try:
       import covidlib_tfds  # noqa: F401
     except ImportError:
@@ -134,6 +141,9 @@ def _builder(dataset: str, data_dir: str | os.PathLike | None):
     name, _, config = dataset.partition('/')
     hint = (_BUILD_HINT.format(config=config or 'seed', data_dir=data_dir or '<data_dir>')
             if name == 'covid_xray' else f'tfds build {name}')
+    if name == 'labelled_xrays':
+      hint = _LABELLED_BUILD_HINT.format(config=config.split('/')[0] or '<name>',
+                                         data_dir=data_dir or '<data_dir>')
     raise errors.DataError(
         f'dataset {dataset!r} is not built in {where} (looked in {builder.data_dir}); '
         f'build it with: {hint}')

@@ -113,10 +113,12 @@ def load_builder(name: str, data_dir: epath.PathLike | None = None) -> tfds.core
   finally:
     logging.set_verbosity(verbosity)
   if not prepared:
+    config = builder.builder_config.name
+    source = (f'--labels_csv=... --name={config}' if builder.name == 'labelled_xrays'
+              else f'--config={config} --manual_dir=...')
     raise errors.UsageError(
         f'{name} is not built in {builder.data_dir_root}; build it first: '
-        f'python -m covidlib_tfds.build --config={builder.builder_config.name} '
-        f'--manual_dir=... --data_dir={builder.data_dir_root}')
+        f'python -m covidlib_tfds.build {source} --data_dir={builder.data_dir_root}')
   return builder
 
 

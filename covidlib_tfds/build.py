@@ -24,6 +24,15 @@ in `info.metadata['excluded']`.
 A config already built in DATA_DIR is reused, not rebuilt (pass --overwrite to rebuild it).
 Exit status: 0 built, 1 a data error (changed, missing, unexpected or undecodable image), 2 a
 usage error (unknown config, bad flag).
+
+Your own labelled X-rays (DICOM/PNG/JPEG and a labels CSV) become `labelled_xrays/NAME`:
+
+    COVIDLIB_SALT=... python -m covidlib_tfds.build --labels_csv=exports/labels.csv \
+        --name=site_2025 --data_dir=DIR [--val_fraction=0.15 --test_fraction=0.15] \
+        [--frontal_only] [--skip_bad] [--hash_filenames]
+
+Bad files (missing, undecodable, unlabelled, not in the CSV) fail the build, every one named,
+unless --skip_bad; see covidlib_tfds/labelled_xrays/labelled_xrays_dataset_builder.py.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ import tensorflow_datasets as tfds
 import covidlib_tfds  # noqa: F401  (registers covid_xray)
 from covidlib import errors
 from covidlib_tfds import cli
+from covidlib_tfds.labelled_xrays import labelled_xrays_dataset_builder as labelled_xrays
 
 _BINARY = 'covidlib_tfds.build'
 
@@ -59,6 +69,30 @@ _ALLOW_MISSING = flags.DEFINE_bool('allow_missing', False, 'Build even if images
                                    flag_values=FLAGS)
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Rebuild even if already built.',
                                flag_values=FLAGS)
+# labelled_xrays: your own data (then --dataset, --config, --manual_dir and --allow_missing are
+# not used).
+_LABELS_CSV = flags.DEFINE_string('labels_csv', None, 'Build labelled_xrays/NAME from this '
+                                  'labels CSV (columns path,label[,patient_id,site,view,age,sex,'
+                                  'split,finding]; paths relative to its folder).',
+                                  flag_values=FLAGS)
+_NAME = flags.DEFINE_string('name', None, 'With --labels_csv: the config name, as in '
+                            'labelled_xrays/NAME.', flag_values=FLAGS)
+_SALT = flags.DEFINE_string('salt', None, 'With --labels_csv: the secret salt of the patient id '
+                            'hashes (default: $COVIDLIB_SALT, which stays out of the process '
+                            'list). Stored nowhere.', flag_values=FLAGS)
+_VAL_FRACTION = flags.DEFINE_float('val_fraction', labelled_xrays.DEFAULT_FRACTION,
+                                   'With --labels_csv: validation share of the patient split.',
+                                   flag_values=FLAGS)
+_TEST_FRACTION = flags.DEFINE_float('test_fraction', labelled_xrays.DEFAULT_FRACTION,
+                                    'With --labels_csv: test share of the patient split (0: no '
+                                    'test split).', flag_values=FLAGS)
+_FRONTAL_ONLY = flags.DEFINE_bool('frontal_only', False, 'With --labels_csv: keep PA and AP '
+                                  'views only (others are listed).', flag_values=FLAGS)
+_SKIP_BAD = flags.DEFINE_bool('skip_bad', False, 'With --labels_csv: build without bad files '
+                              '(each listed, and recorded in info.metadata) instead of failing.',
+                              flag_values=FLAGS)
+_HASH_FILENAMES = flags.DEFINE_bool('hash_filenames', False, 'With --labels_csv: store hashed '
+                                    'file names, not the CSV\'s paths.', flag_values=FLAGS)
 
 
 def build(name: str, *, manual_dir: str | None, data_dir: str | None, allow_missing: bool,
@@ -76,10 +110,63 @@ def build(name: str, *, manual_dir: str | None, data_dir: str | None, allow_miss
   return builder
 
 
+def build_labelled(labels_csv: str, name: str, *, data_dir: str | None, salt: str | None,
+                   val_fraction: float = labelled_xrays.DEFAULT_FRACTION,
+                   test_fraction: float = labelled_xrays.DEFAULT_FRACTION,
+                   frontal_only: bool = False, skip_bad: bool = False,
+                   hash_filenames: bool = False,
+                   overwrite: bool = False) -> tfds.core.DatasetBuilder:
+  """Prepares labelled_xrays/`name` from a labels CSV and returns its builder."""
+  if not name:
+    raise errors.UsageError('--labels_csv needs --name (the dataset becomes labelled_xrays/NAME)')
+  config = labelled_xrays.make_config(name, val_fraction=val_fraction,
+                                      test_fraction=test_fraction, frontal_only=frontal_only,
+                                      hash_filenames=hash_filenames)
+  builder = labelled_xrays.Builder(config=config, data_dir=data_dir, labels_csv=labels_csv,
+                                   salt=salt, skip_bad=skip_bad)
+  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
+          else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+  return builder
+
+
+def _main_labelled() -> int:
+  try:
+    builder = build_labelled(
+        _LABELS_CSV.value, _NAME.value, data_dir=_DATA_DIR.value, salt=_SALT.value,
+        val_fraction=_VAL_FRACTION.value, test_fraction=_TEST_FRACTION.value,
+        frontal_only=_FRONTAL_ONLY.value, skip_bad=_SKIP_BAD.value,
+        hash_filenames=_HASH_FILENAMES.value, overwrite=_OVERWRITE.value)
+  except errors.CovidlibError as e:
+    print(f'{_BINARY}: error: {" ".join(str(e).split())}', file=sys.stderr)
+    return 2 if isinstance(e, errors.UsageError) else 1
+  sizes = ', '.join(f'{s} {info.num_examples}' for s, info in builder.info.splits.items())
+  print(f'labelled_xrays/{_NAME.value}:{builder.version} in {builder.data_dir}: {sizes}')
+  shown = [('bad_files', 'bad files left out (--skip_bad)')]
+  if _FRONTAL_ONLY.value:
+    shown.append(('excluded_files', 'views left out (--frontal_only)'))
+  for key, what in shown:
+    listed = builder.info.metadata.get(key, [])
+    print(f'{what}: {len(listed)}' + ''.join(f'\n  {m}' for m in listed))
+  return 0
+
+
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     print(f'{_BINARY}: error: unexpected arguments: {" ".join(argv[1:])}', file=sys.stderr)
     return 2
+  # Each way of building has its own flags; one given to the other is a mistake, not ignored.
+  labelled_only = ('name', 'salt', 'val_fraction', 'test_fraction', 'frontal_only', 'skip_bad',
+                   'hash_filenames')
+  archive_only = ('dataset', 'config', 'manual_dir', 'allow_missing')
+  given = [f for f in (archive_only if _LABELS_CSV.value else labelled_only) if FLAGS[f].present]
+  if given:
+    print(f'{_BINARY}: error: --{given[0]} '
+          + ('does not go with --labels_csv' if _LABELS_CSV.value else 'needs --labels_csv'),
+          file=sys.stderr)
+    return 2
+  if _LABELS_CSV.value:
+    return _main_labelled()
   name = f'{_DATASET.value}/{_CONFIG.value}'
   try:
     builder = build(name, manual_dir=_MANUAL_DIR.value, data_dir=_DATA_DIR.value,

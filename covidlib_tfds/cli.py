@@ -54,7 +54,8 @@ def check_name(name: str) -> str:
                             ) from None
   configs = list(builder_cls.builder_configs)
   config = kwargs.get('config')
-  if config and config not in configs:
+  # A builder without BUILDER_CONFIGS (labelled_xrays) takes config names its user chose.
+  if config and configs and config not in configs:
     raise errors.UsageError(f'{dataset.name}: unknown config {config!r}; the configs are '
                             f'{", ".join(configs)}')
   return name

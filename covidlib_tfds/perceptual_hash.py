@@ -90,17 +90,29 @@ def is_near_duplicate(a: int, b: int, max_bits: int = NEAR_DUPLICATE_BITS) -> bo
   return hamming(a, b) <= max_bits
 
 
+def _popcounts(rows: np.ndarray) -> np.ndarray:
+  """Set bits per row of a uint64 (n, words) array."""
+  if hasattr(np, 'bitwise_count'):  # numpy >= 2.0.
+    return np.bitwise_count(rows).sum(axis=1, dtype=np.int64)
+  return np.unpackbits(rows.view(np.uint8), axis=1).sum(axis=1, dtype=np.int64)
+
+
 def near_duplicate_pairs(hashes: list[int],
                          max_bits: int = NEAR_DUPLICATE_BITS) -> list[tuple[int, int, int]]:
   """Every pair (i, j, distance) with i < j of hashes at most `max_bits` apart, sorted.
 
-  Compares all pairs: 300 images are 45k comparisons, a fraction of a second. A dataset of
-  100k images would want multi-index hashing instead.
+  Compares all pairs, one row of them at a time in numpy (the hashes as 64-bit words, XOR,
+  popcount): 10,000 images are 50M comparisons in about a second, with memory for one row. A
+  dataset of millions of images would want multi-index hashing instead.
   """
+  if not hashes:
+    return []
+  words = HASH_BITS // 64
+  table = np.frombuffer(b''.join(int(h).to_bytes(HASH_BITS // 8, 'big') for h in hashes),
+                        dtype='>u8').reshape(len(hashes), words).astype(np.uint64)
   pairs = []
-  for i, a in enumerate(hashes):
-    for j in range(i + 1, len(hashes)):
-      distance = (a ^ hashes[j]).bit_count()
-      if distance <= max_bits:
-        pairs.append((i, j, distance))
+  for i in range(len(hashes) - 1):
+    distances = _popcounts(table[i + 1:] ^ table[i])
+    for offset in np.flatnonzero(distances <= max_bits):
+      pairs.append((i, i + 1 + int(offset), int(distances[offset])))
   return pairs

@@ -1,0 +1,473 @@
+"""labelled_xrays: your own labelled chest X-rays (DICOM, PNG, JPEG) as a TFDS dataset.
+
+One config per data set, named by you. Build it from a labels CSV (see covidlib_tfds/labels.py
+for its columns; paths relative to the CSV's folder):
+
+    export COVIDLIB_SALT='a long secret; keep it, later builds need it for the same pseudonyms'
+    python -m covidlib_tfds.build --labels_csv=exports/labels.csv --name=site_2025 \
+        --data_dir=tfds_data [--val_fraction=0.15 --test_fraction=0.15] [--frontal_only] \
+        [--skip_bad] [--hash_filenames]
+
+Then load it like any TFDS dataset, without the CSV (TFDS reads the built config from data_dir):
+
+    import covidlib_tfds, tensorflow_datasets as tfds
+    ds = tfds.load('labelled_xrays/site_2025', split='train', data_dir='tfds_data')
+    # covidlib-train --dataset=labelled_xrays/site_2025 --data_dir=tfds_data --model_dir=...
+
+The same build in Python: `tfds.builder('labelled_xrays/site_2025', data_dir=..., labels_csv=...,
+salt=..., skip_bad=True).download_and_prepare()` (builder arguments below).
+
+What the build does, streaming (one image in memory at a time, per worker thread):
+1. Reads the CSV; lists every image file under the CSV's folder that it does not list.
+2. Reads and decodes every listed file once (DICOM through covidlib.dicom: modality LUT, VOI
+   LUT / window, 12/16 bits, MONOCHROME1), keeping only a perceptual hash and a few header
+   fields: PatientID where the CSV row has no patient_id, ViewPosition where it has no view,
+   PatientAge / PatientSex where it has no age / sex. No other header element is read.
+3. Splits by patient (site + patient id) and near-duplicate image, as covid_xray/patient_split
+   does (covidlib_tfds.splitting), unless the CSV has a `split` column, which is then used as is.
+4. Decodes each file again to write it: gray uint8 PNG, longest side capped at MAX_SIDE.
+
+Example features: as covid_xray's (image, label, image/filename, patient_id, source, view, age)
+plus finding and sex. `source` is the CSV's site ('' without one), so covidlib-evaluate's
+per-source tables are per site and a site can be held out like any source. `patient_id` is a
+salted hash (covidlib_tfds/privacy.py). `image/filename` is the CSV's relative path, or with
+hash_filenames a hash of it. Ages above 89 are stored as 90 (HIPAA Safe Harbor), -1 unknown.
+
+Bad input: files that are missing, unreadable or undecodable, image files the CSV does not
+list, and CSV rows with no or a bad label, path, split or age. The build fails with a DataError
+naming every one of them, unless skip_bad=True: then it goes on without them, logs each as a
+warning, and lists them in `info.metadata['bad_files']` ('<name>: <reason>').
+A file path that shows its patient's id or DICOM name fails the build (CSV line numbers named)
+unless hash_filenames=True. Images with no patient id at all (neither in the CSV nor in a
+DICOM header) are split as their own patients; they are counted in the log and in
+`info.metadata['images_without_patient_id']`. With frontal_only, views other than PA/AP are left out and listed in
+`info.metadata['excluded_files']`; files of unknown view are kept (and counted in the log).
+
+A config already built in data_dir is reused, not rebuilt: after changing the files or the CSV,
+build again with --overwrite (or under a new name).
+
+Builder arguments (build time only; none is stored in the dataset):
+  labels_csv: the labels CSV.
+  salt: the pseudonym salt (default: $COVIDLIB_SALT); required.
+  skip_bad: build without the bad files instead of failing.
+  val_fraction, test_fraction: shares of the patient split (default 0.15 each; 0 leaves the
+    split out). Ignored when the CSV has a split column.
+  frontal_only: keep PA and AP views only.
+  hash_filenames: store hashed file names instead of the CSV's paths.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import io
+import os
+import re
+import threading
+from typing import Callable, Iterable, Iterator
+
+from absl import logging
+from etils import epath
+import numpy as np
+import tensorflow_datasets as tfds
+
+from covidlib import dicom
+from covidlib import errors
+from covidlib import preprocess
+from covidlib_tfds import labels as labels_lib
+from covidlib_tfds import perceptual_hash
+from covidlib_tfds import privacy
+from covidlib_tfds import splitting
+
+# As covid_xray: models use at most 512 x 512; a 1024 cap keeps the prepared dataset small.
+MAX_SIDE = 1024
+MAX_AGE = 90  # Ages above 89 are identifying (HIPAA Safe Harbor): stored as 90.
+FRONTAL_VIEWS = ('PA', 'AP')  # First word of the view: 'AP SUPINE' is frontal.
+DEFAULT_FRACTION = 0.15
+_SPLIT_SEED = 2020
+_WORKERS = min(4, os.cpu_count() or 1)
+_DICOM_SUFFIXES = ('.dcm', '.dicom', '.dic')
+_CONFIG_NAME = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]*$')
+
+
+@dataclasses.dataclass
+class LabelledXraysConfig(tfds.core.BuilderConfig):
+  """A user's data set: how it is split and what is kept. Holds no path and no secret."""
+  val_fraction: float = DEFAULT_FRACTION
+  test_fraction: float = DEFAULT_FRACTION
+  frontal_only: bool = False
+  hash_filenames: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Image:
+  """One usable file after the first pass. `group_key` holds the raw id: memory only."""
+  path: str  # Relative to the CSV's folder.
+  filename: str  # What image/filename stores (the path, or its hash).
+  label: str
+  split: str
+  patient_id: str  # The pseudonym.
+  group_key: str  # site NUL raw patient id, '' if unknown; for splitting only.
+  source: str
+  view: str
+  age: int
+  sex: str
+  finding: str
+  hash: int
+  reveals: bool  # The path shows the patient's id or name.
+
+
+def features() -> tfds.features.FeaturesDict:
+  """The labelled_xrays example layout: covid_xray's, plus finding and sex."""
+  return tfds.features.FeaturesDict({
+      'image': tfds.features.Image(shape=(None, None, 1), encoding_format='png'),
+      'label': tfds.features.ClassLabel(names=['normal', 'covid']),
+      'image/filename': tfds.features.Text(),
+      'patient_id': tfds.features.Text(),
+      'source': tfds.features.Text(),
+      'view': tfds.features.Text(),
+      'age': tfds.features.Scalar(dtype=np.int32),
+      'sex': tfds.features.Text(),
+      'finding': tfds.features.Text(),
+  })
+
+
+class Builder(tfds.core.GeneratorBasedBuilder):
+  """Your labelled X-rays, split by patient; one config per data set, named when built."""
+
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  BUILDER_CONFIGS = []  # Named by the user: labelled_xrays/<name>.
+
+  def __init__(self, *, config: str | LabelledXraysConfig | None = None,
+               labels_csv: epath.PathLike | None = None, salt: str | None = None,
+               skip_bad: bool = False, val_fraction: float = DEFAULT_FRACTION,
+               test_fraction: float = DEFAULT_FRACTION, frontal_only: bool = False,
+               hash_filenames: bool = False, **kwargs):
+    if config is None:
+      raise errors.UsageError('labelled_xrays needs a config name: labelled_xrays/<name>, the '
+                              'name given when it was built')
+    if isinstance(config, str):
+      config = make_config(config, val_fraction=val_fraction, test_fraction=test_fraction,
+                           frontal_only=frontal_only, hash_filenames=hash_filenames)
+    for name, value in (('skip_bad', skip_bad), ('frontal_only', config.frontal_only),
+                        ('hash_filenames', config.hash_filenames)):
+      if not isinstance(value, bool):
+        raise errors.UsageError(f'{name} must be True or False, got {value!r}')
+    self._labels_csv = epath.Path(labels_csv) if labels_csv else None
+    self._salt = salt
+    self._skip_bad = skip_bad
+    super().__init__(config=config, **kwargs)
+    # For pickling only (TFDS re-creates builders from it); never written anywhere.
+    self._original_state.update(labels_csv=labels_csv, salt=salt, skip_bad=skip_bad)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return self.dataset_info_from_configs(
+        features=features(),
+        supervised_keys=('image', 'label'),
+        metadata=tfds.core.MetadataDict(),
+    )
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    del dl_manager  # Everything is local.
+    config = self.builder_config
+    if self._labels_csv is None:
+      raise errors.UsageError(
+          f'labelled_xrays/{config.name} is not built in {self.data_dir_root}; build it from '
+          f'its labels CSV: python -m covidlib_tfds.build --labels_csv=FILE --name={config.name} '
+          f'--data_dir={self.data_dir_root}')
+    salt = privacy.resolve_salt(self._salt)
+    csv_path = self._labels_csv
+    root = csv_path.parent
+    rows, bad, columns = labels_lib.read_labels(csv_path)
+    mentioned = {r.path for r in rows} | {b.name for b in bad}
+    bad += labels_lib.unlisted_files(root, mentioned, skip={csv_path.name})
+    logging.info('%s: %d rows to read (%s)', csv_path.name, len(rows), ', '.join(columns))
+
+    images = []
+    progress = tfds.core.utils.tqdm(
+        bounded_map(lambda row: _inspect(root, row, salt, config.hash_filenames), rows),
+        total=len(rows), desc='Reading and checking files', unit=' files', leave=False)
+    for result in progress:
+      (bad if isinstance(result, labels_lib.BadFile) else images).append(result)
+
+    line_of = {r.path: r.line for r in rows}
+    revealing = sorted(line_of[i.path] for i in images if i.reveals)
+    if revealing and not config.hash_filenames:
+      raise errors.DataError(
+          f'{len(revealing)} file path(s) show the patient\'s id or name, which image/filename '
+          f'would store: {csv_path.name} line(s) {", ".join(map(str, revealing))}. Rename the '
+          'files, or store hashed file names: --hash_filenames (hash_filenames=True)')
+
+    if bad and not self._skip_bad:
+      raise errors.DataError(
+          f'{len(bad)} bad file(s) (of {len(images) + len(bad)} in {csv_path.name} and its '
+          f'folder): {"; ".join(map(str, bad))}. Fix them, or build without them: --skip_bad '
+          '(skip_bad=True); they are then listed in info.metadata["bad_files"]')
+    for b in bad:
+      logging.warning('Left out (skip_bad=True): %s', b)
+    csv_line = f'{csv_path.name} line '  # A bad row without a path: named by its line.
+    self.info.metadata['bad_files'] = [
+        str(b) if b.name.startswith(csv_line) else
+        str(dataclasses.replace(b, name=_stored_name(b.name, salt, config.hash_filenames)))
+        for b in bad]
+
+    excluded = []
+    if config.frontal_only:
+      excluded = [i for i in images if i.view and i.view.split()[0] not in FRONTAL_VIEWS]
+      for i in excluded:
+        logging.info('Left out (frontal_only): %s, view %s', i.path, i.view)
+      unknown = sum(1 for i in images if not i.view)
+      if unknown:
+        logging.warning('frontal_only: %d file(s) of unknown view are kept', unknown)
+      images = [i for i in images if not i.view or i.view.split()[0] in FRONTAL_VIEWS]
+    self.info.metadata['excluded_files'] = [f'{i.filename}: view {i.view}' for i in excluded]
+
+    if not images:
+      raise errors.DataError(f'{csv_path.name}: no usable image is left to build from')
+    anonymous = sum(1 for i in images if not i.group_key)
+    self.info.metadata['images_without_patient_id'] = anonymous
+    if anonymous:
+      logging.warning('%d of %d images have no patient id (no patient_id in the CSV, no '
+                      'PatientID in a DICOM header): each is split as its own patient, grouped '
+                      'only with its near-duplicates', anonymous, len(images))
+    if 'split' in columns:
+      self.info.metadata['split_from'] = 'csv'
+      _warn_patients_in_two_splits(images, self.info.metadata)
+      names = [s for s in labels_lib.SPLITS if any(i.split == s for i in images)]
+    else:
+      self.info.metadata['split_from'] = 'by_patient'
+      fractions = split_fractions(config.val_fraction, config.test_fraction)
+      images = _split_by_patient(images, fractions)
+      names = list(fractions)
+    for name in names:
+      counts = collections.Counter(i.label for i in images if i.split == name)
+      logging.info('labelled_xrays/%s %s: %d images (%s)', config.name, name,
+                   sum(counts.values()), ', '.join(f'{k} {v}' for k, v in sorted(counts.items())))
+    return {name: self._generate_examples(root, [i for i in images if i.split == name])
+            for name in names}
+
+  def _generate_examples(self, root: epath.Path, images: list[_Image]):
+    def load(image):
+      return image, read_image(root, image.path)[0]
+
+    for image, pixels in bounded_map(load, images):
+      yield image.filename, {
+          'image': pixels,
+          'label': image.label,
+          'image/filename': image.filename,
+          'patient_id': image.patient_id,
+          'source': image.source,
+          'view': image.view,
+          'age': image.age,
+          'sex': image.sex,
+          'finding': image.finding,
+      }
+
+
+def make_config(name: str, *, val_fraction: float = DEFAULT_FRACTION,
+                test_fraction: float = DEFAULT_FRACTION, frontal_only: bool = False,
+                hash_filenames: bool = False) -> LabelledXraysConfig:
+  """The config of a user's data set named `name`.
+
+  Raises:
+    UsageError: a name TFDS cannot use as a folder, or fractions that leave no training data.
+  """
+  if not isinstance(name, str) or not _CONFIG_NAME.match(name):
+    raise errors.UsageError(f'dataset name {name!r}: use letters, digits, _, . and - only '
+                            '(it becomes a folder of data_dir)')
+  split_fractions(val_fraction, test_fraction)
+  kept = 'PA and AP views only' if frontal_only else 'every view'
+  files = 'hashed file names' if hash_filenames else 'file names as in the labels CSV'
+  return LabelledXraysConfig(
+      name=name, val_fraction=val_fraction, test_fraction=test_fraction,
+      frontal_only=frontal_only, hash_filenames=hash_filenames,
+      description=(f'Labelled chest X-rays "{name}" built from a labels CSV: split by patient '
+                   f'and near-duplicate image (validation {val_fraction:g}, test '
+                   f'{test_fraction:g}) unless the CSV gives the split; {kept}; {files}; '
+                   'patient ids as salted hashes.'))
+
+
+def split_fractions(val_fraction: float, test_fraction: float) -> dict[str, float]:
+  """{'train': ..., 'validation': ..., 'test': ...}, splits of fraction 0 left out."""
+  for name, value in (('val_fraction', val_fraction), ('test_fraction', test_fraction)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+      raise errors.UsageError(f'{name} must be a number in [0, 1), got {value!r}')
+  train = 1.0 - val_fraction - test_fraction
+  if train <= 0:
+    raise errors.UsageError(f'val_fraction ({val_fraction}) + test_fraction ({test_fraction}) '
+                            'must be below 1, to leave images to train on')
+  fractions = {'train': train, 'validation': val_fraction, 'test': test_fraction}
+  return {k: float(v) for k, v in fractions.items() if v > 0}
+
+
+def bounded_map(fn: Callable, items: Iterable, workers: int = _WORKERS) -> Iterator:
+  """`map(fn, items)` in worker threads, in order, with at most 2 x workers results pending.
+
+  The bound is what keeps memory flat: a plain Executor.map would run ahead and hold every
+  decoded image the consumer (TFDS's writer) has not taken yet.
+  """
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pending = collections.deque()
+    for item in items:
+      pending.append(pool.submit(fn, item))
+      if len(pending) >= 2 * workers:
+        yield pending.popleft().result()
+    while pending:
+      yield pending.popleft().result()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading one file.
+
+_quiet_lock = threading.Lock()
+_quiet_users = 0
+_saved_mode = None
+
+
+@contextlib.contextmanager
+def _pydicom_quiet():
+  """pydicom's reading validation off: its warnings quote element values (names, dates)."""
+  global _quiet_users, _saved_mode
+  from pydicom import config
+  with _quiet_lock:
+    if _quiet_users == 0:
+      _saved_mode = config.settings.reading_validation_mode
+      config.settings.reading_validation_mode = config.IGNORE
+    _quiet_users += 1
+  try:
+    yield
+  finally:
+    with _quiet_lock:
+      _quiet_users -= 1
+      if _quiet_users == 0:
+        config.settings.reading_validation_mode = _saved_mode
+
+
+def _is_dicom(path: str, contents: bytes) -> bool:
+  return contents[128:132] == b'DICM' or path.lower().endswith(_DICOM_SUFFIXES)
+
+
+def _dicom_age(text: str) -> int:
+  """Years from a DICOM Age String ('045Y'; months, weeks and days are 0 years); -1 unknown."""
+  match = re.fullmatch(r'(\d{1,3})([DWMY])', text.strip().upper())
+  if not match:
+    return -1
+  return int(match.group(1)) if match.group(2) == 'Y' else 0
+
+
+def read_image(root: epath.Path, path: str) -> tuple[np.ndarray, dict]:
+  """The stored image (gray uint8 (H, W, 1), longest side <= MAX_SIDE) and header fields.
+
+  The header fields (DICOM only; {} for other files) are 'patient_id', 'names' (the parts of
+  PatientName, to check paths against), 'view', 'age' and 'sex'. Nothing else is read.
+
+  Raises:
+    InvalidImageError: naming `path` (relative, never the local root) for a missing,
+      unreadable or undecodable file.
+  """
+  try:
+    contents = (root / path).read_bytes()
+  except FileNotFoundError:
+    raise errors.InvalidImageError(path, 'no such file (listed in the labels CSV)') from None
+  except IsADirectoryError:
+    raise errors.InvalidImageError(path, 'is a folder, not an image file') from None
+  except OSError as e:
+    raise errors.InvalidImageError(path, f'cannot read: {e.strerror}') from None
+  header = {}
+  if _is_dicom(path, contents):
+    try:
+      import pydicom
+    except ImportError:
+      raise errors.InvalidImageError(
+          path, "reading DICOM needs pydicom: pip install 'covidlib[dicom]'") from None
+    with _pydicom_quiet():
+      try:
+        ds = pydicom.dcmread(io.BytesIO(contents))
+      except pydicom.errors.InvalidDicomError:
+        raise errors.InvalidImageError(path, 'not a DICOM file (no DICM header)') from None
+      except Exception as e:  # Truncated or malformed: pydicom raises many kinds.
+        # The type only: pydicom's messages can quote element values.
+        raise errors.InvalidImageError(
+            path, f'not a readable DICOM file ({type(e).__name__})') from None
+      try:
+        image = dicom.to_uint8(ds, path)
+        name = ds.get('PatientName')
+        header = {
+            'patient_id': str(ds.get('PatientID', '') or '').strip(),
+            'names': [str(part) for part in (name.components if name else ()) if part],
+            'view': str(ds.get('ViewPosition', '') or '').strip().upper(),
+            'age': _dicom_age(str(ds.get('PatientAge', '') or '')),
+            'sex': str(ds.get('PatientSex', '') or '').strip().upper()[:1],
+        }
+      except errors.InvalidImageError:
+        raise
+      except Exception as e:  # E.g. a required pixel-module element missing.
+        raise errors.InvalidImageError(
+            path, f'DICOM image cannot be displayed ({type(e).__name__})') from None
+  else:
+    image = preprocess.decode_bytes(contents, path)
+  return preprocess.resize_longest_side(image, MAX_SIDE).numpy(), header
+
+
+def _inspect(root: epath.Path, row: labels_lib.Row, salt: str,
+             hash_filenames: bool) -> _Image | labels_lib.BadFile:
+  """First pass over one file: decode it, keep its hash and metadata, drop its pixels."""
+  try:
+    image, header = read_image(root, row.path)
+  except errors.InvalidImageError as e:
+    return labels_lib.BadFile(row.path, e.reason)
+  patient = row.patient_id or header.get('patient_id', '')
+  age = row.age if row.age >= 0 else header.get('age', -1)
+  return _Image(
+      path=row.path,
+      filename=_stored_name(row.path, salt, hash_filenames),
+      label=row.label,
+      split=row.split,
+      patient_id=privacy.pseudonym(salt, row.site, patient),
+      group_key=f'{row.site}\0{patient}' if patient else '',
+      source=row.site,
+      view=row.view or header.get('view', ''),
+      age=min(age, MAX_AGE),
+      sex=row.sex or header.get('sex', ''),
+      finding=row.finding,
+      hash=perceptual_hash.image_hash(image),
+      reveals=privacy.reveals(row.path, [patient] + header.get('names', [])),
+  )
+
+
+def _stored_name(path: str, salt: str, hash_filenames: bool) -> str:
+  return privacy.hashed_filename(salt, path) if hash_filenames else path
+
+
+# ---------------------------------------------------------------------------------------------
+# Splitting.
+
+def _split_by_patient(images: list[_Image], fractions: dict[str, float]) -> list[_Image]:
+  """Assigns whole patient / near-duplicate groups to splits (see covidlib_tfds.splitting)."""
+  groups = splitting.group_images([i.group_key for i in images], [i.hash for i in images])
+  labels = [int(i.label == 'covid') for i in images]
+  names = splitting.split_groups(groups, labels, fractions, seed=_SPLIT_SEED)
+  empty = [name for name in fractions if name not in names]
+  if empty:
+    raise errors.DataError(
+        f'{len(images)} images in {len(set(groups))} patient / near-duplicate groups are too few '
+        f'to fill the {", ".join(fractions)} splits: {", ".join(empty)} would be empty (lower '
+        'or zero --val_fraction / --test_fraction, or add images)')
+  logging.info('%d images in %d patient / near-duplicate groups', len(images), len(set(groups)))
+  return [dataclasses.replace(i, split=name) for i, name in zip(images, names)]
+
+
+def _warn_patients_in_two_splits(images: list[_Image], metadata: dict) -> None:
+  """The CSV's own split is kept, but patients it puts on two sides are counted, not named."""
+  splits = collections.defaultdict(set)
+  for i in images:
+    if i.group_key:
+      splits[i.group_key].add(i.split)
+  shared = sum(1 for s in splits.values() if len(s) > 1)
+  metadata['patients_in_two_splits'] = shared
+  if shared:
+    logging.warning('The CSV\'s split puts %d patient(s) in more than one split (kept as given; '
+                    'python -m covidlib_tfds.audit lists them by pseudonym)', shared)
