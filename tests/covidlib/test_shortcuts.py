@@ -215,3 +215,28 @@ def test_source_balanced_training_dataset_draws_strata_equally():
   pediatric = np.isin(np.round(drawn, 6), np.round(
       pool.images[pool.metadata['source'] == 'kaggle_pediatric'].reshape(2, -1).mean(axis=1), 6))
   assert abs(pediatric.mean() - 1 / 3) < 0.05
+
+
+@pytest.mark.slow
+def test_hold_out_a_site_holding_both_classes(tmp_path):
+  """A user's sites (labelled_xrays: site = source) hold both classes: each is left out once."""
+  rs = np.random.RandomState(1)
+  pools = {}
+  for split, n in (('train', 6), ('validation', 3), ('test', 3)):
+    images, labels, sources = [], [], []
+    for site in ('site_a', 'site_b', 'site_c'):
+      for label, level in ((1, 0.7), (0, 0.3)):
+        for _ in range(n):
+          images.append(np.clip(level + 0.1 * rs.randn(16, 16, 1), 0, 1).astype(np.float32))
+          labels.append(label)
+          sources.append(site)
+    pools[split] = crossval.Pool(np.stack(images), np.array(labels, np.int64),
+                                 {'source': np.array(sources, object)}, description=f'my {split}')
+  config = {'model': 'compact_resnet', 'image_size': 16, 'epochs': 1, 'batch_size': 8, 'seed': 0}
+  report = crossval.hold_out_sources(config, str(tmp_path), pools, sources=['site_b'],
+                                     n_bootstrap=0)
+  (entry,) = report['held_out']
+  assert entry['source'] == 'site_b' and entry['n_train'] == 2 * 2 * 6
+  assert entry['n_normal'] == 12 and entry['n_covid_in_source'] == 12
+  assert entry['n_covid'] == 2 * 3  # Test COVID-19 images of the other sites.
+  assert 0.0 <= entry['sensitivity_in_source']['value'] <= 1.0
