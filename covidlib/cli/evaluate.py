@@ -137,8 +137,9 @@ def main(argv: list[str]) -> None:
         print(f'within source {name}: ROC-AUC {w["roc_auc"]["value"]:.3f}')
     for e in cuts['held_out_source']:
       if 'skipped' not in e:
-        print(f'normals of unseen source {e["source"]}: specificity '
-              f'{e["specificity"]["value"]:.3f} ({e["n_normal"]} images)')
+        how = 'left out of training' if 'left out' in e['how'] else 'never in training'
+        print(f'{e["source"]} normals ({how}): specificity {e["specificity"]["value"]:.3f} '
+              f'({e["n_normal"]} images)')
     if cuts.get('other_findings'):
       print(f'other findings called COVID-19: '
             f'{cuts["other_findings"]["called_covid"]["value"]:.3f} '
