@@ -13,7 +13,7 @@ temperature of the model's decision.json:
 
   model.keras / model_dir   decision.json next to model.keras; temperature applied here.
   SavedModel folder         its signatures return calibrated probabilities and labels.
-  .tflite                   decision embedded in the file (`exporters.tflite` metadata), else a
+  .tflite                   decision embedded in the file (`covidlib.tflite_metadata`), else a
                             decision.json beside it; the temperature is folded into the weights.
 """
 
@@ -25,37 +25,19 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-import covidlib
 from covidlib import calibration
 from covidlib import dicom
 from covidlib import errors
 from covidlib import model_dir as model_dir_lib
 from covidlib import preprocess
+from covidlib import results
+from covidlib import tflite_metadata
 
 KERAS, SAVED_MODEL, TFLITE = 'keras', 'saved_model', 'tflite'
 _PREPROCESSED_SIGNATURE = 'serving_preprocessed'  # = exporters.saved_model.PREPROCESSED_SIGNATURE
 
 
-@dataclasses.dataclass(frozen=True)
-class Prediction:
-  """One image's result: probability and label, or the error that kept it from being read."""
-  path: str
-  probability: float | None
-  label: int | None
-  threshold: float
-  error: str | None = None
-
-  @property
-  def ok(self) -> bool:
-    return self.error is None
-
-  @property
-  def class_name(self) -> str | None:
-    return None if self.label is None else covidlib.CLASS_NAMES[self.label]
-
-  def to_dict(self) -> dict:
-    return {'path': self.path, 'probability': self.probability, 'label': self.label,
-            'class_name': self.class_name, 'threshold': self.threshold, 'error': self.error}
+Prediction = results.Prediction  # Shared with the TensorFlow-free edge route.
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -236,31 +218,38 @@ class Predictor:
       image = image[..., np.newaxis]
     return self._result(name, self.predict_preprocessed(self._preprocess(image)[np.newaxis])[0])
 
-  def predict_files(self, paths: Iterable[str | os.PathLike], batch_size: int = 16
-                    ) -> list[Prediction]:
-    """One Prediction per path, in order; unreadable files get `error` and no probability."""
+  def predict_files(self, paths: Iterable[str | os.PathLike], batch_size: int = 16,
+                    workers: int | None = None) -> list[Prediction]:
+    """One Prediction per path, in order; unreadable files get `error` and no probability.
+
+    Files are decoded and preprocessed by `workers` threads (default: the CPU count; 0: on this
+    thread) ahead of inference, which runs here in batches of `batch_size`.
+    """
     if batch_size < 1:
       raise errors.UsageError(f'batch_size must be >= 1, got {batch_size}')
     paths = [os.fspath(p) for p in paths]
-    results: list[Prediction | None] = [None] * len(paths)
+    out: list[Prediction | None] = [None] * len(paths)
     pending: list[tuple[int, np.ndarray]] = []
 
     def flush():
       if pending:
         probabilities = self.predict_preprocessed(np.stack([x for _, x in pending]))
         for (i, _), p in zip(pending, probabilities):
-          results[i] = self._result(paths[i], p)
+          out[i] = self._result(paths[i], p)
         pending.clear()
 
-    for i, path in enumerate(paths):
-      try:
-        pending.append((i, self._preprocess(read_image(path, self.max_pixels))))
-      except errors.InvalidImageError as e:
-        results[i] = Prediction(path, None, None, float(self.decision.threshold), e.reason)
+    def load(path):
+      return self._preprocess(read_image(path, self.max_pixels))
+
+    for i, (x, error) in enumerate(results.map_ordered(load, paths, workers)):
+      if error is not None:
+        out[i] = Prediction(paths[i], None, None, float(self.decision.threshold), error.reason)
+      else:
+        pending.append((i, x))
       if len(pending) >= batch_size:
         flush()
     flush()
-    return results
+    return out
 
 
 def _geometry(shape: Sequence, path: str) -> tuple[int, int]:
@@ -272,10 +261,8 @@ def _geometry(shape: Sequence, path: str) -> tuple[int, int]:
 
 def _tflite_decision(content: bytes, path: str) -> model_dir_lib.Decision:
   """The decision embedded by covidlib-export, else decision.json beside the file, else 0.5."""
-  from exporters import tflite as tflite_lib  # The metadata format's one definition.
-
   try:
-    embedded = tflite_lib.read_decision(content)
+    embedded = tflite_metadata.read_decision(content)  # The metadata format's one definition.
   except (errors.CovidlibError, KeyError, ValueError, TypeError):
     embedded = None  # A foreign or damaged metadata entry: fall back to the sidecar.
   if embedded is not None:

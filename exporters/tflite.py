@@ -17,20 +17,14 @@ Quantization types (names as in tensorflow/models' `convert_tflite_model`):
   int8     int8 weights and activations, calibrated on `representative_images`, which should be
            100-200 images of the TRAINING split through the one preprocessing function.
 
-Labels and the operating point travel inside the file: two entries in the flatbuffer's
-`metadata` table (the same mechanism the converter uses for its own `min_runtime_version` and
-`CONVERSION_METADATA`), read back with `read_metadata`:
-  covidlib_labels    labels.txt: 'normal\\ncovid\\n' (line index = label)
-  covidlib_decision  decision.json: {"threshold", "temperature", "policy", "split",
-                     "temperature_applied": true}: label = probability >= threshold; the
-                     temperature is already folded into the model's weights.
+Labels and the operating point travel inside the file: entries `covidlib_labels` and
+`covidlib_decision` of the flatbuffer's `metadata` table, defined (written and read, without
+TensorFlow) by `covidlib.tflite_metadata`; `read_metadata` here is that module's.
 The exporter also writes labels.txt and decision.json next to the .tflite files.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import tempfile
 from typing import Iterable
@@ -41,12 +35,13 @@ import tensorflow as tf
 
 from covidlib import errors
 from covidlib import model_dir as model_dir_lib
+from covidlib import tflite_metadata
 from exporters import saved_model as saved_model_lib
 from exporters import serving
 
 QUANT_TYPES = ('fp32', 'dynamic', 'fp16', 'int8')
-LABELS_METADATA = 'covidlib_labels'
-DECISION_METADATA = 'covidlib_decision'
+LABELS_METADATA = tflite_metadata.LABELS
+DECISION_METADATA = tflite_metadata.DECISION
 OUTPUT = 'probability'
 INPUT = 'images'
 
@@ -175,64 +170,11 @@ def convert_tflite(source: keras.Model | str | os.PathLike, quant_type: str,
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
     flatbuffer = converter.convert()
-  return embed_metadata(flatbuffer, {
-      LABELS_METADATA: saved_model_lib.labels_text().encode(),
-      DECISION_METADATA: decision_json(decision).encode(),
-  })
+  return embed_metadata(flatbuffer, tflite_metadata.covidlib_entries(decision))
 
 
-def decision_json(decision: model_dir_lib.Decision) -> str:
-  """decision.json as exported: the model_dir's fields plus temperature_applied = true."""
-  data = dataclasses.asdict(decision)
-  data['temperature_applied'] = True
-  return json.dumps(data, indent=2, sort_keys=True) + '\n'
-
-
-def embed_metadata(flatbuffer: bytes, entries: dict[str, bytes]) -> bytes:
-  """Adds (or replaces) named entries of a .tflite flatbuffer's `metadata` table."""
-  from ai_edge_litert import schema_py_generated as schema
-  from ai_edge_litert.tools import flatbuffer_utils
-
-  model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
-  model.metadata = [m for m in (model.metadata or []) if m.name.decode() not in entries]
-  for name, data in entries.items():
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(data, np.uint8)
-    model.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name = name.encode()
-    entry.buffer = len(model.buffers) - 1
-    model.metadata.append(entry)
-  return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-
-
-def read_metadata(flatbuffer: bytes) -> dict[str, bytes]:
-  """The `metadata` entries of a .tflite flatbuffer, by name (e.g. LABELS_METADATA)."""
-  from ai_edge_litert import schema_py_generated as schema
-
-  try:
-    model = schema.Model.GetRootAs(flatbuffer, 0)
-    entries = {}
-    for i in range(model.MetadataLength()):
-      entry = model.Metadata(i)
-      buffer = model.Buffers(entry.Buffer())
-      if buffer.Offset():  # Large models keep buffers after the flatbuffer, by offset.
-        data = flatbuffer[buffer.Offset():buffer.Offset() + buffer.Size()]
-      else:
-        data = buffer.DataAsNumpy().tobytes() if buffer.DataLength() else b''
-      entries[entry.Name().decode()] = bytes(data)
-    return entries
-  except Exception as e:  # A truncated or foreign file: flatbuffers raises assorted errors.
-    raise errors.ModelLoadError(f'not a readable TFLite flatbuffer ({type(e).__name__}: {e})') \
-        from None
-
-
-def read_decision(flatbuffer: bytes) -> model_dir_lib.Decision | None:
-  """The embedded operating point, or None if the file has none."""
-  raw = read_metadata(flatbuffer).get(DECISION_METADATA)
-  if raw is None:
-    return None
-  data = json.loads(raw)
-  return model_dir_lib.Decision(threshold=float(data['threshold']), policy=str(data['policy']),
-                                temperature=float(data.get('temperature', 1.0)),
-                                split=str(data.get('split', '')))
+# The metadata format has one TensorFlow-free definition, shared with the edge route.
+decision_json = tflite_metadata.decision_json
+embed_metadata = tflite_metadata.embed_metadata
+read_metadata = tflite_metadata.read_metadata
+read_decision = tflite_metadata.read_decision
