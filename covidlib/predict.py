@@ -15,6 +15,9 @@ temperature of the model's decision.json:
   SavedModel folder         its signatures return calibrated probabilities and labels.
   .tflite                   decision embedded in the file (`covidlib.tflite_metadata`), else a
                             decision.json beside it; the temperature is folded into the weights.
+                            The uint8_image variant takes the decoded image (TensorFlow's
+                            decoding here) and resizes it in its graph; it runs through
+                            `covidlib.edge`.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 
 from covidlib import calibration
 from covidlib import dicom
+from covidlib import edge
 from covidlib import errors
 from covidlib import model_dir as model_dir_lib
 from covidlib import preprocess
@@ -94,6 +98,7 @@ class Predictor:
       UsageError: path missing. ModelLoadError: not a loadable model.
     """
     self.path = os.fspath(path)
+    self._edge = None  # An edge.EdgePredictor for the uint8_image TFLite variant.
     self.format = detect_format(self.path)
     self.max_pixels = max_pixels
     loader = {KERAS: self._load_keras, SAVED_MODEL: self._load_saved_model,
@@ -166,6 +171,12 @@ class Predictor:
           f'{self.path}: not a loadable TFLite model ({str(e).splitlines()[0][:200]})') from None
     self.interpreter = interpreter
     self.decision = _tflite_decision(content, self.path)
+    if _tflite_input_kind(content) == edge.UINT8_IMAGE:
+      # Takes the decoded image as it is; the run-time resize of its input lives in covidlib.edge.
+      self._edge = edge.EdgePredictor(self.path, num_threads=num_threads,
+                                      max_pixels=self.max_pixels)
+      self.image_size, self.channels = self._edge.image_size, self._edge.channels
+      return
     inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
     if len(inputs) != 1 or len(outputs) != 1:
       raise errors.ModelLoadError(
@@ -188,6 +199,10 @@ class Predictor:
 
   def predict_preprocessed(self, images: np.ndarray) -> np.ndarray:
     """float32 (N, S, S, C) in [0, 1] -> calibrated P(COVID-19), float32 (N,)."""
+    if self._edge is not None:
+      raise errors.UsageError(
+          f'{self.path} takes decoded uint8 images of any size (the uint8_image variant), not '
+          'preprocessed ones: use predict_files or predict_array')
     images = np.asarray(images, np.float32)
     want = (self.image_size, self.image_size, self.channels)
     if images.ndim != 4 or images.shape[1:] != want:
@@ -199,6 +214,8 @@ class Predictor:
     return np.asarray(self._run(images), np.float32)
 
   def _preprocess(self, gray: np.ndarray) -> np.ndarray:
+    if self._edge is not None:
+      return gray
     return preprocess.preprocess(gray, self.image_size, self.channels).numpy()
 
   def _result(self, path: str, probability: float) -> Prediction:
@@ -216,7 +233,12 @@ class Predictor:
           f'{image.shape}')
     if image.ndim == 2:
       image = image[..., np.newaxis]
-    return self._result(name, self.predict_preprocessed(self._preprocess(image)[np.newaxis])[0])
+    return self._result(name, self._predict_batch([self._preprocess(image)])[0])
+
+  def _predict_batch(self, images: list[np.ndarray]) -> np.ndarray:
+    if self._edge is not None:  # Images of their own sizes: one at a time.
+      return np.asarray([self._edge.run(self._edge.prepare(x)) for x in images], np.float32)
+    return self.predict_preprocessed(np.stack(images))
 
   def predict_files(self, paths: Iterable[str | os.PathLike], batch_size: int = 16,
                     workers: int | None = None) -> list[Prediction]:
@@ -233,7 +255,7 @@ class Predictor:
 
     def flush():
       if pending:
-        probabilities = self.predict_preprocessed(np.stack([x for _, x in pending]))
+        probabilities = self._predict_batch([x for _, x in pending])
         for (i, _), p in zip(pending, probabilities):
           out[i] = self._result(paths[i], p)
         pending.clear()
@@ -268,6 +290,14 @@ def _tflite_decision(content: bytes, path: str) -> model_dir_lib.Decision:
   if embedded is not None:
     return embedded
   return model_dir_lib.load_decision(os.path.dirname(os.path.abspath(path)))
+
+
+def _tflite_input_kind(content: bytes) -> str | None:
+  """'uint8_image' for the any-size variant, else None (float or int8 preprocessed input)."""
+  try:
+    return (tflite_metadata.read_model_info(content).input or {}).get('kind')
+  except errors.CovidlibError:
+    return None
 
 
 def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:

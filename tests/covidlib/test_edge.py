@@ -262,6 +262,19 @@ def test_uint8_image_variant_matches_keras_at_original_sizes(exports, variant, t
   np.testing.assert_allclose(again, got, atol=1e-6)
 
 
+def test_full_route_runs_the_uint8_image_variant(exports, image_files):
+  keras_route = predict.Predictor(exports['model_dir']).predict_files(image_files)
+  full = predict.Predictor(exports['uint8_image'])
+  assert (full.format, full.image_size, full.channels) == ('tflite', SIZE, 1)
+  got = full.predict_files(image_files, batch_size=3)
+  np.testing.assert_allclose([r.probability for r in got],
+                             [r.probability for r in keras_route], atol=1e-5)
+  gray = preprocess.load_image(image_files[0])
+  assert full.predict_array(gray).probability == got[0].probability
+  with pytest.raises(errors.UsageError, match='takes decoded uint8 images of any size'):
+    full.predict_preprocessed(np.zeros((1, SIZE, SIZE, 1), np.float32))
+
+
 def test_uint8_image_variant_rejects_int8_and_describes_its_input(exports):
   from exporters import tflite
   with pytest.raises(errors.UsageError, match="'int8' is not supported for the uint8_image"):
