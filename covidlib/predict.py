@@ -197,6 +197,11 @@ class Predictor:
 
   # --- Public API.
 
+  @property
+  def takes_uint8_image(self) -> bool:
+    """True for the tflite uint8_image variant: decoded images of any size, no preprocessing."""
+    return self._edge is not None
+
   def predict_preprocessed(self, images: np.ndarray) -> np.ndarray:
     """float32 (N, S, S, C) in [0, 1] -> calibrated P(COVID-19), float32 (N,)."""
     if self._edge is not None:
