@@ -19,7 +19,9 @@ Two kinds of model, told apart by their input tensor:
                 `tf.image.resize(..., 'bilinear', antialias=True)` (covidlib.preprocess), so the
                 tensor matches TensorFlow's to float rounding (~1e-7, far within one gray level).
 Decoding uses Pillow and gives the same uint8 gray image as `covidlib.preprocess.decode_image`
-(BT.601 luma for colour, alpha dropped, 16-bit scaled by 1/257, first GIF frame); DICOM goes
+(BT.601 luma for colour, alpha dropped, 16-bit scaled by 1/257, first GIF frame), pixel for pixel
+on PNG and on gray and colour JPEG (libjpeg's fast IDCT and fancy chroma upsampling, as
+TensorFlow runs them; see `_jpeg_rgb`); DICOM goes
 through `covidlib.dicom`, which is numpy and pydicom only. The labels, threshold and temperature
 come from the file's metadata (`covidlib.tflite_metadata`), else a decision.json beside it.
 
@@ -60,10 +62,14 @@ def _pixels(image) -> np.ndarray:
     gray = np.asarray(image.convert('L') if mode == '1' else image)
     gray = gray[..., 0] if gray.ndim == 3 else gray
   else:  # RGB, RGBA, P, PA, CMYK, YCbCr...: to RGB, then luma (alpha dropped).
-    rgb = image if mode == 'RGB' else image.convert('RGB')
-    values = np.asarray(rgb, np.float32)
-    gray = np.clip(np.round(values @ _LUMA), 0, 255).astype(np.uint8)
+    return _luma(np.asarray(image if mode == 'RGB' else image.convert('RGB')))
   return np.ascontiguousarray(gray, np.uint8)[..., np.newaxis]
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+  """uint8 (H, W, 3) -> uint8 (H, W, 1): BT.601 luma in float32, rounded half to even (as TF)."""
+  gray = np.clip(np.round(rgb.astype(np.float32) @ _LUMA), 0, 255).astype(np.uint8)
+  return np.ascontiguousarray(gray)[..., np.newaxis]
 
 
 def decode_bytes(contents: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -80,22 +86,25 @@ def decode_bytes(contents: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXEL
   except UnidentifiedImageError:
     raise errors.InvalidImageError(name, 'not a decodable image (Unknown image file format)') \
         from None
+  except Image.DecompressionBombError as e:  # Pillow's own limit, 2 x MAX_IMAGE_PIXELS (179 MP).
+    if max_pixels < 2 * (Image.MAX_IMAGE_PIXELS or 0):
+      raise errors.InvalidImageError(
+          name, f'image declares more pixels than the limit of {max_pixels}') from None
+    raise errors.InvalidImageError(name, f'not a decodable image ({str(e)[:160]})') from None
   except (OSError, ValueError, SyntaxError) as e:
     raise errors.InvalidImageError(name, f'not a decodable image ({str(e)[:160]})') from None
   width, height = image.size
   if width * height > max_pixels:  # Checked on the header, before a pixel is decoded.
     raise errors.InvalidImageError(
         name, f'image declares more pixels than the limit of {max_pixels}')
-  if image.format == 'JPEG':
-    # TensorFlow decodes JPEG with libjpeg's fast integer IDCT (JDCT_IFAST), Pillow by default
-    # with the accurate one: 47% of the pixels of our gray JPEG X-rays then differ, by up to 20
-    # levels. Pillow's draft flag selects JDCT_IFAST, which gives TensorFlow's pixels exactly on
-    # gray JPEGs (for colour ones it also turns off fancy chroma upsampling: ~0.05% of pixels
-    # differ). Measured on the 283 images of covid_xray_seed.
-    image.decoderconfig = (1, 1)  # (scale, draft): what JpegImageFile.draft sets, with draft.
   try:
-    image.load()  # The first frame of a GIF.
-    gray = _pixels(image)
+    if image.format == 'JPEG' and image.mode == 'RGB' and _jpeg_is_ycc(image):
+      gray = _luma(_jpeg_rgb(image))
+    else:
+      if image.format == 'JPEG':
+        image.decoderconfig = (1, 1)  # (scale, draft): TensorFlow's fast IDCT; see _jpeg_rgb.
+      image.load()  # The first frame of a GIF.
+      gray = _pixels(image)
   except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
     raise errors.InvalidImageError(name, f'not a decodable image ({str(e)[:160]})') from None
   if min(gray.shape[:2]) < 1:
@@ -118,6 +127,87 @@ def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
   except OSError as e:
     raise errors.InvalidImageError(path, f'cannot read: {e.strerror}') from None
   return decode_bytes(contents, path, max_pixels=max_pixels)
+
+
+# JPEG, as TensorFlow decodes it. TensorFlow runs libjpeg with the fast integer IDCT
+# (JDCT_IFAST) and fancy (triangle) chroma upsampling; Pillow runs the accurate IDCT, which makes
+# 47% of the pixels of our gray JPEG X-rays differ by up to 20 levels. Pillow's draft flag
+# selects JDCT_IFAST (giving TensorFlow's pixels exactly on gray JPEGs) but also turns fancy
+# upsampling off. So colour JPEGs are decoded to raw YCbCr in draft mode (fast IDCT, chroma
+# replicated), the chroma planes are taken back to their coded resolution, upsampled with
+# libjpeg's fancy filters (jdsample.c) and converted with libjpeg's fixed-point YCbCr -> RGB
+# (jdcolor.c). Measured on the 283 images of covid_xray_seed: all 102 colour JPEGs give
+# TensorFlow's RGB bit for bit, as do all gray JPEGs and PNGs.
+
+_SCALE, _HALF = 16, 1 << 15
+_X = np.arange(256, dtype=np.int64) - 128
+_CR_R = (int(1.40200 * (1 << _SCALE) + 0.5) * _X + _HALF) >> _SCALE
+_CB_B = (int(1.77200 * (1 << _SCALE) + 0.5) * _X + _HALF) >> _SCALE
+_CR_G = -int(0.71414 * (1 << _SCALE) + 0.5) * _X
+_CB_G = -int(0.34414 * (1 << _SCALE) + 0.5) * _X + _HALF
+
+
+def _jpeg_is_ycc(image) -> bool:
+  """A 3-component YCbCr JPEG whose chroma subsampling _jpeg_rgb reproduces."""
+  layers = getattr(image, 'layer', None) or []
+  if len(layers) != 3 or image.info.get('adobe_transform') == 0:  # 0: RGB-coded, not YCbCr.
+    return False
+  hmax, vmax = max(l[1] for l in layers), max(l[2] for l in layers)
+  return all((hmax // l[1], vmax // l[2]) in ((1, 1), (2, 1), (2, 2)) and
+             hmax % l[1] == 0 and vmax % l[2] == 0 for l in layers[1:])
+
+
+def _fancy_h2v1(plane: np.ndarray, width: int) -> np.ndarray:
+  """libjpeg's h2v1_fancy_upsample: each pixel 3/4 itself, 1/4 its horizontal neighbour."""
+  c = plane.astype(np.int32)
+  out = np.empty((c.shape[0], 2 * c.shape[1]), np.int32)
+  left = np.concatenate([c[:, :1], c[:, :-1]], axis=1)
+  right = np.concatenate([c[:, 1:], c[:, -1:]], axis=1)
+  out[:, 0::2] = (c * 3 + left + 1) >> 2
+  out[:, 1::2] = (c * 3 + right + 2) >> 2
+  out[:, 0], out[:, -1] = c[:, 0], c[:, -1]
+  return out[:, :width]
+
+
+def _fancy_h2v2(plane: np.ndarray, height: int, width: int) -> np.ndarray:
+  """libjpeg's h2v2_fancy_upsample: a triangle filter (9/16, 3/16, 3/16, 1/16)."""
+  c = plane.astype(np.int32)
+  out = np.empty((2 * c.shape[0], 2 * c.shape[1]), np.int32)
+  for v, other in ((0, np.concatenate([c[:1], c[:-1]])), (1, np.concatenate([c[1:], c[-1:]]))):
+    col = c * 3 + other
+    if c.shape[1] == 1:
+      out[v::2, 0], out[v::2, 1] = (col[:, 0] * 4 + 8) >> 4, (col[:, 0] * 4 + 7) >> 4
+      continue
+    last = np.concatenate([col[:, :1], col[:, :-1]], axis=1)
+    following = np.concatenate([col[:, 1:], col[:, -1:]], axis=1)
+    even, odd = (col * 3 + last + 8) >> 4, (col * 3 + following + 7) >> 4
+    even[:, 0], odd[:, -1] = (col[:, 0] * 4 + 8) >> 4, (col[:, -1] * 4 + 7) >> 4
+    out[v::2, 0::2], out[v::2, 1::2] = even, odd
+  return out[:height, :width]
+
+
+def _jpeg_rgb(image) -> np.ndarray:
+  """uint8 (H, W, 3): a YCbCr JPEG decoded as TensorFlow (libjpeg-turbo) decodes it."""
+  layers = image.layer
+  hmax, vmax = max(l[1] for l in layers), max(l[2] for l in layers)
+  image.draft('YCbCr', image.size)  # Raw YCbCr out: no colour conversion by libjpeg.
+  image.decoderconfig = (1, 1)  # (scale, draft): fast IDCT, chroma replicated.
+  image.load()
+  ycc = np.asarray(image)
+  height, width = ycc.shape[:2]
+  planes = [ycc[..., 0].astype(np.int64)]
+  for k, (_, h, v, _) in enumerate(layers[1:], start=1):
+    fh, fv = hmax // h, vmax // v
+    coded = ycc[..., k][::fv, ::fh]
+    if (fh, fv) == (1, 1):
+      planes.append(ycc[..., k].astype(np.int64))
+    elif (fh, fv) == (2, 1):
+      planes.append(_fancy_h2v1(coded, width).astype(np.int64))
+    else:
+      planes.append(_fancy_h2v2(coded, height, width).astype(np.int64))
+  y, cb, cr = planes
+  rgb = np.stack([y + _CR_R[cr], y + ((_CB_G[cb] + _CR_G[cr]) >> _SCALE), y + _CB_B[cb]], -1)
+  return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
 # ------------------------------------------------------------------ Preprocessing (numpy).

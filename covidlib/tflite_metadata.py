@@ -7,6 +7,8 @@
     info.decision      # Decision(threshold=..., temperature=..., policy=..., split=...)
     info.input         # {'kind': 'uint8_image', ...} for the any-size variant, else None
 
+    python -m covidlib.tflite_metadata model_uint8_image.tflite     # the same, as JSON
+
 This module is the one definition of the format: `exporters.tflite` writes it, and both
 `covidlib.predict` and the TensorFlow-free edge route (`covidlib.edge`) read it. Reading needs
 the Python standard library only (the flatbuffer is walked with `struct`), so an app, a script
@@ -34,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import struct
+import sys
 
 from covidlib import errors
 from covidlib import model_dir as model_dir_lib
@@ -215,3 +218,27 @@ def covidlib_entries(decision: model_dir_lib.Decision, model_input: dict | None 
   if model_input is not None:
     entries[INPUT] = (json.dumps(model_input, indent=2, sort_keys=True) + '\n').encode()
   return entries
+
+
+def main(argv: list[str]) -> int:
+  """`python -m covidlib.tflite_metadata MODEL.tflite`: the covidlib entries as one JSON document."""
+  if len(argv) != 2:
+    print('usage: python -m covidlib.tflite_metadata MODEL.tflite', file=sys.stderr)
+    return 2
+  try:
+    with open(argv[1], 'rb') as f:
+      info = read_model_info(f.read())
+  except OSError as e:
+    print(f'covidlib.tflite_metadata: error: {argv[1]}: {e.strerror}', file=sys.stderr)
+    return 2
+  except errors.CovidlibError as e:
+    print(f'covidlib.tflite_metadata: error: {argv[1]}: {e}', file=sys.stderr)
+    return 1
+  document = {'labels': info.labels, 'input': info.input, **info.extra,
+              'decision': None if info.decision is None else dataclasses.asdict(info.decision)}
+  print(json.dumps(document, indent=2))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv))

@@ -17,6 +17,12 @@ Quantization types (names as in tensorflow/models' `convert_tflite_model`):
   int8     int8 weights and activations, calibrated on `representative_images`, which should be
            100-200 images of the TRAINING split through the one preprocessing function.
 
+`convert_tflite_uint8_image` makes the variant for devices (`tflite_uint8_image` in
+covidlib-export): it takes the decoded gray image as it is, uint8 (1, H, W, 1) of any size, and
+does the scaling and antialiased resize of `covidlib.preprocess` inside the graph with builtin
+ops (the resize as two products with weight matrices computed from the run-time size), so an app
+hands over the bitmap; `covidlib.edge` runs it without TensorFlow.
+
 Labels and the operating point travel inside the file: entries `covidlib_labels` and
 `covidlib_decision` of the flatbuffer's `metadata` table, defined (written and read, without
 TensorFlow) by `covidlib.tflite_metadata`; `read_metadata` here is that module's.
@@ -212,7 +218,8 @@ def preprocess_in_graph(image: tf.Tensor, image_size: int, channels: int) -> tf.
 def uint8_image_input(image_size: int, channels: int) -> dict:
   """The `covidlib_input` metadata of the uint8_image variant (what an app must hand over)."""
   return {
-      'kind': 'uint8_image', 'name': UINT8_IMAGE_INPUT, 'dtype': 'uint8',
+      'kind': 'uint8_image', 'signature': 'serving_default', 'name': UINT8_IMAGE_INPUT,
+      'dtype': 'uint8',
       'shape': [1, -1, -1, 1], 'layout': 'NHWC', 'image_size': image_size,
       'channels': channels,
       'pixels': 'the decoded image as displayed, one 8-bit gray channel (0 = black), any '

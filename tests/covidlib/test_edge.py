@@ -160,6 +160,10 @@ def _decode_cases():
   rgb = np.stack([gray, 255 - gray, np.roll(gray, 5, axis=1)], axis=-1)
   cmyk = np.stack([gray, 255 - gray, gray // 2, np.full_like(gray, 30)], axis=-1)
   rgba = np.dstack([rgb, np.full_like(gray, 128)])
+  # Saturated colour marks on an odd-sized film: chroma clipping, where upsampling shows.
+  vivid = np.repeat(np.pad(gray, ((0, 3), (0, 1)), mode='edge')[..., None], 3, axis=-1)
+  vivid[5:12, 7:20] = (250, 10, 10)
+  vivid[15:30, 30:35] = (0, 230, 40)
   return {  # name: (bytes, largest allowed difference in gray levels)
       'gray_png': (_encode(gray), 0),
       'rgb_png': (_encode(rgb), 0),
@@ -168,8 +172,12 @@ def _decode_cases():
       'palette_png': (_png_palette(rgb), 0),
       'png_16_bit': (_encode(gray.astype(np.uint16) * 257 + 100), 0),
       'one_bit_png': (_png_mode(gray > 100, '1'), 0),
-      'gray_jpeg': (_encode(gray, 'JPEG', quality=90), 1),
-      'rgb_jpeg': (_encode(rgb, 'JPEG', quality=90), 1),
+      'gray_jpeg': (_encode(gray, 'JPEG', quality=90), 0),
+      'rgb_jpeg_420': (_encode(rgb, 'JPEG', quality=90), 0),
+      'rgb_jpeg_422_odd_size': (_encode(vivid, 'JPEG', quality=80, subsampling=1), 0),
+      'rgb_jpeg_420_odd_size': (_encode(vivid, 'JPEG', quality=70, subsampling=2), 0),
+      'rgb_jpeg_444': (_encode(vivid, 'JPEG', quality=90, subsampling=0), 0),
+      'progressive_jpeg': (_encode(vivid, 'JPEG', quality=85, progressive=True), 0),
       'cmyk_jpeg': (_encode(cmyk, 'JPEG', mode='CMYK', quality=95), 3),
       'rgb_bmp': (_encode(rgb, 'BMP'), 0),
       'gif': (_png_palette(rgb, 'GIF'), 0),
@@ -282,6 +290,25 @@ def test_uint8_image_variant_rejects_int8_and_describes_its_input(exports):
   info = tflite_metadata.read_model_info(open(exports['uint8_image'], 'rb').read())
   assert info.input['shape'] == [1, -1, -1, 1] and info.input['dtype'] == 'uint8'
   assert info.input['image_size'] == SIZE and info.input['output']['name'] == 'probability'
+
+
+def _png_declaring(side: int) -> bytes:
+  """A header-only PNG declaring side x side gray pixels (valid chunk CRCs, no pixel data)."""
+  import struct
+  import zlib
+
+  def chunk(kind, payload):
+    return (struct.pack('>I', len(payload)) + kind + payload
+            + struct.pack('>I', zlib.crc32(kind + payload)))
+  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', side, side, 8, 0, 0, 0, 0))
+          + chunk(b'IDAT', zlib.compress(b'\0' * 64)) + chunk(b'IEND', b''))
+
+
+@pytest.mark.parametrize('side', [9000, 30000])  # Above our limit; also above Pillow's own.
+def test_bomb_is_refused_from_its_header(side):
+  with pytest.raises(errors.InvalidImageError,
+                     match=f'bomb.png: image declares more pixels than the limit of {64 << 20}$'):
+    edge.decode_bytes(_png_declaring(side), 'bomb.png')
 
 
 def test_bad_files_are_reported_and_the_rest_predicted(exports, image_files, tmp_path):
