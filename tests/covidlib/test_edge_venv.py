@@ -141,7 +141,10 @@ def test_edge_install_has_no_tensorflow_and_predicts_png_and_dicom(edge_venv,
     assert all(r['error'] is None and r['threshold'] == pytest.approx(0.4)
                for r in document['results'])
     got = [r['probability'] for r in document['results']]
-    np.testing.assert_allclose(got, models_and_inputs['full'][name], atol=1e-5)
+    # int8: the routes' float inputs differ by float rounding (~1e-7), which can now and then
+    # move a value across an int8 quantization boundary; uint8_image takes the same pixels.
+    np.testing.assert_allclose(got, models_and_inputs['full'][name],
+                               atol=0.05 if name == 'int8' else 1e-5)
     assert [r['label'] for r in document['results']] == [int(p >= 0.4) for p in got]
 
 
