@@ -23,7 +23,8 @@ Routes:
 Cold start: wall time from starting the process to its first result line on stdout, one image,
 median of --runs. Throughput: --images real files (half NIH adult normals, half ieee8023_more
 COVID-19 and others, from ../shared/data) in one folder, one process, images / wall second
-including start-up. Install: the installed size (RECORD entries, MB = 10^6 bytes) of each route's
+including start-up; and the steady state: predict_files over the folder in a process already
+started and warmed up (what a long batch converges to). Install: the installed size (RECORD entries, MB = 10^6 bytes) of each route's
 dependency closure, and `du` of the fresh edge venv's site-packages as a cross-check. Parity: the
 validation images of covid_xray_seed at their original sizes, Keras (covidlib.preprocess)
 against each route, the edge int8 route against the full int8 route (same model: what differs is
@@ -73,6 +74,27 @@ for path in sys.argv[2:]:
   image = keras.utils.load_img(path, color_mode='grayscale', target_size=(224, 224))
   x = keras.utils.img_to_array(image)[np.newaxis] / 255.0
   print(path, float(model.predict(x, verbose=0).reshape(-1)[0]), flush=True)
+'''
+
+
+# Runs in a route's environment: images/s of predict_files over the folder once started and
+# warmed up (the steady state, without the start-up that dominates a 200-image command here).
+STEADY = r'''
+import glob, os, sys, time
+kind, model, folder = sys.argv[1:4]
+files = sorted(glob.glob(os.path.join(folder, '*')))
+if kind == 'edge':
+  from covidlib import edge
+  predictor = edge.EdgePredictor(model)
+else:
+  from covidlib import predict
+  predictor = predict.Predictor(model)
+predictor.predict_files(files[:2])
+start = time.perf_counter()
+out = predictor.predict_files(files)
+elapsed = time.perf_counter() - start
+assert all(r.ok for r in out), [r.error for r in out if not r.ok][:3]
+print(len(files) / elapsed)
 '''
 
 
@@ -351,6 +373,12 @@ def main(argv):
           sys.executable, '-c', ARTICLE, paths['keras']],
   }
   cwd = {"today's covidlib-predict (int8)": baseline}
+  edge_python = os.path.join(edge_bin, 'python')
+  steady = {  # route: (python, kind, model) for the in-process steady-state figure.
+      'edge (covidlib-predict-edge, uint8_image)': (edge_python, 'edge', paths['uint8_image']),
+      'edge (covidlib-predict-edge, int8)': (edge_python, 'edge', paths['int8']),
+      'full (covidlib-predict, int8)': (sys.executable, 'full', paths['int8']),
+      "today's covidlib-predict (int8)": (sys.executable, 'full', paths['int8'])}
   rows = {}
   for route, command in commands.items():
     _log(f'cold start: {route}')
@@ -362,6 +390,11 @@ def main(argv):
                                    env, cwd.get(route), marker=' ' if 'article' in route else ',')
     rows[route] = {'cold_start_s': statistics.median(firsts), 'cold_starts_s': firsts,
                    'folder_wall_s': total, 'images_per_s': len(files) / total}
+    if route in steady:
+      python, kind, model = steady[route]
+      done = subprocess.run([python, '-c', STEADY, kind, model, folder], capture_output=True,
+                            text=True, env=env, cwd=cwd.get(route), timeout=600, check=True)
+      rows[route]['steady_images_per_s'] = float(done.stdout.strip().splitlines()[-1])
   _log('install sizes')
   edge_mb, edge_dists = _closure_mb(os.path.join(edge_bin, 'python'),
                                     ['ai-edge-litert', 'numpy', 'pillow', 'pydicom', 'covidlib'])
@@ -409,11 +442,17 @@ def render(report: dict) -> str:
       f'Machine: {report["machine"]}; load average {", ".join(f"{x:.1f}" for x in report["load_average"])} '
       f'(1/5/15 min) at the end. Model: {report["model"]}. Folder: {report["images"]} real '
       f'images. Today = commit {report["baseline_commit"]}.', '',
-      '| route | cold start, first result (s) | folder: wall (s) | images/s | vs today |',
-      '|---|---|---|---|---|']
+      '| route | cold start, first result (s) | folder: wall (s) | images/s | vs today | '
+      'steady state, in-process (images/s) | vs today |',
+      '|---|---|---|---|---|---|---|']
+  steady_today = report['rows']["today's covidlib-predict (int8)"].get('steady_images_per_s')
   for route, row in report['rows'].items():
+    steady = row.get('steady_images_per_s')
+    steady_cells = ('- | -' if steady is None or not steady_today
+                    else f'{steady:.1f} | {steady / steady_today:.2f}x')
     lines.append(f'| {route} | {row["cold_start_s"]:.2f} | {row["folder_wall_s"]:.1f} | '
-                 f'{row["images_per_s"]:.1f} | {row["images_per_s"] / today:.2f}x |')
+                 f'{row["images_per_s"]:.1f} | {row["images_per_s"] / today:.2f}x | '
+                 f'{steady_cells} |')
   install = report['install']
   lines += ['', '| route | install (MB) | distributions |', '|---|---|---|',
             f'| edge | {install["edge"]["mb"]:.0f} ({install["edge"]["mb_without_pydicom"]:.0f} '
