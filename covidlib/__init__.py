@@ -18,8 +18,8 @@ CLASS_NAMES = ('normal', 'covid')  # index = label; label 1 = COVID-19.
 
 _SUBMODULES = (
     'archive', 'augment', 'calibration', 'crossval', 'data', 'dicom', 'distribute', 'errors',
-    'evaluate', 'explain', 'metrics', 'model_dir', 'models', 'predict', 'preprocess', 'report',
-    'threshold', 'train',
+    'edge', 'evaluate', 'explain', 'metrics', 'model_dir', 'models', 'predict', 'preprocess',
+    'report', 'results', 'threshold', 'tflite_metadata', 'train',
 )
 
 

@@ -1,7 +1,8 @@
 """covidlib-export: a trained model_dir -> SavedModel, TFLite variants, parity report, model card.
 
     covidlib-export --model_dir=runs/seed_cnn --out=exports/seed_cnn \\
-        [--formats=saved_model,tflite_fp32,tflite_dynamic,tflite_fp16,tflite_int8] [--int8_io] \\
+        [--formats=saved_model,tflite_fp32,tflite_dynamic,tflite_fp16,tflite_int8,tflite_uint8_image] \\
+        [--int8_io] \\
         [--dataset=covid_xray/patient_split --data_dir=tfds_data] [--overwrite]
 
 (also `python -m exporters.cli ...`). The int8 calibration images come from --calibration_split

@@ -8,6 +8,7 @@ Layout of the output folder:
 
     saved_model/                 SavedModel (serving_default: image bytes; serving_preprocessed)
     model_fp32.tflite ...        one file per TFLite variant (model_<type>.tflite)
+    model_uint8_image.tflite     takes the decoded uint8 gray image of any size (resize inside)
     labels.txt, decision.json    the operating point, also embedded in every model
     config.json                  the training configuration, copied
     export_report.json / .md     parity of every variant against the Keras model
@@ -44,7 +45,12 @@ from exporters import saved_model as saved_model_lib
 from exporters import serving
 from exporters import tflite
 
-FORMATS = ('saved_model', 'tflite_fp32', 'tflite_dynamic', 'tflite_fp16', 'tflite_int8')
+FORMATS = ('saved_model', 'tflite_fp32', 'tflite_dynamic', 'tflite_fp16', 'tflite_int8',
+           'tflite_uint8_image')
+# tflite_uint8_image (exporters.tflite.convert_tflite_uint8_image) takes the decoded gray image
+# of any size, uint8 (1, H, W, 1), and resizes in its graph: what a phone app hands over. Its
+# weights are dynamic-range quantized (int8 weights, float activations).
+UINT8_IMAGE_QUANT_TYPE = 'dynamic'
 SAVED_MODEL_DIR = 'saved_model'
 log = logging.getLogger(__name__)
 
@@ -158,6 +164,36 @@ def load_arrays(config: dict, split: str, *, dataset: str | None, data_dir: str 
   return images, labels, metadata, description
 
 
+def load_raw_images(config: dict, split: str, *, dataset: str | None, data_dir: str | None
+                    ) -> tuple[list[np.ndarray], np.ndarray]:
+  """The decoded uint8 (H, W, 1) images of one split at their original sizes, and labels.
+
+  For the parity of variants that take the image as it is (tflite_uint8_image).
+  """
+  from covidlib import data
+  from covidlib import preprocess
+
+  dataset = dataset or config.get('dataset')
+  if not dataset:
+    raise errors.UsageError('no dataset given and the model_dir config names none')
+  if dataset.startswith('folder:'):
+    root = os.path.join(dataset[len('folder:'):], split)
+    if not os.path.isdir(root):
+      raise errors.UsageError(f'split folder {root!r} does not exist (dataset {dataset!r})')
+    paths, labels = data.list_folder(root)
+    return [preprocess.load_image(p) for p in paths], np.asarray(labels, np.int64)
+  import tensorflow_datasets as tfds
+
+  builder = data._builder(dataset, data_dir or config.get('data_dir'))  # pylint: disable=protected-access
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={'image': tfds.decode.SkipDecoding()})
+  images, labels = [], []
+  for example in ds:
+    images.append(preprocess.decode_image(example['image']).numpy())
+    labels.append(int(example['label']))
+  return images, np.asarray(labels, np.int64)
+
+
 def _evaluation_on_parity(model, decision, images, labels, metadata, description) -> dict:
   """covidlib.evaluate's report layout, computed on the parity split (model card fallback)."""
   from covidlib import evaluate
@@ -258,6 +294,12 @@ def _build(tmp, model_dir, model, config, decision, *, formats, int8_io, dataset
       continue
     quant_type = fmt[len('tflite_'):]
     log.info('converting %s', fmt)
+    if fmt == 'tflite_uint8_image':
+      data = tflite.convert_tflite_uint8_image(model, UINT8_IMAGE_QUANT_TYPE, decision)
+      path = os.path.join(tmp, tflite_filename(fmt))
+      model_dir_lib.write_bytes_atomic(path, data)
+      variants[fmt] = path
+      continue
     data = tflite.convert_tflite(model, quant_type,
                                  representative if quant_type == 'int8' else None,
                                  int8_io=int8_io and quant_type == 'int8', decision=decision)
@@ -275,8 +317,11 @@ def _build(tmp, model_dir, model, config, decision, *, formats, int8_io, dataset
     images, labels, metadata, description = load_arrays(
         config, parity_split, dataset=dataset, data_dir=data_dir)
     log.info('parity on %d images of %s', len(labels), description)
+    raw = None
+    if 'tflite_uint8_image' in variants:
+      raw = load_raw_images(config, parity_split, dataset=dataset, data_dir=data_dir)
     report = parity.parity_report(model_dir, variants, images, labels, split=description,
-                                  latency_runs=latency_runs)
+                                  latency_runs=latency_runs, raw=raw)
     if int8_io:
       report['models']['tflite_int8']['int8_io'] = True
     parity.write_report(tmp, report)

@@ -14,6 +14,9 @@ file size, and single-image latency (median of `latency_runs` after warm-up; the
 interpreter at 1 and 2 threads for .tflite, the `serving_preprocessed` signature for the
 SavedModel, a direct Keras call for the reference).
 
+The tflite_uint8_image variant takes the decoded image as it is: it is run on the split's images
+at their original sizes (`raw`), against the Keras model on the same images.
+
 Targets (pass/fail per variant, from the project's issue 5):
   int8 file <= 0.26 x the fp32 file; decision agreement >= 0.98; ROC-AUC drop <= 0.01.
 """
@@ -61,8 +64,18 @@ def measure_latency(path: str, image: np.ndarray, runs: int = 30) -> dict[str, f
 
   Args:
     path: a model path `covidlib.predict.Predictor` accepts.
-    image: one preprocessed image, float32 (S, S, C).
+    image: one preprocessed image, float32 (S, S, C); for a variant that takes the decoded image
+      (tflite_uint8_image), one uint8 (H, W, 1) image, whose resize is then part of the time.
   """
+  if image.dtype == np.uint8:
+    from covidlib import edge
+    out = {}
+    for threads in THREADS:
+      model = edge.EdgePredictor(path, num_threads=threads)
+      prepared = model.prepare(image)
+      out[f'{threads}_thread' + ('s' if threads > 1 else '')] = _median_ms(
+          lambda: model.run(prepared), runs)
+    return out
   batch = np.asarray(image, np.float32)[np.newaxis]
   if predict.detect_format(path) != predict.TFLITE:
     predictor = predict.Predictor(path)
@@ -97,7 +110,8 @@ def _figures(labels, p, threshold, n_bootstrap, seed) -> dict:
 
 def parity_report(model_path: str, variants: dict[str, str], images: np.ndarray,
                   labels: np.ndarray, *, split: str = '', latency_runs: int = 30,
-                  n_bootstrap: int = 1000, seed: int = 0) -> dict:
+                  n_bootstrap: int = 1000, seed: int = 0,
+                  raw: tuple[list[np.ndarray], np.ndarray] | None = None) -> dict:
   """Measures every variant against the Keras model on preprocessed, labelled images.
 
   Args:
@@ -107,6 +121,9 @@ def parity_report(model_path: str, variants: dict[str, str], images: np.ndarray,
     images: float32 (N, S, S, C) in [0, 1]; labels: (N,) 1 = COVID-19, 0 = normal.
     split: what the images are, for the report.
     latency_runs: timed single-image runs per model and thread count (0 = skip latency).
+    raw: (uint8 (H, W, 1) images at their original sizes, labels) of the same split, for
+      variants that take the decoded image (tflite_uint8_image): they and the Keras reference
+      (through covidlib.preprocess) are compared on these.
 
   Returns:
     A JSON-ready dict: {'split', 'n', 'threshold', 'targets', 'models': {name: {...}},
@@ -136,25 +153,37 @@ def parity_report(model_path: str, variants: dict[str, str], images: np.ndarray,
       'latency_ms': measure_latency(model_path, images[0], latency_runs) if latency_runs else {},
   }}
   sizes = {name: file_size(path) for name, path in variants.items()}
+  raw_reference = None
   for name, path in variants.items():
     predictor = predict.Predictor(path)
     if predictor.decision.threshold != threshold:
       raise errors.UsageError(
           f'variant {name!r} has threshold {predictor.decision.threshold}, the Keras model '
           f'{threshold}: they were not exported from the same model_dir')
-    p = predictor.predict_preprocessed(images).astype(np.float64)
-    figures = _figures(labels, p, threshold, n_bootstrap, seed)
-    agreement = float(np.mean((p >= threshold) == (p_ref >= threshold)))
-    auc, auc_ref = figures['roc_auc']['value'], keras_figures['roc_auc']['value']
+    v_labels, v_ref, v_keras, latency_image = labels, p_ref, keras_figures, images[0]
+    if predictor.takes_uint8_image:
+      if raw is None or not len(raw[0]):
+        raise errors.UsageError(f'variant {name!r} takes decoded images: parity needs `raw`')
+      raw_images, v_labels = raw[0], np.asarray(raw[1]).reshape(-1).astype(np.int64)
+      if raw_reference is None:
+        raw_reference = np.array([reference.predict_array(x).probability for x in raw_images])
+        raw_figures = _figures(v_labels, raw_reference, threshold, n_bootstrap, seed)
+      v_ref, v_keras, latency_image = raw_reference, raw_figures, raw_images[0]
+      p = np.array([predictor.predict_array(x).probability for x in raw_images], np.float64)
+    else:
+      p = predictor.predict_preprocessed(images).astype(np.float64)
+    figures = _figures(v_labels, p, threshold, n_bootstrap, seed)
+    agreement = float(np.mean((p >= threshold) == (v_ref >= threshold)))
+    auc, auc_ref = figures['roc_auc']['value'], v_keras['roc_auc']['value']
     auc_drop = None if auc is None or auc_ref is None else auc_ref - auc
     entry = {
         'path': os.path.basename(os.path.normpath(path)), 'format': predictor.format,
         'file_size_bytes': sizes[name], 'figures': figures,
-        'agreement': agreement, 'n_disagree': int(round((1 - agreement) * len(labels))),
-        'max_abs_dp': float(np.max(np.abs(p - p_ref))),
-        'mean_abs_dp': float(np.mean(np.abs(p - p_ref))),
+        'agreement': agreement, 'n_disagree': int(round((1 - agreement) * len(v_labels))),
+        'max_abs_dp': float(np.max(np.abs(p - v_ref))),
+        'mean_abs_dp': float(np.mean(np.abs(p - v_ref))),
         'roc_auc_drop': auc_drop,
-        'latency_ms': measure_latency(path, images[0], latency_runs) if latency_runs else {},
+        'latency_ms': measure_latency(path, latency_image, latency_runs) if latency_runs else {},
     }
     checks = {
         'agreement': {'value': agreement, 'target': f'>= {TARGETS["agreement_min"]}',
@@ -170,6 +199,9 @@ def parity_report(model_path: str, variants: dict[str, str], images: np.ndarray,
                               'pass': ratio <= TARGETS['int8_size_ratio_max']}
     elif name.startswith('tflite_') and 'tflite_fp32' in sizes:
       entry['size_ratio_vs_fp32'] = sizes[name] / sizes['tflite_fp32']
+    if predictor.takes_uint8_image:
+      entry['input'] = 'decoded uint8 image at its original size (resize in the graph)'
+      entry['n'] = int(len(v_labels))
     entry['targets'] = checks
     models[name] = entry
   verdicts = [c['pass'] for m in models.values() for c in m.get('targets', {}).values()]
@@ -250,6 +282,11 @@ def render_markdown(report: dict) -> str:
     t = m['targets']
     lines.append(f'| {name} | {_verdict(t.get("agreement"))} | {_verdict(t.get("roc_auc_drop"))} '
                  f'| {_verdict(t.get("size_ratio"))} |')
+  raw = [name for name, m in report['models'].items() if m.get('input')]
+  if raw:
+    lines += ['', f'{", ".join(raw)}: fed the decoded uint8 images at their original sizes '
+              '(resize inside the model), against the Keras model on the same images through '
+              'covidlib.preprocess.']
   verdict = {True: 'all targets met', False: 'SOME TARGETS MISSED',
              None: 'some targets undefined (e.g. ROC-AUC with one class)'}
   lines += ['', f'Overall: {verdict[report["all_targets_met"]]}.', '']

@@ -17,20 +17,20 @@ Quantization types (names as in tensorflow/models' `convert_tflite_model`):
   int8     int8 weights and activations, calibrated on `representative_images`, which should be
            100-200 images of the TRAINING split through the one preprocessing function.
 
-Labels and the operating point travel inside the file: two entries in the flatbuffer's
-`metadata` table (the same mechanism the converter uses for its own `min_runtime_version` and
-`CONVERSION_METADATA`), read back with `read_metadata`:
-  covidlib_labels    labels.txt: 'normal\\ncovid\\n' (line index = label)
-  covidlib_decision  decision.json: {"threshold", "temperature", "policy", "split",
-                     "temperature_applied": true}: label = probability >= threshold; the
-                     temperature is already folded into the model's weights.
+`convert_tflite_uint8_image` makes the variant for devices (`tflite_uint8_image` in
+covidlib-export): it takes the decoded gray image as it is, uint8 (1, H, W, 1) of any size, and
+does the scaling and antialiased resize of `covidlib.preprocess` inside the graph with builtin
+ops (the resize as two products with weight matrices computed from the run-time size), so an app
+hands over the bitmap; `covidlib.edge` runs it without TensorFlow.
+
+Labels and the operating point travel inside the file: entries `covidlib_labels` and
+`covidlib_decision` of the flatbuffer's `metadata` table, defined (written and read, without
+TensorFlow) by `covidlib.tflite_metadata`; `read_metadata` here is that module's.
 The exporter also writes labels.txt and decision.json next to the .tflite files.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import tempfile
 from typing import Iterable
@@ -41,12 +41,13 @@ import tensorflow as tf
 
 from covidlib import errors
 from covidlib import model_dir as model_dir_lib
+from covidlib import tflite_metadata
 from exporters import saved_model as saved_model_lib
 from exporters import serving
 
 QUANT_TYPES = ('fp32', 'dynamic', 'fp16', 'int8')
-LABELS_METADATA = 'covidlib_labels'
-DECISION_METADATA = 'covidlib_decision'
+LABELS_METADATA = tflite_metadata.LABELS
+DECISION_METADATA = tflite_metadata.DECISION
 OUTPUT = 'probability'
 INPUT = 'images'
 
@@ -175,64 +176,114 @@ def convert_tflite(source: keras.Model | str | os.PathLike, quant_type: str,
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
     flatbuffer = converter.convert()
-  return embed_metadata(flatbuffer, {
-      LABELS_METADATA: saved_model_lib.labels_text().encode(),
-      DECISION_METADATA: decision_json(decision).encode(),
-  })
+  return embed_metadata(flatbuffer, tflite_metadata.covidlib_entries(decision))
 
 
-def decision_json(decision: model_dir_lib.Decision) -> str:
-  """decision.json as exported: the model_dir's fields plus temperature_applied = true."""
-  data = dataclasses.asdict(decision)
-  data['temperature_applied'] = True
-  return json.dumps(data, indent=2, sort_keys=True) + '\n'
+# ------------------------------------------------------------------ The any-size uint8 variant.
+
+UINT8_IMAGE_INPUT = 'image'
+UINT8_IMAGE_QUANT_TYPES = ('fp32', 'dynamic')
 
 
-def embed_metadata(flatbuffer: bytes, entries: dict[str, bytes]) -> bytes:
-  """Adds (or replaces) named entries of a .tflite flatbuffer's `metadata` table."""
-  from ai_edge_litert import schema_py_generated as schema
-  from ai_edge_litert.tools import flatbuffer_utils
+def _resize_matrix(in_size: tf.Tensor, out_size: int) -> tf.Tensor:
+  """float32 (out_size, in_size): `tf.image.resize(..., 'bilinear', antialias=True)` along one
+  axis as a dense matrix, built from the input's run-time size with TFLite builtin ops.
 
-  model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
-  model.metadata = [m for m in (model.metadata or []) if m.name.decode() not in entries]
-  for name, data in entries.items():
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(data, np.uint8)
-    model.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name = name.encode()
-    entry.buffer = len(model.buffers) - 1
-    model.metadata.append(entry)
-  return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
-
-
-def read_metadata(flatbuffer: bytes) -> dict[str, bytes]:
-  """The `metadata` entries of a .tflite flatbuffer, by name (e.g. LABELS_METADATA)."""
-  from ai_edge_litert import schema_py_generated as schema
-
-  try:
-    model = schema.Model.GetRootAs(flatbuffer, 0)
-    entries = {}
-    for i in range(model.MetadataLength()):
-      entry = model.Metadata(i)
-      buffer = model.Buffers(entry.Buffer())
-      if buffer.Offset():  # Large models keep buffers after the flatbuffer, by offset.
-        data = flatbuffer[buffer.Offset():buffer.Offset() + buffer.Size()]
-      else:
-        data = buffer.DataAsNumpy().tobytes() if buffer.DataLength() else b''
-      entries[entry.Name().decode()] = bytes(data)
-    return entries
-  except Exception as e:  # A truncated or foreign file: flatbuffers raises assorted errors.
-    raise errors.ModelLoadError(f'not a readable TFLite flatbuffer ({type(e).__name__}: {e})') \
-        from None
+  The same triangle weights as TensorFlow's ScaleAndTranslate kernel (and
+  `covidlib.edge.resize_spans`): output i samples the input at (i + 0.5) / scale with a triangle
+  of radius max(1 / scale, 1), weights normalised to sum 1. That kernel itself is not a TFLite
+  op; a product with this matrix is (BatchMatMul).
+  """
+  in_f = tf.cast(in_size, tf.float32)
+  scale = tf.constant(float(out_size), tf.float32) / in_f
+  inv_scale = 1.0 / scale
+  inv_kernel_scale = 1.0 / tf.maximum(inv_scale, 1.0)
+  sample = (tf.range(out_size, dtype=tf.float32) + 0.5) * inv_scale
+  source = tf.cast(tf.range(in_size), tf.float32) + 0.5
+  weights = tf.nn.relu(1.0 - tf.abs((source[tf.newaxis, :] - sample[:, tf.newaxis])
+                                    * inv_kernel_scale))
+  return weights * (1.0 / tf.reduce_sum(weights, axis=1, keepdims=True))
 
 
-def read_decision(flatbuffer: bytes) -> model_dir_lib.Decision | None:
-  """The embedded operating point, or None if the file has none."""
-  raw = read_metadata(flatbuffer).get(DECISION_METADATA)
-  if raw is None:
-    return None
-  data = json.loads(raw)
-  return model_dir_lib.Decision(threshold=float(data['threshold']), policy=str(data['policy']),
-                                temperature=float(data.get('temperature', 1.0)),
-                                split=str(data.get('split', '')))
+def preprocess_in_graph(image: tf.Tensor, image_size: int, channels: int) -> tf.Tensor:
+  """uint8 (1, H, W, 1) -> float32 (1, S, S, C): covidlib.preprocess.preprocess in builtin ops."""
+  x = tf.cast(image[0, :, :, 0], tf.float32) / 255.0
+  shape = tf.shape(x)
+  x = tf.matmul(tf.matmul(_resize_matrix(shape[0], image_size), x),
+                _resize_matrix(shape[1], image_size), transpose_b=True)
+  x = tf.clip_by_value(x, 0.0, 1.0)[tf.newaxis, :, :, tf.newaxis]
+  return tf.concat([x] * channels, axis=-1) if channels > 1 else x
+
+
+def uint8_image_input(image_size: int, channels: int) -> dict:
+  """The `covidlib_input` metadata of the uint8_image variant (what an app must hand over)."""
+  return {
+      'kind': 'uint8_image', 'signature': 'serving_default', 'name': UINT8_IMAGE_INPUT,
+      'dtype': 'uint8',
+      'shape': [1, -1, -1, 1], 'layout': 'NHWC', 'image_size': image_size,
+      'channels': channels,
+      'pixels': 'the decoded image as displayed, one 8-bit gray channel (0 = black), any '
+                'height and width; colour as BT.601 luma round(0.2989 R + 0.5870 G + 0.1140 B)',
+      'in_graph': f'x / 255, antialiased bilinear resize to {image_size} x {image_size} '
+                  '(aspect ratio not kept), clip to [0, 1]',
+      'output': {'name': OUTPUT, 'dtype': 'float32', 'shape': [1],
+                 'meaning': 'calibrated P(COVID-19); label = probability >= threshold'},
+  }
+
+
+def convert_tflite_uint8_image(model: keras.Model, quant_type: str = 'dynamic',
+                               decision: model_dir_lib.Decision | None = None) -> bytes:
+  """A .tflite that takes the decoded gray image as it is: uint8 (1, H, W, 1), any H and W.
+
+  Scaling and the antialiased resize of `covidlib.preprocess` run inside the graph, so an app
+  hands over the bitmap. Full-integer int8 is not offered: the resize runs on the image's
+  run-time size, which int8 calibration cannot cover; 'dynamic' (int8 weights, float
+  activations) gives the small file.
+
+  Args:
+    model: the inference model (float32 (S, S, C) in [0, 1] -> sigmoid 'probability').
+    quant_type: one of UINT8_IMAGE_QUANT_TYPES.
+    decision: the operating point; its temperature is folded into the model.
+
+  Returns:
+    The .tflite flatbuffer with labels, decision and the input description embedded
+    (`covidlib.tflite_metadata`: covidlib_input kind 'uint8_image').
+
+  Raises:
+    UsageError: another quant_type, or a model that is not a covidlib inference model.
+  """
+  if quant_type not in UINT8_IMAGE_QUANT_TYPES:
+    raise errors.UsageError(
+        f'quantization type {quant_type!r} is not supported for the uint8_image variant '
+        f'(supported: {", ".join(UINT8_IMAGE_QUANT_TYPES)})')
+  if not isinstance(model, keras.Model):
+    raise errors.UsageError(
+        f'convert_tflite_uint8_image takes a keras.Model, got {type(model).__name__}')
+  decision = decision or model_dir_lib.Decision()
+  image_size, channels = serving.model_geometry(model)
+  source = serving.serving_model(model, decision.temperature)
+
+  def serve(image):
+    x = preprocess_in_graph(image, image_size, channels)
+    return {OUTPUT: tf.reshape(source(x, training=False), [-1])}
+
+  with tempfile.TemporaryDirectory(prefix='covidlib_tflite_') as tmp:
+    archive = keras.export.ExportArchive()
+    archive.track(source)
+    archive.add_endpoint(
+        'serving_default', tf.function(serve),
+        input_signature=[tf.TensorSpec((1, None, None, 1), tf.uint8, name=UINT8_IMAGE_INPUT)])
+    archive.write_out(tmp, verbose=False)
+    converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
+    if quant_type == 'dynamic':
+      converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    flatbuffer = converter.convert()
+  return embed_metadata(flatbuffer, tflite_metadata.covidlib_entries(
+      decision, uint8_image_input(image_size, channels)))
+
+
+# The metadata format has one TensorFlow-free definition, shared with the edge route.
+decision_json = tflite_metadata.decision_json
+embed_metadata = tflite_metadata.embed_metadata
+read_metadata = tflite_metadata.read_metadata
+read_decision = tflite_metadata.read_decision

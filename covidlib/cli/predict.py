@@ -6,7 +6,9 @@
 (or `python -m covidlib.cli.predict ...`). --model is a model.keras, a model_dir, a SavedModel
 folder or a .tflite file; the threshold and temperature are those stored with it (see
 covidlib/predict.py). Folders are searched recursively; names starting with '.' are skipped.
-Output on stdout, one row per file, in input order: --format=table (default), json or csv.
+Files are decoded by a thread pool (--workers, default the CPU count) while the model runs, and
+printed in input order on stdout: --format=table (default), json or csv. Without TensorFlow
+(LiteRT, numpy and Pillow only), covidlib-predict-edge does the same for .tflite files.
 A file that cannot be read (empty, truncated, not an image, DICOM without pixels) gets a row
 with its error and no probability; the others are still predicted, and the exit status is 1.
 A missing model or input path, or a bad flag: one line on stderr, exit 2. Research software,
@@ -15,9 +17,6 @@ not a diagnostic device.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 import sys
 from typing import Sequence
@@ -26,6 +25,7 @@ from absl import flags
 
 from covidlib import errors
 from covidlib import predict
+from covidlib import results
 from covidlib.cli import common
 from covidlib.cli import flag_util
 
@@ -42,55 +42,14 @@ _GRAD_CAM_DIR = _DEFINE(flags.DEFINE_string, 'grad_cam_dir', None,
                         'Write a Grad-CAM overlay PNG per readable image here (.keras models).')
 _NUM_THREADS = _DEFINE(flags.DEFINE_integer, 'num_threads', None,
                        'TFLite interpreter threads (default: LiteRT chooses).')
+_WORKERS = _DEFINE(flags.DEFINE_integer, 'workers', None,
+                   'Threads decoding files ahead of inference (default: the CPU count; 0: none).',
+                   lower_bound=0)
 
 
-def expand_inputs(inputs: Sequence[str]) -> list[str]:
-  """Files as given, folders as their files (recursive, sorted, names starting '.' skipped).
-
-  Raises:
-    UsageError: no inputs, an input path that does not exist, or folders holding no file.
-  """
-  if not inputs:
-    raise errors.UsageError('no input: give image files or folders after the flags')
-  paths = []
-  for item in inputs:
-    if not os.path.exists(item):
-      raise errors.UsageError(f'input {item!r} does not exist')
-    if not os.path.isdir(item):
-      paths.append(item)
-      continue
-    found = []
-    for root, dirs, names in os.walk(item):
-      dirs[:] = [d for d in dirs if not d.startswith('.')]
-      found.extend(os.path.join(root, n) for n in names if not n.startswith('.'))
-    paths.extend(sorted(found))
-  if not paths:
-    raise errors.UsageError(f'no files found in {", ".join(map(repr, inputs))}')
-  return paths
-
-
-def format_results(results: Sequence[predict.Prediction], fmt: str, model: str) -> str:
-  """The results as a table, a JSON document or CSV (header + one row per file)."""
-  if fmt == 'json':
-    return json.dumps({'model': model, 'n': len(results),
-                       'n_failed': sum(not r.ok for r in results),
-                       'results': [r.to_dict() for r in results]}, indent=2) + '\n'
-  if fmt == 'csv':
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator='\n')
-    writer.writerow(['path', 'probability', 'label', 'class_name', 'threshold', 'error'])
-    for r in results:
-      writer.writerow([r.path, '' if r.probability is None else f'{r.probability:.6f}',
-                       '' if r.label is None else r.label, r.class_name or '',
-                       f'{r.threshold:.6g}', r.error or ''])
-    return buffer.getvalue()
-  width = max([len('file')] + [len(r.path) for r in results])
-  lines = [f'{"file":<{width}}  P(COVID-19)  decision  threshold  error']
-  for r in results:
-    p = '' if r.probability is None else f'{r.probability:.4f}'
-    lines.append(f'{r.path:<{width}}  {p:>11}  {r.class_name or "-":<8}  {r.threshold:>9.4g}  '
-                 f'{r.error or ""}'.rstrip())
-  return '\n'.join(lines) + '\n'
+# Shared with covidlib-predict-edge (covidlib.results has no TensorFlow in it).
+expand_inputs = results.expand_inputs
+format_results = results.format_results
 
 
 def write_grad_cams(predictor: predict.Predictor, results: Sequence[predict.Prediction],
@@ -121,15 +80,14 @@ def main(argv):
     raise errors.UsageError(
         f'--grad_cam_dir needs a .keras model or model_dir (Grad-CAM differentiates the Keras '
         f'model), not a {predictor.format} model')
-  results = predictor.predict_files(paths)
-  sys.stdout.write(format_results(results, _FORMAT.value, _MODEL.value))
+  predictions = predictor.predict_files(paths, workers=_WORKERS.value)
+  sys.stdout.write(format_results(predictions, _FORMAT.value, _MODEL.value))
   sys.stdout.flush()
   if _GRAD_CAM_DIR.value:
-    write_grad_cams(predictor, results, _GRAD_CAM_DIR.value)
-  failed = [r for r in results if not r.ok]
-  if failed:
-    common.print_error(PROG, f'{len(failed)} of {len(results)} files could not be read: '
-                       + '; '.join(f'{r.path}: {r.error}' for r in failed))
+    write_grad_cams(predictor, predictions, _GRAD_CAM_DIR.value)
+  failure = results.failure_message(predictions)
+  if failure:
+    common.print_error(PROG, failure)
     return common.EXIT_FAILURE
   return 0
 

@@ -47,7 +47,7 @@ def test_layout(exported):
   assert sorted(os.listdir(exported)) == [
       'MODEL_CARD.md', 'config.json', 'decision.json', 'export_report.json',
       'export_report.md', 'labels.txt', 'model_dynamic.tflite', 'model_fp16.tflite',
-      'model_fp32.tflite', 'model_int8.tflite', 'saved_model']
+      'model_fp32.tflite', 'model_int8.tflite', 'model_uint8_image.tflite', 'saved_model']
   with open(os.path.join(exported, 'labels.txt')) as f:
     assert f.read() == 'normal\ncovid\n'
   with open(os.path.join(exported, 'decision.json')) as f:
@@ -57,11 +57,11 @@ def test_layout(exported):
   assert oct(os.stat(os.path.join(exported, 'labels.txt')).st_mode & 0o044) == '0o44'
 
 
-def test_parity_report_matches_an_independent_run(exported, folder_dataset):
+def test_parity_report_matches_an_independent_run(exported, folder_dataset, model_dir):
   with open(os.path.join(exported, 'export_report.json')) as f:
     report = json.load(f)
   assert sorted(report['models']) == ['keras', 'saved_model', 'tflite_dynamic', 'tflite_fp16',
-                                      'tflite_fp32', 'tflite_int8']
+                                      'tflite_fp32', 'tflite_int8', 'tflite_uint8_image']
   assert report['n'] == 20 and report['threshold'] == 0.42
   # Recompute int8's figures through the public API on the same validation folder.
   paths, labels = data.list_folder(os.path.join(folder_dataset, 'validation'))
@@ -81,9 +81,21 @@ def test_parity_report_matches_an_independent_run(exported, folder_dataset):
   assert set(entry['latency_ms']) == {'1_thread', '2_threads'}
   assert all(v > 0 for v in entry['latency_ms'].values())
   assert sorted(labels) == [0] * 10 + [1] * 10
+  # The any-size variant: the same files at their original sizes, against Keras on each.
+  uint8 = predict.Predictor(os.path.join(exported, 'model_uint8_image.tflite')).predict_files(
+      paths)
+  keras_route = predict.Predictor(model_dir).predict_files(paths)
+  p_uint8 = np.array([r.probability for r in uint8])
+  p_keras = np.array([r.probability for r in keras_route])
+  entry = report['models']['tflite_uint8_image']
+  assert entry['n'] == 20 and entry['input'].startswith('decoded uint8 image')
+  assert entry['max_abs_dp'] == pytest.approx(np.abs(p_uint8 - p_keras).max(), abs=1e-5)
+  assert entry['agreement'] >= 0.95 and entry['max_abs_dp'] < 0.05
+  assert set(entry['latency_ms']) == {'1_thread', '2_threads'}
   with open(os.path.join(exported, 'export_report.md')) as f:
     markdown = f.read()
   assert '| tflite_int8 |' in markdown and 'int8 size <= 0.26x fp32' in markdown
+  assert 'tflite_uint8_image: fed the decoded uint8 images at their original sizes' in markdown
 
 
 def test_model_card(exported):
@@ -115,7 +127,7 @@ def test_existing_output_and_bad_flags_are_one_line_usage_errors(model_dir, expo
       (dict(out=exported), f"output '{exported}' already exists (pass --overwrite to replace it)"),
       (dict(out=str(tmp_path / 'a'), formats=['tflite_int4']),
        'unknown export format(s) tflite_int4; valid: saved_model, tflite_fp32, tflite_dynamic, '
-       'tflite_fp16, tflite_int8'),
+       'tflite_fp16, tflite_int8, tflite_uint8_image'),
       (dict(out=str(tmp_path / 'b'), formats=['tflite_fp32'], int8_io=True),
        '--int8_io needs the tflite_int8 format'),
       (dict(out=str(tmp_path / 'c'), model_dir=str(tmp_path / 'nothing')),
@@ -136,7 +148,7 @@ def test_usage_error_from_the_console_script_is_one_line(tmp_path):
   assert done.returncode == 2
   ours = [line for line in done.stderr.splitlines() if line.startswith(PROG)]
   assert ours == [f'{PROG}: error: unknown export format(s) tflite_int4; valid: saved_model, '
-                  'tflite_fp32, tflite_dynamic, tflite_fp16, tflite_int8']
+                  'tflite_fp32, tflite_dynamic, tflite_fp16, tflite_int8, tflite_uint8_image']
   assert 'Traceback' not in done.stderr
 
 

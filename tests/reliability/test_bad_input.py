@@ -18,6 +18,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import struct
 import subprocess
 import time
@@ -290,6 +291,66 @@ def test_predict_binary(name, predict_run, reference_probability):
     return
   assert row['probability'] is None and row['label'] is None
   assert row['error'].startswith(case.predict_error), row['error']
+
+
+# ---------------------------------------------------------------------------------------------
+# Path 2b: covidlib-predict-edge (LiteRT, numpy and Pillow; no TensorFlow), one process over
+# every case, with the uint8_image .tflite of the same model. Its decoder is Pillow's, so the
+# wording after 'not a decodable image' is Pillow's; the prefix and the other reasons are the
+# same as covidlib-predict's.
+
+# What LiteRT prints on stderr when it creates its CPU delegate (not covidlib's line).
+LITERT_NOISE = re.compile(r'^INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.$')
+
+
+@pytest.fixture(scope='module')
+def edge_run(case_folder, tiny_model_dir, helpers, tmp_path_factory):
+  from covidlib import model_dir as md
+  from exporters import tflite
+
+  path = tmp_path_factory.mktemp('edge') / 'model_uint8_image.tflite'
+  path.write_bytes(tflite.convert_tflite_uint8_image(
+      md.load_model(tiny_model_dir), 'fp32', md.load_decision(tiny_model_dir)))
+  status, stdout, stderr = helpers.run_binary(
+      ['-m', 'covidlib.cli.predict_edge', f'--model={path}', '--format=json', str(case_folder)])
+  rows = {os.path.basename(r['path']): r for r in json.loads(stdout)['results']} if stdout else {}
+  return status, rows, stderr
+
+
+@pytest.mark.slow  # Converts a model (~2 s).
+def test_edge_binary_goes_on_lists_every_failure_and_exits_1(edge_run, case_folder, helpers):
+  status, rows, stderr = edge_run
+  assert status == 1, stderr[-3000:]
+  assert len(rows) == len(NAMES) + 1 and rows['good.png']['error'] is None
+  ours = helpers.our_lines(stderr, LITERT_NOISE)
+  assert len(ours) == 1 and 'Traceback' not in stderr, stderr[-3000:]
+  assert ours[0].startswith(f'covidlib-predict-edge: error: {len(INVALID)} of {len(NAMES) + 1} '
+                            'files could not be read: ')
+  for name in INVALID:
+    reason = CASES[name].predict_error.split(' (')[0]
+    assert f'{case_folder / CASES[name].filename}: {reason}' in ours[0], name
+
+
+@pytest.mark.slow  # Converts a model (~2 s).
+@pytest.mark.parametrize('name', NAMES)
+def test_edge_binary(name, edge_run, predict_run):
+  """Every case as covidlib-predict gives it: the same probability (the same decoded pixels;
+  CMYK JPEG within the decoders' 3 levels), or an error with the same reason."""
+  _, rows, _ = edge_run
+  case = CASES[name]
+  row, full = rows[case.filename], predict_run[1][case.filename]
+  if case.error is None:
+    assert row['error'] is None
+    assert row['probability'] == pytest.approx(full['probability'],
+                                               abs=0.02 if name == 'cmyk_jpeg' else 1e-5)
+    assert row['label'] == int(row['probability'] >= 0.5)
+    return
+  assert row['probability'] is None and row['label'] is None
+  assert row['error'].startswith(case.predict_error.split(' (')[0]), row['error']
+  if name in ('zero_byte', 'decompression_bomb', 'dicom_without_pixels'):
+    assert row['error'] == full['error']
+  if name in ('text_named_png', 'html_named_jpg'):
+    assert row['error'] == 'not a decodable image (Unknown image file format)'
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ BINARIES = {
     'covidlib-crossval': ['-m', 'covidlib.cli.crossval'],
     'covidlib-export': ['-m', 'exporters.cli'],
     'covidlib-predict': ['-m', 'covidlib.cli.predict'],
+    'covidlib-predict-edge': ['-m', 'covidlib.cli.predict_edge'],
     'covidlib_tfds.build': ['-m', 'covidlib_tfds.build'],
     'covidlib_tfds.audit': ['-m', 'covidlib_tfds.audit'],
 }
@@ -111,6 +112,17 @@ CASES = {
     'predict-lambda_model': Case('covidlib-predict', ('--model={lambda_dir}/model.keras',
                                                       '{image}'), 1,
                                  '{lambda_dir}/model.keras: ' + REFUSED),
+    # covidlib-predict-edge (no TensorFlow: argparse, not absl, with the same one-line errors)
+    'edge-unknown_flag': Case('covidlib-predict-edge', ('--model={text}', '--treshold=0.3',
+                                                        '{image}'), 2,
+                              "Unknown command line flag 'treshold'"),
+    'edge-missing_model': Case('covidlib-predict-edge', ('{image}',), 2,
+                               'flag --model is required'),
+    'edge-input_does_not_exist': Case('covidlib-predict-edge', ('--model={text}',
+                                                                '{tmp}/gone.png'), 2,
+                                      "input '{tmp}/gone.png' does not exist"),
+    'edge-not_a_tflite': Case('covidlib-predict-edge', ('--model={text}', '{image}'), 1,
+                              '{text}: not a .tflite file (no TFL3 identifier)'),
     # covidlib_tfds.build and covidlib_tfds.audit
     'build-unknown_flag': Case('covidlib_tfds.build', ('--config=seed', '--data_dir={out}',
                                                        '--allow-missing'), 2,
