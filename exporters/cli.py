@@ -17,6 +17,7 @@ import logging
 from absl import flags
 from absl import logging as absl_logging
 
+from covidlib import errors
 from covidlib.cli import common
 from covidlib.cli import flag_util
 from exporters import export
@@ -25,8 +26,10 @@ _DEFINE = flag_util.define  # Tolerates another binary's identical flag in one t
 
 _MODEL_DIR = _DEFINE(flags.DEFINE_string, 'model_dir', None, 'A finished covidlib-train run.',
                      required=True)
+# Not required=True: covidlib-evaluate and -crossval define an optional --out, and a required
+# flag's validator would then refuse their default in a process that imported this binary too.
 _OUT = _DEFINE(flags.DEFINE_string, 'out', None,
-               'Output folder; must not exist unless --overwrite.', required=True)
+               'Output folder (required); must not exist unless --overwrite.')
 _FORMATS = _DEFINE(flags.DEFINE_list, 'formats', list(export.FORMATS),
                    f'Comma-separated subset of {",".join(export.FORMATS)}.')
 _INT8_IO = _DEFINE(flags.DEFINE_bool, 'int8_io', False,
@@ -53,6 +56,8 @@ _OVERWRITE = _DEFINE(flags.DEFINE_bool, 'overwrite', False,
 
 def main(argv):
   common.reject_extra_args(argv)
+  if not _OUT.value:
+    raise errors.UsageError('flag --out is required')
   if not flags.FLAGS['verbosity'].present:
     absl_logging.set_verbosity(absl_logging.WARNING)  # TensorFlow's INFO chatter off...
   logging.getLogger('exporters').setLevel(logging.INFO)  # ...our progress lines on.

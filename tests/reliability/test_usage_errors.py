@@ -96,6 +96,8 @@ CASES = {
                                 "Unknown command line flag 'format'"),
     'export-missing_model_dir': Case('covidlib-export', ('--out={out}',), 2,
                                      'flag --model_dir is required'),
+    'export-missing_out': Case('covidlib-export', ('--model_dir={garbage_dir}',), 2,
+                               'flag --out is required'),
     'export-not_a_model': Case('covidlib-export', ('--model_dir={garbage_dir}', '--out={out}'),
                                1, '{garbage_dir}/model.keras: ' + NOT_LOADABLE),
     # covidlib-predict
