@@ -15,6 +15,13 @@ temperature of the model's decision.json:
   SavedModel folder         its signatures return calibrated probabilities and labels.
   .tflite                   decision embedded in the file (`exporters.tflite` metadata), else a
                             decision.json beside it; the temperature is folded into the weights.
+
+Distribution shift (issue #10, `covidlib.shift`): when the model carries a shift score (shift.npz
+and shift.json in the model_dir; the `shift_score` output of a SavedModel or .tflite export),
+every Prediction also has `shift_score` and `in_distribution` (score <= the stored threshold);
+both are None for a model without one. `on_shift='warn'` (default) still gives the label of a
+flagged image; `on_shift='abstain'` gives it no label, and its `decision` is
+'out_of_distribution'.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ from covidlib import model_dir as model_dir_lib
 from covidlib import preprocess
 
 KERAS, SAVED_MODEL, TFLITE = 'keras', 'saved_model', 'tflite'
+ON_SHIFT = ('warn', 'abstain')
+OUT_OF_DISTRIBUTION = 'out_of_distribution'
+_SHIFT_OUTPUT = 'shift_score'  # = exporters.saved_model.SHIFT_OUTPUT = exporters.tflite's.
 _PREPROCESSED_SIGNATURE = 'serving_preprocessed'  # = exporters.saved_model.PREPROCESSED_SIGNATURE
 
 
@@ -44,6 +54,9 @@ class Prediction:
   label: int | None
   threshold: float
   error: str | None = None
+  shift_score: float | None = None        # None: the model carries no shift score.
+  in_distribution: bool | None = None     # shift_score <= the shift threshold.
+  abstained: bool = False                 # on_shift='abstain' and out of distribution.
 
   @property
   def ok(self) -> bool:
@@ -53,9 +66,16 @@ class Prediction:
   def class_name(self) -> str | None:
     return None if self.label is None else covidlib.CLASS_NAMES[self.label]
 
+  @property
+  def decision(self) -> str | None:
+    """The class name, or 'out_of_distribution' for an abstention; None for an error."""
+    return OUT_OF_DISTRIBUTION if self.abstained else self.class_name
+
   def to_dict(self) -> dict:
     return {'path': self.path, 'probability': self.probability, 'label': self.label,
-            'class_name': self.class_name, 'threshold': self.threshold, 'error': self.error}
+            'class_name': self.class_name, 'threshold': self.threshold, 'error': self.error,
+            'shift_score': self.shift_score, 'in_distribution': self.in_distribution,
+            'decision': self.decision}
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -102,21 +122,29 @@ class Predictor:
   """
 
   def __init__(self, path: str | os.PathLike, *, num_threads: int | None = None,
-               max_pixels: int = preprocess.DEFAULT_MAX_PIXELS):
+               max_pixels: int = preprocess.DEFAULT_MAX_PIXELS, on_shift: str = 'warn'):
     """Args:
       path: a .keras file, a model_dir, a SavedModel folder or a .tflite file.
       num_threads: TFLite interpreter threads (None: LiteRT's default).
       max_pixels: decompression-bomb limit for image files.
+      on_shift: 'warn' (label every image, flag the out-of-distribution ones) or 'abstain'
+        (no label for them: decision 'out_of_distribution').
 
     Raises:
-      UsageError: path missing. ModelLoadError: not a loadable model.
+      UsageError: path missing, bad on_shift. ModelLoadError: not a loadable model.
     """
+    if on_shift not in ON_SHIFT:
+      raise errors.UsageError(f'on_shift must be one of {", ".join(ON_SHIFT)}, got {on_shift!r}')
+    self.on_shift = on_shift
+    self.shift_threshold: float | None = None
+    self._run_shift = None  # images -> (P, shift scores), set by _load_shift when available.
     self.path = os.fspath(path)
     self.format = detect_format(self.path)
     self.max_pixels = max_pixels
     loader = {KERAS: self._load_keras, SAVED_MODEL: self._load_saved_model,
               TFLITE: self._load_tflite}[self.format]
     loader(num_threads)
+    self._load_shift()
 
   # --- Backends: each sets image_size, channels, decision and self._run(float batch) -> P.
 
@@ -185,11 +213,13 @@ class Predictor:
     self.interpreter = interpreter
     self.decision = _tflite_decision(content, self.path)
     inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    outputs, self._shift_output = _tflite_split_outputs(interpreter, outputs)
     if len(inputs) != 1 or len(outputs) != 1:
       raise errors.ModelLoadError(
           f'{self.path}: expected one input and one output, found {len(inputs)} and '
           f'{len(outputs)}: not a covidlib TFLite export')
     self._input, self._output = inputs[0], outputs[0]
+    self._tflite_content = content
     self.image_size, self.channels = _geometry(tuple(self._input['shape']), self.path)
 
     def run(images):
@@ -219,10 +249,85 @@ class Predictor:
   def _preprocess(self, gray: np.ndarray) -> np.ndarray:
     return preprocess.preprocess(gray, self.image_size, self.channels).numpy()
 
-  def _result(self, path: str, probability: float) -> Prediction:
+  # --- Distribution shift (issue #10): one more output of the same forward pass.
+
+  @property
+  def has_shift(self) -> bool:
+    return self._run_shift is not None
+
+  def _load_shift(self) -> None:
+    """Sets shift_threshold and _run_shift when the model carries a shift score."""
+    from covidlib import shift as shift_lib
+
+    if self.format == KERAS:
+      folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
+      fitted = shift_lib.load(folder)
+      if fitted is None or fitted.threshold is None:
+        return
+      extractor = shift_lib.feature_model(self.model)
+      temperature = self.decision.temperature
+
+      def run(images):
+        p, features = extractor(images, training=False)
+        p = np.asarray(p, np.float32).reshape(-1)
+        if temperature != 1.0:
+          p = calibration.apply_temperature(p, temperature).astype(np.float32)
+        return p, fitted.score(np.asarray(features, np.float32).reshape(len(p), -1))
+      self.shift_threshold, self._run_shift = float(fitted.threshold), run
+    elif self.format == SAVED_MODEL:
+      import tensorflow as tf
+
+      signature = self._loaded.signatures[_PREPROCESSED_SIGNATURE]
+      if _SHIFT_OUTPUT not in signature.structured_outputs:
+        return
+      probe = signature(images=tf.zeros((1, self.image_size, self.image_size, self.channels)))
+      self.shift_threshold = float(probe['shift_threshold'].numpy().reshape(-1)[0])
+
+      def run(images):
+        outputs = signature(images=tf.constant(images, tf.float32))
+        return (outputs['probability'].numpy().reshape(-1),
+                outputs[_SHIFT_OUTPUT].numpy().reshape(-1).astype(np.float64))
+      self._run_shift = run
+    elif self.format == TFLITE and self._shift_output is not None:
+      threshold = _tflite_shift_threshold(self._tflite_content)
+      if threshold is None:
+        return
+      interpreter = self.interpreter
+
+      def run(images):
+        p, scores = [], []
+        for image in images:
+          interpreter.set_tensor(self._input['index'], _quantize(image[np.newaxis], self._input))
+          interpreter.invoke()
+          p.append(_dequantize(interpreter.get_tensor(self._output['index']),
+                               self._output).reshape(-1)[0])
+          scores.append(_dequantize(interpreter.get_tensor(self._shift_output['index']),
+                                    self._shift_output).reshape(-1)[0])
+        return np.asarray(p, np.float32), np.asarray(scores, np.float64)
+      self.shift_threshold, self._run_shift = threshold, run
+
+  def predict_preprocessed_with_shift(self, images: np.ndarray
+                                      ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Like predict_preprocessed, plus the shift scores (float64 (N,), None without a score)."""
+    if self._run_shift is None:
+      return self.predict_preprocessed(images), None
+    self.predict_preprocessed(images[:0])  # Validates the shape only.
+    if not len(images):
+      return np.zeros((0,), np.float32), np.zeros((0,), np.float64)
+    p, scores = self._run_shift(np.asarray(images, np.float32))
+    return np.asarray(p, np.float32), np.asarray(scores, np.float64)
+
+  def _result(self, path: str, probability: float, shift_score: float | None = None
+              ) -> Prediction:
     probability = float(probability)
-    return Prediction(path, probability, int(probability >= self.decision.threshold),
-                      float(self.decision.threshold))
+    label = int(probability >= self.decision.threshold)
+    if shift_score is None:
+      return Prediction(path, probability, label, float(self.decision.threshold))
+    inside = bool(shift_score <= self.shift_threshold)
+    abstain = not inside and self.on_shift == 'abstain'
+    return Prediction(path, probability, None if abstain else label,
+                      float(self.decision.threshold), shift_score=float(shift_score),
+                      in_distribution=inside, abstained=abstain)
 
   def predict_array(self, image: np.ndarray, name: str = '<array>') -> Prediction:
     """Predicts one uint8 gray image, (H, W) or (H, W, 1)."""
@@ -234,7 +339,8 @@ class Predictor:
           f'{image.shape}')
     if image.ndim == 2:
       image = image[..., np.newaxis]
-    return self._result(name, self.predict_preprocessed(self._preprocess(image)[np.newaxis])[0])
+    p, scores = self.predict_preprocessed_with_shift(self._preprocess(image)[np.newaxis])
+    return self._result(name, p[0], None if scores is None else scores[0])
 
   def predict_files(self, paths: Iterable[str | os.PathLike], batch_size: int = 16
                     ) -> list[Prediction]:
@@ -247,9 +353,10 @@ class Predictor:
 
     def flush():
       if pending:
-        probabilities = self.predict_preprocessed(np.stack([x for _, x in pending]))
-        for (i, _), p in zip(pending, probabilities):
-          results[i] = self._result(paths[i], p)
+        probabilities, scores = self.predict_preprocessed_with_shift(
+            np.stack([x for _, x in pending]))
+        for k, ((i, _), p) in enumerate(zip(pending, probabilities)):
+          results[i] = self._result(paths[i], p, None if scores is None else scores[k])
         pending.clear()
 
     for i, path in enumerate(paths):
@@ -296,3 +403,29 @@ def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
     return y.astype(np.float32)
   scale, zero_point = detail['quantization']
   return ((y.astype(np.float32) - zero_point) * scale).astype(np.float32)
+
+
+def _tflite_split_outputs(interpreter, outputs: list[dict]) -> tuple[list[dict], dict | None]:
+  """(the other outputs, the `shift_score` output or None), by the signature's output names."""
+  if len(outputs) < 2:
+    return outputs, None
+  try:
+    runner = interpreter.get_signature_runner()
+    named = runner.get_output_details()
+  except (ValueError, KeyError, RuntimeError):
+    return outputs, None
+  if _SHIFT_OUTPUT not in named:
+    return outputs, None
+  index = named[_SHIFT_OUTPUT]['index']
+  shift_output = next((o for o in outputs if o['index'] == index), None)
+  return [o for o in outputs if o['index'] != index], shift_output
+
+
+def _tflite_shift_threshold(content: bytes) -> float | None:
+  """The shift threshold embedded by covidlib-export (metadata entry covidlib_shift), or None."""
+  from exporters import tflite as tflite_lib
+
+  try:
+    return tflite_lib.read_shift_threshold(content)
+  except (errors.CovidlibError, KeyError, ValueError, TypeError):
+    return None

@@ -260,7 +260,8 @@ def _build(tmp, model_dir, model, config, decision, *, formats, int8_io, dataset
     log.info('converting %s', fmt)
     data = tflite.convert_tflite(model, quant_type,
                                  representative if quant_type == 'int8' else None,
-                                 int8_io=int8_io and quant_type == 'int8', decision=decision)
+                                 int8_io=int8_io and quant_type == 'int8', decision=decision,
+                                 shift_model=_shift_model(model_dir))
     path = os.path.join(tmp, tflite_filename(fmt))
     model_dir_lib.write_bytes_atomic(path, data)
     variants[fmt] = path
@@ -295,6 +296,14 @@ def _build(tmp, model_dir, model, config, decision, *, formats, int8_io, dataset
                                       params=int(model.count_params()))
   model_dir_lib.write_bytes_atomic(os.path.join(tmp, model_card.FILENAME), card.encode())
   return report
+
+
+def _shift_model(model_dir: str):
+  """The model_dir's shift score with a threshold (issue #10), or None."""
+  from covidlib import shift as shift_lib
+
+  fitted = shift_lib.load(model_dir)
+  return fitted if fitted is not None and fitted.threshold is not None else None
 
 
 def _finalize_tree(root: str) -> None:

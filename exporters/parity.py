@@ -75,7 +75,7 @@ def measure_latency(path: str, image: np.ndarray, runs: int = 30) -> dict[str, f
   for threads in THREADS:
     interpreter = Interpreter(model_content=content, num_threads=threads)
     interpreter.allocate_tensors()
-    (detail,), (output,) = interpreter.get_input_details(), interpreter.get_output_details()
+    (detail,), output = interpreter.get_input_details(), interpreter.get_output_details()[0]
     x = batch
     if detail['dtype'] != np.float32:  # int8 io: quantizing is part of the caller's cost.
       scale, zero_point = detail['quantization']
