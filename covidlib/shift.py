@@ -425,3 +425,182 @@ def _remove(model_dir: str) -> None:
     path = os.path.join(model_dir, name)
     if os.path.exists(path):
       os.remove(path)
+
+
+# --------------------------------------------------------------------------------------------
+# The `shift` section of covidlib-evaluate's report.
+# --------------------------------------------------------------------------------------------
+
+N_HISTOGRAM_BINS = 30
+
+
+def _as_unit(scores: np.ndarray, threshold: float) -> np.ndarray:
+  """s / (s + threshold): a monotone map of scores >= 0 into [0, 1), threshold -> 0.5.
+
+  ROC-AUC depends on the order of scores only, so covidlib.metrics (which wants scores in
+  [0, 1]) gives the score's ROC-AUC and its bootstrap interval unchanged.
+  """
+  scores = np.maximum(np.asarray(scores, np.float64), 0.0)
+  return scores / (scores + max(threshold, 1e-12))
+
+
+def _part_metrics(labels, p, threshold, n_bootstrap, seed) -> dict:
+  from covidlib import metrics
+
+  if not len(labels):
+    return {'n': 0}
+  result = metrics.compute_metrics(labels, p, threshold, n_bootstrap=n_bootstrap, seed=seed)
+  return {'n': int(len(labels)), 'n_covid': int(np.sum(labels)),
+          'figures': {k: result.figures[k].as_dict()
+                      for k in ('accuracy', 'sensitivity', 'specificity', 'roc_auc')}}
+
+
+def evaluate_section(model, config: dict, shift_model: ShiftModel, predictions,
+                     calibrated_scores: np.ndarray, decision_threshold: float, *,
+                     data_dir: str | None, unseen='auto', n_bootstrap: int = 1000,
+                     seed: int = 0, batch_size: int = 32) -> dict:
+  """report['shift']: flagged share per source, answered vs abstained metrics, unseen sources.
+
+  Args:
+    model: the Keras inference model; config: its config.json.
+    predictions: covidlib.evaluate.Predictions of the evaluated split, images kept.
+    calibrated_scores: P(COVID-19) after the decision's temperature.
+    decision_threshold: the operating threshold of P(COVID-19).
+    unseen: 'auto' or ['DATASET:SOURCE', ...] (covidlib.shortcuts.resolve_unseen): normals of
+      sources absent from training, scored to measure how well the score tells them apart.
+  """
+  from covidlib import shortcuts
+
+  threshold = float(shift_model.threshold)
+  scores = shift_model.score(penultimate_features(model, predictions.images, batch_size))
+  flagged = scores > threshold
+  labels = predictions.labels
+  section = {
+      'score': SCORE_NAME, 'threshold': threshold, 'policy': shift_model.policy,
+      'chosen_on': shift_model.split, 'feature_dim': shift_model.feature_dim,
+      'n': int(scores.size), 'n_flagged': int(flagged.sum()),
+      'share_flagged': float(flagged.mean()),
+      'explanation': DESCRIPTION,
+  }
+  sources = predictions.metadata.get('source')
+  if sources is not None and any(sources):
+    section['by_source'] = {
+        (str(s) or '(unknown)'): {'n': int((sources == s).sum()),
+                                  'n_flagged': int(flagged[sources == s].sum()),
+                                  'share_flagged': float(flagged[sources == s].mean())}
+        for s in sorted(set(sources))}
+  section['answered'] = _part_metrics(labels[~flagged], calibrated_scores[~flagged],
+                                      decision_threshold, n_bootstrap, seed)
+  section['abstained'] = _part_metrics(labels[flagged], calibrated_scores[flagged],
+                                       decision_threshold, n_bootstrap, seed)
+  section['answered']['description'] = 'images in distribution (shift_score <= threshold)'
+  section['abstained']['description'] = ('images flagged out of distribution: what '
+                                         '--on_shift=abstain would not answer')
+
+  # Normals of sources never seen in training: does the score tell them from this split?
+  notes = []
+  groups = {'evaluated': scores}
+  unseen_entries = []
+  try:
+    chosen, notes = shortcuts.resolve_unseen(unseen, config, data_dir)
+  except errors.CovidlibError as e:
+    chosen, notes = {}, [f'unseen sources: {e}']
+  for source, dataset in chosen.items():
+    try:
+      scored = shortcuts.predict_all(model, config, dataset, data_dir, batch_size=batch_size)
+    except errors.CovidlibError as e:
+      notes.append(f'unseen source {source}: {e}')
+      continue
+    mask = (np.asarray(scored.metadata.get('source', np.full(len(scored), '', object)),
+                       dtype=object) == source) & (scored.labels == 0)
+    if not mask.any():
+      notes.append(f'unseen source {source}: no normal image in {dataset}')
+      continue
+    other = shift_model.score(penultimate_features(model, scored.images[mask], batch_size))
+    groups[f'unseen {source}'] = other
+    y = np.r_[np.zeros(scores.size, np.int64), np.ones(other.size, np.int64)]
+    auc = _part_metrics(y, _as_unit(np.r_[scores, other], threshold), 0.5, n_bootstrap,
+                        seed)['figures']['roc_auc']
+    unseen_entries.append({
+        'source': source, 'dataset': dataset, 'n': int(other.size),
+        'n_flagged': int((other > threshold).sum()),
+        'share_flagged': float((other > threshold).mean()), 'roc_auc': auc,
+        'roc_auc_means': f'shift score: normals of {source} (positive) against the evaluated '
+                         'split (negative)'})
+  section['unseen_sources'] = unseen_entries
+  section['notes'] = notes
+  everything = np.concatenate(list(groups.values()))
+  edges = np.histogram_bin_edges(np.log10(np.maximum(everything, 1e-6)), N_HISTOGRAM_BINS)
+  section['histogram'] = {
+      'log10_edges': edges.tolist(), 'log10_threshold': float(np.log10(max(threshold, 1e-6))),
+      'counts': {name: np.histogram(np.log10(np.maximum(v, 1e-6)), edges)[0].tolist()
+                 for name, v in groups.items()}}
+  return section
+
+
+def _fmt_figure(f: dict | None) -> str:
+  if not f or f.get('value') is None:
+    return '—'
+  low, high = (f.get('ci95') or [None, None])[:2]
+  return f'{f["value"]:.3f}' + ('' if low is None else f' [{low:.3f}, {high:.3f}]')
+
+
+def render_markdown(section: dict, plot: str | None = None) -> list[str]:
+  """The "Distribution shift" part of report.md."""
+  out = ['## Distribution shift (out of distribution)', '',
+         f'{section["explanation"]}', '',
+         f'Score: {section["score"]}, on {section["feature_dim"]} penultimate features. '
+         f'Threshold {section["threshold"]:.4g} (policy `{section["policy"]}` on split '
+         f'`{section["chosen_on"]}`). Flagged here: {section["n_flagged"]} of {section["n"]} '
+         f'({section["share_flagged"]:.1%}).', '']
+  if section.get('by_source'):
+    out += ['| source | n | flagged | share flagged |', '|---|---|---|---|']
+    for name, s in section['by_source'].items():
+      out.append(f'| {name} | {s["n"]} | {s["n_flagged"]} | {s["share_flagged"]:.1%} |')
+    out.append('')
+  out += ['| part | n | accuracy | sensitivity | specificity | ROC-AUC |',
+          '|---|---|---|---|---|---|']
+  for part in ('answered', 'abstained'):
+    p = section[part]
+    f = p.get('figures', {})
+    out.append(f'| {part} ({p.get("description", "")}) | {p["n"]} | '
+               f'{_fmt_figure(f.get("accuracy"))} | {_fmt_figure(f.get("sensitivity"))} | '
+               f'{_fmt_figure(f.get("specificity"))} | {_fmt_figure(f.get("roc_auc"))} |')
+  out.append('')
+  if section.get('unseen_sources'):
+    out += ['| unseen source (normals) | n | flagged | shift-score ROC-AUC vs this split |',
+            '|---|---|---|---|']
+    for e in section['unseen_sources']:
+      out.append(f'| {e["source"]} ({e["dataset"]}) | {e["n"]} | {e["share_flagged"]:.1%} | '
+                 f'{_fmt_figure(e["roc_auc"])} |')
+    out.append('')
+  for note in section.get('notes', []):
+    out.append(f'- {note}')
+  if section.get('notes'):
+    out.append('')
+  if plot:
+    out += [f'![shift score histogram]({plot})', '']
+  out += ['Not flagged does not mean correct: an image like the training images can still be '
+          'misclassified, and the score knows only the feature distribution of the training '
+          'images.', '']
+  return out
+
+
+def plot_histogram(section: dict, path: str, plt) -> None:
+  """The histogram of log10(shift score) per group, with the threshold, as a PNG."""
+  hist = section['histogram']
+  edges = np.asarray(hist['log10_edges'])
+  fig, ax = plt.subplots(figsize=(5, 3.4))
+  for name, counts in hist['counts'].items():
+    counts = np.asarray(counts, np.float64)
+    ax.stairs(counts / max(counts.sum(), 1), edges, label=f'{name} (n={int(counts.sum())})')
+  ax.axvline(hist['log10_threshold'], color='red', linestyle='--', label='threshold')
+  ax.set_xlabel('log10 shift score')
+  ax.set_ylabel('share of images')
+  ax.set_title('Distribution shift score')
+  ax.legend(fontsize=7)
+  import io
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format='png', dpi=100, bbox_inches='tight')
+  md.write_bytes_atomic(path, buffer.getvalue())
+  plt.close(fig)
