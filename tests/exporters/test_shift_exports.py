@@ -171,3 +171,18 @@ def test_bad_on_shift(shift_exports):
 
   with pytest.raises(errors.UsageError, match="on_shift must be one of warn, abstain, got 'x'"):
     predict.Predictor(shift_exports[1]['model_dir'], on_shift='x')
+
+
+def test_parity_report_has_the_shift_table(shift_exports, tmp_path):
+  from exporters import parity
+
+  fitted, paths, validation = shift_exports
+  variants = {k: v for k, v in paths.items() if k != 'model_dir'}
+  report = parity.parity_report(paths['model_dir'], variants, validation,
+                                np.arange(len(validation)) % 2, latency_runs=0, n_bootstrap=0)
+  assert report['shift']['threshold'] == pytest.approx(fitted.threshold)
+  for name in variants:
+    assert report['models'][name]['shift']['flag_agreement'] >= FLAG_AGREEMENT.get(name, 1.0)
+  assert report['models']['saved_model']['shift']['max_rel_diff'] < 1e-3
+  text = parity.render_markdown(report)
+  assert '## Shift score' in text and '| tflite_int8 |' in text.split('## Shift score')[1]
