@@ -186,3 +186,24 @@ def test_parity_report_has_the_shift_table(shift_exports, tmp_path):
   assert report['models']['saved_model']['shift']['max_rel_diff'] < 1e-3
   text = parity.render_markdown(report)
   assert '## Shift score' in text and '| tflite_int8 |' in text.split('## Shift score')[1]
+
+
+def test_model_card_explains_out_of_distribution(shift_exports, decision):
+  from exporters import model_card
+
+  fitted, _, _ = shift_exports
+  config = {'model': 'tiny', 'image_size': 16, 'channels': 1, 'dataset': 'covid_xray/seed'}
+  evaluated = {'n': 10, 'n_flagged': 1, 'share_flagged': 0.1, 'unseen_sources': [
+      {'source': 'nih', 'n': 5, 'share_flagged': 0.4, 'roc_auc': {'value': 0.7}}]}
+  card = model_card.render_model_card(config, decision, evaluation=None,
+                                      evaluation_source='none', parity=None, files=[],
+                                      shift_info=fitted.info())
+  section = card.split('## Out of distribution')[1].split('\n## ')[0]
+  assert f'above {fitted.threshold:.4g}' in section and '10%' in section
+  assert 'Not flagged does not mean correct' in section
+  assert 'knows only the feature distribution of the training images' in section
+  measured = '\n'.join(model_card.out_of_distribution_section(fitted.info(), evaluated))
+  assert 'Normals of unseen source nih: 40.0% of 5 flagged' in measured
+  bare = model_card.render_model_card(config, decision, evaluation=None,
+                                      evaluation_source='none', parity=None, files=[])
+  assert 'This model carries no shift score' in bare
