@@ -209,7 +209,8 @@ def main(argv):
   from covidlib import shift
 
   results = {'machine': f'{platform.machine()}, {os.cpu_count()} CPUs (shared with other busy '
-                        'processes), no GPU', 'epochs': _EPOCHS.value, 'python': sys.version.split()[0]}
+                        'processes), no GPU', 'epochs': _EPOCHS.value,
+             'python': sys.version.split()[0]}
   seed_dir = _train('seed', 'covid_xray/seed', _SEED_DATA_DIR.value)
   adult_dir = _train('adult', 'covid_xray/adult', _ADULT_DATA_DIR.value)
 
@@ -262,7 +263,8 @@ def main(argv):
       'shrinkage': afit.shrinkage, 'n_per_class': list(afit.n_per_class),
       'validation_flagged': float(np.mean(_scores(adult, aval_x) > afit.threshold)),
       'test_flagged': float(np.mean(test_s > afit.threshold)), 'n_test': len(test_s),
-      'pediatric_normals_flagged': float(np.mean(ped_s > afit.threshold)), 'n_pediatric': len(ped_s),
+      'pediatric_normals_flagged': float(np.mean(ped_s > afit.threshold)),
+      'n_pediatric': len(ped_s),
       'auc_pediatric_vs_test': _auc(test_s, ped_s),
   }
 

@@ -411,6 +411,8 @@ def fit_after_training(model_dir: str, model, config: dict, train_data=None,
       train_data = None
     if train_data is None and config.get('dataset', '').find(' fold ') >= 0:
       raise errors.UsageError('no finite training data to fit on')
+    if getattr(getattr(model, 'dtype_policy', None), 'name', 'float32') != 'float32':
+      model = None  # Mixed precision: score the float32 model.keras that serving will run.
     return fit_model_dir(model_dir, model=model, train_data=train_data,
                          validation_data=validation_data, batch_size=int(config['batch_size']))
   except Exception as e:  # pylint: disable=broad-except  The model is saved; the score is extra.

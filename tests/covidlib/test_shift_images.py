@@ -17,6 +17,8 @@ from covidlib import preprocess
 from covidlib import shift
 from covidlib import train
 
+pytestmark = pytest.mark.slow  # Trains a model for 6 epochs (~30 s on 2 cores).
+
 SIZE = 32
 RAW = 64  # Side of the generated uint8 images before preprocessing.
 
