@@ -227,3 +227,12 @@ def test_fit_shift_binary_on_a_folder_dataset(tmp_path):
     assert common.call_main(fit_shift.main, ['prog'], fit_shift.PROG) == 2
   with flagsaver.flagsaver(model_dir=str(tmp_path / 'nowhere'), policy='quantile:0.9'):
     assert common.call_main(fit_shift.main, ['prog'], fit_shift.PROG) == 2
+
+
+def test_mixed_precision_training_fits_on_the_float32_model(tmp_path):
+  """bfloat16 features differ from the float32 model.keras that serving runs: fit on that."""
+  _train(tmp_path, model='seed_cnn', mixed_precision='mixed_bfloat16')
+  stored = shift.load(tmp_path)
+  features, labels = shift.features_and_labels(md.load_model(tmp_path), _tiny_data(0))
+  np.testing.assert_allclose(stored.class_means,
+                             shift.fit_shift(features, labels).class_means, rtol=1e-5, atol=1e-6)
