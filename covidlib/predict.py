@@ -311,6 +311,7 @@ class Predictor:
     """Like predict_preprocessed, plus the shift scores (float64 (N,), None without a score)."""
     if self._run_shift is None:
       return self.predict_preprocessed(images), None
+    images = np.asarray(images, np.float32)
     self.predict_preprocessed(images[:0])  # Validates the shape only.
     if not len(images):
       return np.zeros((0,), np.float32), np.zeros((0,), np.float64)
