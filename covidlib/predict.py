@@ -265,6 +265,12 @@ class Predictor:
       if fitted is None or fitted.threshold is None:
         return
       extractor = shift_lib.feature_model(self.model)
+      dim = int(extractor.outputs[1].shape[-1])
+      if dim != fitted.feature_dim:
+        raise errors.ModelLoadError(
+            f'{os.path.join(folder, shift_lib.SHIFT_NPZ)}: fitted on {fitted.feature_dim} '
+            f'features, the model has {dim}: it belongs to another model; refit it with '
+            f'covidlib-fit-shift --model_dir={folder}')
       temperature = self.decision.temperature
 
       def run(images):

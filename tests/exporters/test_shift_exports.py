@@ -207,3 +207,15 @@ def test_model_card_explains_out_of_distribution(shift_exports, decision):
   bare = model_card.render_model_card(config, decision, evaluation=None,
                                       evaluation_source='none', parity=None, files=[])
   assert 'This model carries no shift score' in bare
+
+
+def test_a_shift_file_of_another_model_is_refused(tmp_path, tiny_model, helpers):
+  from covidlib import errors
+
+  run = helpers.write_model_dir(tmp_path / 'run', tiny_model)
+  rs = np.random.RandomState(0)
+  other = shift.fit_shift(rs.normal(size=(20, 5)), np.arange(20) % 2)
+  shift.save(shift.choose_threshold(other, [1.0, 2.0], 'quantile:0.5'), run)
+  with pytest.raises(errors.ModelLoadError, match='shift.npz: fitted on 5 features, the model '
+                     'has 64'):
+    predict.Predictor(run)
