@@ -67,7 +67,13 @@ def workspace(tmp_path_factory):
 def _main(**values) -> int:
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
-  with flagsaver.flagsaver(**values):
+  # Every flag main() reads: another binary imported first in this process may own the flag
+  # and its default (covidlib.cli.flag_util).
+  defaults = dict(dataset=None, data_dir=None, split='test', folder=None, threshold_policy=None,
+                  threshold_split='validation', calibrate=False, write_decision=False,
+                  group_by=None, out=None, n_bootstrap=50, seed=0, bins=10, gradcam=False,
+                  gradcam_layer=None, plots=True, batch_size=8, shortcuts=False)
+  with flagsaver.flagsaver(**{**defaults, **values}):
     return common.call_main(cli.main, ['covidlib-evaluate'], 'covidlib-evaluate')
 
 
