@@ -19,6 +19,10 @@ Order of operations when an operating point is chosen (`threshold_policy` or `ca
 Otherwise the decision already in model_dir is used (threshold 0.5, T = 1 if there is none).
 The evaluation split is then predicted, calibrated with T, and labelled score >= threshold.
 
+Distribution shift: when the model_dir holds a shift score (`covidlib.shift`), report['shift']
+gives the share flagged per source, metrics on answered vs abstained images, the histogram of
+scores and the score's ROC-AUC for normals of unseen sources against the evaluated split.
+
 Metrics and intervals: `covidlib.metrics`. Grad-CAM: `covidlib.explain`, run on every evaluated
 image (up to MAX_GRADCAM images) for the lung-focus score, and shown for the most confident
 errors (false positives with the highest P(COVID-19), false negatives with the lowest), then
@@ -317,8 +321,14 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
   if eval_data is None:
     eval_data, source_note['eval_data'] = load_split(
         config, split, dataset=dataset, data_dir=data_dir, folder=folder, batch_size=batch_size)
+  from covidlib import shift as shift_lib
+
+  shift_model = shift_lib.load(model_dir)
+  if shift_model is not None and shift_model.threshold is None:
+    shift_model = None
   predictions = predict_dataset(model, eval_data,
-                                keep_images=gradcam or shortcut_options is not None)
+                                keep_images=gradcam or shortcut_options is not None
+                                or shift_model is not None)
   report = {
       'caveat': CAVEAT,
       'model_dir': os.path.abspath(model_dir),
@@ -374,5 +384,13 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
         model, config, decision, shortcuts.as_scored(predictions),
         data_dir=data_dir or config.get('data_dir'), n_bootstrap=n_bootstrap, seed=seed,
         batch_size=batch_size, **shortcut_options)
+
+  # ------------------------------------------------------------ Distribution shift.
+  if shift_model is not None:
+    report['shift'] = shift_lib.evaluate_section(
+        model, config, shift_model, predictions, scores, decision.threshold,
+        data_dir=data_dir or config.get('data_dir'),
+        unseen=(shortcut_options or {}).get('unseen', 'auto'), n_bootstrap=n_bootstrap,
+        seed=seed, batch_size=batch_size)
   return Evaluation(report=report, predictions=predictions, calibrated_scores=scores,
                     decision=decision, heatmaps=heatmaps, grid_indices=grid)

@@ -7,6 +7,8 @@
       history.json      Keras History.history (per-epoch loss, metrics, val_*)
       decision.json     operating point chosen on validation: {"threshold", "policy",
                         "temperature", "split"}; absent means threshold 0.5, temperature 1.0
+      shift.npz         the out-of-distribution score fitted at the end of training (plain arrays,
+      shift.json        no pickle) and its threshold; see covidlib.shift. Absent: no score.
       checkpoints/      training state for resuming
       logs/             TensorBoard
 

@@ -18,6 +18,13 @@ temperature of the model's decision.json:
                             The uint8_image variant takes the decoded image (TensorFlow's
                             decoding here) and resizes it in its graph; it runs through
                             `covidlib.edge`.
+
+Distribution shift (issue #10, `covidlib.shift`): when the model carries a shift score (shift.npz
+and shift.json in the model_dir; the `shift_score` output of a SavedModel or .tflite export),
+every Prediction also has `shift_score` and `in_distribution` (score <= the stored threshold);
+both are None for a model without one. `on_shift='warn'` (default) still gives the label of a
+flagged image; `on_shift='abstain'` gives it no label, and its `decision` is
+'out_of_distribution'.
 """
 
 from __future__ import annotations
@@ -38,6 +45,9 @@ from covidlib import results
 from covidlib import tflite_metadata
 
 KERAS, SAVED_MODEL, TFLITE = 'keras', 'saved_model', 'tflite'
+ON_SHIFT = ('warn', 'abstain')
+OUT_OF_DISTRIBUTION = 'out_of_distribution'
+_SHIFT_OUTPUT = 'shift_score'  # = exporters.saved_model.SHIFT_OUTPUT = exporters.tflite's.
 _PREPROCESSED_SIGNATURE = 'serving_preprocessed'  # = exporters.saved_model.PREPROCESSED_SIGNATURE
 
 
@@ -104,15 +114,22 @@ class Predictor:
   """
 
   def __init__(self, path: str | os.PathLike, *, num_threads: int | None = None,
-               max_pixels: int = preprocess.DEFAULT_MAX_PIXELS):
+               max_pixels: int = preprocess.DEFAULT_MAX_PIXELS, on_shift: str = 'warn'):
     """Args:
       path: a .keras file, a model_dir, a SavedModel folder or a .tflite file.
       num_threads: TFLite interpreter threads (None: LiteRT's default).
       max_pixels: decompression-bomb limit for image files.
+      on_shift: 'warn' (label every image, flag the out-of-distribution ones) or 'abstain'
+        (no label for them: decision 'out_of_distribution').
 
     Raises:
-      UsageError: path missing. ModelLoadError: not a loadable model.
+      UsageError: path missing, bad on_shift. ModelLoadError: not a loadable model.
     """
+    if on_shift not in ON_SHIFT:
+      raise errors.UsageError(f'on_shift must be one of {", ".join(ON_SHIFT)}, got {on_shift!r}')
+    self.on_shift = on_shift
+    self.shift_threshold: float | None = None
+    self._run_shift = None  # images -> (P, shift scores), set by _load_shift when available.
     self.path = os.fspath(path)
     self._edge = None  # An edge.EdgePredictor for the uint8_image TFLite variant.
     self.format = detect_format(self.path)
@@ -122,6 +139,7 @@ class Predictor:
     loader(num_threads)
     self._decode_graph, self._preprocess_graph = _graph_functions(
         self.max_pixels, self.image_size, self.channels)
+    self._load_shift()
 
   # --- Backends: each sets image_size, channels, decision and self._run(float batch) -> P.
 
@@ -189,6 +207,7 @@ class Predictor:
           f'{self.path}: not a loadable TFLite model ({str(e).splitlines()[0][:200]})') from None
     self.interpreter = interpreter
     self.decision = _tflite_decision(content, self.path)
+    self._shift_output = None
     if _tflite_input_kind(content) == edge.UINT8_IMAGE:
       # Takes the decoded image as it is; the run-time resize of its input lives in covidlib.edge.
       self._edge = edge.EdgePredictor(self.path, num_threads=num_threads,
@@ -196,11 +215,13 @@ class Predictor:
       self.image_size, self.channels = self._edge.image_size, self._edge.channels
       return
     inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+    outputs, self._shift_output = _tflite_split_outputs(interpreter, outputs)
     if len(inputs) != 1 or len(outputs) != 1:
       raise errors.ModelLoadError(
           f'{self.path}: expected one input and one output, found {len(inputs)} and '
           f'{len(outputs)}: not a covidlib TFLite export')
     self._input, self._output = inputs[0], outputs[0]
+    self._tflite_content = content
     self.image_size, self.channels = _geometry(tuple(self._input['shape']), self.path)
 
     def run(images):
@@ -256,10 +277,92 @@ class Predictor:
         pass
     return read_image(path, self.max_pixels)
 
-  def _result(self, path: str, probability: float) -> Prediction:
+  # --- Distribution shift (issue #10): one more output of the same forward pass.
+
+  @property
+  def has_shift(self) -> bool:
+    return self._run_shift is not None
+
+  def _load_shift(self) -> None:
+    """Sets shift_threshold and _run_shift when the model carries a shift score."""
+    from covidlib import shift as shift_lib
+
+    if self.format == KERAS:
+      folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
+      fitted = shift_lib.load(folder)
+      if fitted is None or fitted.threshold is None:
+        return
+      extractor = shift_lib.feature_model(self.model)
+      dim = int(extractor.outputs[1].shape[-1])
+      if dim != fitted.feature_dim:
+        raise errors.ModelLoadError(
+            f'{os.path.join(folder, shift_lib.SHIFT_NPZ)}: fitted on {fitted.feature_dim} '
+            f'features, the model has {dim}: it belongs to another model; refit it with '
+            f'covidlib-fit-shift --model_dir={folder}')
+      temperature = self.decision.temperature
+
+      def run(images):
+        p, features = extractor(images, training=False)
+        p = np.asarray(p, np.float32).reshape(-1)
+        if temperature != 1.0:
+          p = calibration.apply_temperature(p, temperature).astype(np.float32)
+        return p, fitted.score(np.asarray(features, np.float32).reshape(len(p), -1))
+      self.shift_threshold, self._run_shift = float(fitted.threshold), run
+    elif self.format == SAVED_MODEL:
+      import tensorflow as tf
+
+      signature = self._loaded.signatures[_PREPROCESSED_SIGNATURE]
+      if _SHIFT_OUTPUT not in signature.structured_outputs:
+        return
+      probe = signature(images=tf.zeros((1, self.image_size, self.image_size, self.channels)))
+      self.shift_threshold = float(probe['shift_threshold'].numpy().reshape(-1)[0])
+
+      def run(images):
+        outputs = signature(images=tf.constant(images, tf.float32))
+        return (outputs['probability'].numpy().reshape(-1),
+                outputs[_SHIFT_OUTPUT].numpy().reshape(-1).astype(np.float64))
+      self._run_shift = run
+    elif self.format == TFLITE and self._shift_output is not None:
+      threshold = _tflite_shift_threshold(self._tflite_content)
+      if threshold is None:
+        return
+      interpreter = self.interpreter
+
+      def run(images):
+        p, scores = [], []
+        for image in images:
+          interpreter.set_tensor(self._input['index'], _quantize(image[np.newaxis], self._input))
+          interpreter.invoke()
+          p.append(_dequantize(interpreter.get_tensor(self._output['index']),
+                               self._output).reshape(-1)[0])
+          scores.append(_dequantize(interpreter.get_tensor(self._shift_output['index']),
+                                    self._shift_output).reshape(-1)[0])
+        return np.asarray(p, np.float32), np.asarray(scores, np.float64)
+      self.shift_threshold, self._run_shift = threshold, run
+
+  def predict_preprocessed_with_shift(self, images: np.ndarray
+                                      ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Like predict_preprocessed, plus the shift scores (float64 (N,), None without a score)."""
+    if self._run_shift is None:
+      return self.predict_preprocessed(images), None
+    images = np.asarray(images, np.float32)
+    self.predict_preprocessed(images[:0])  # Validates the shape only.
+    if not len(images):
+      return np.zeros((0,), np.float32), np.zeros((0,), np.float64)
+    p, scores = self._run_shift(np.asarray(images, np.float32))
+    return np.asarray(p, np.float32), np.asarray(scores, np.float64)
+
+  def _result(self, path: str, probability: float, shift_score: float | None = None
+              ) -> Prediction:
     probability = float(probability)
-    return Prediction(path, probability, int(probability >= self.decision.threshold),
-                      float(self.decision.threshold))
+    label = int(probability >= self.decision.threshold)
+    if shift_score is None:
+      return Prediction(path, probability, label, float(self.decision.threshold))
+    inside = bool(shift_score <= self.shift_threshold)
+    abstain = not inside and self.on_shift == 'abstain'
+    return Prediction(path, probability, None if abstain else label,
+                      float(self.decision.threshold), shift_score=float(shift_score),
+                      in_distribution=inside, abstained=abstain)
 
   def predict_array(self, image: np.ndarray, name: str = '<array>') -> Prediction:
     """Predicts one uint8 gray image, (H, W) or (H, W, 1)."""
@@ -271,7 +374,10 @@ class Predictor:
           f'{image.shape}')
     if image.ndim == 2:
       image = image[..., np.newaxis]
-    return self._result(name, self._predict_batch([self._preprocess(image)])[0])
+    if self._edge is not None:  # The uint8_image variant has no shift output.
+      return self._result(name, self._predict_batch([self._preprocess(image)])[0])
+    p, scores = self.predict_preprocessed_with_shift(self._preprocess(image)[np.newaxis])
+    return self._result(name, p[0], None if scores is None else scores[0])
 
   def _predict_batch(self, images: list[np.ndarray]) -> np.ndarray:
     if self._edge is not None:  # Images of their own sizes: one at a time.
@@ -293,9 +399,13 @@ class Predictor:
 
     def flush():
       if pending:
-        probabilities = self._predict_batch([x for _, x in pending])
-        for (i, _), p in zip(pending, probabilities):
-          out[i] = self._result(paths[i], p)
+        if self._edge is not None or not self.has_shift:
+          probabilities, scores = self._predict_batch([x for _, x in pending]), None
+        else:
+          probabilities, scores = self.predict_preprocessed_with_shift(
+              np.stack([x for _, x in pending]))
+        for k, ((i, _), p) in enumerate(zip(pending, probabilities)):
+          out[i] = self._result(paths[i], p, None if scores is None else scores[k])
         pending.clear()
 
     def load(path):
@@ -351,3 +461,29 @@ def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
     return y.astype(np.float32)
   scale, zero_point = detail['quantization']
   return ((y.astype(np.float32) - zero_point) * scale).astype(np.float32)
+
+
+def _tflite_split_outputs(interpreter, outputs: list[dict]) -> tuple[list[dict], dict | None]:
+  """(the other outputs, the `shift_score` output or None), by the signature's output names."""
+  if len(outputs) < 2:
+    return outputs, None
+  try:
+    runner = interpreter.get_signature_runner()
+    named = runner.get_output_details()
+  except (ValueError, KeyError, RuntimeError):
+    return outputs, None
+  if _SHIFT_OUTPUT not in named:
+    return outputs, None
+  index = named[_SHIFT_OUTPUT]['index']
+  shift_output = next((o for o in outputs if o['index'] == index), None)
+  return [o for o in outputs if o['index'] != index], shift_output
+
+
+def _tflite_shift_threshold(content: bytes) -> float | None:
+  """The shift threshold embedded by covidlib-export (metadata entry covidlib_shift), or None."""
+  from exporters import tflite as tflite_lib
+
+  try:
+    return tflite_lib.read_shift_threshold(content)
+  except (errors.CovidlibError, KeyError, ValueError, TypeError):
+    return None

@@ -119,6 +119,10 @@ def render_markdown(report: dict, plots: dict) -> str:
     from covidlib import shortcuts  # Deferred: it loads data code only when called.
 
     out += shortcuts.render_markdown(report['shortcuts'])
+  if 'shift' in report:
+    from covidlib import shift
+
+    out += shift.render_markdown(report['shift'], plots.get('shift_histogram'))
   out += ['## Operating threshold', '']
   if d['chosen_now']:
     choice = d['threshold_choice']
@@ -294,6 +298,12 @@ def _plot(out_dir: str, evaluation, history: dict | None) -> dict:
   paths['reliability'] = os.path.join(out_dir, 'reliability.png')
   _save_figure(fig, paths['reliability'])
   plt.close(fig)
+
+  if 'shift' in report:
+    from covidlib import shift
+
+    paths['shift_histogram'] = os.path.join(out_dir, 'shift_histogram.png')
+    shift.plot_histogram(report['shift'], paths['shift_histogram'], plt)
 
   if history:
     keys = [k for k in ('loss', 'accuracy', 'auc') if k in history]

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 from covidlib import errors
 
 CLASS_NAMES = ('normal', 'covid')  # = covidlib.CLASS_NAMES; index = label.
+OUT_OF_DISTRIBUTION = 'out_of_distribution'  # The decision of an abstention (covidlib.shift).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,9 @@ class Prediction:
   error: str | None = None
   class_names: tuple[str, ...] = dataclasses.field(default=CLASS_NAMES, compare=False,
                                                    repr=False)
+  shift_score: float | None = None        # None: the model carries no shift score.
+  in_distribution: bool | None = None     # shift_score <= the shift threshold.
+  abstained: bool = False                 # on_shift='abstain' and out of distribution.
 
   @property
   def ok(self) -> bool:
@@ -46,9 +50,16 @@ class Prediction:
   def class_name(self) -> str | None:
     return None if self.label is None else self.class_names[self.label]
 
+  @property
+  def decision(self) -> str | None:
+    """The class name, or 'out_of_distribution' for an abstention; None for an error."""
+    return OUT_OF_DISTRIBUTION if self.abstained else self.class_name
+
   def to_dict(self) -> dict:
     return {'path': self.path, 'probability': self.probability, 'label': self.label,
-            'class_name': self.class_name, 'threshold': self.threshold, 'error': self.error}
+            'class_name': self.class_name, 'threshold': self.threshold, 'error': self.error,
+            'shift_score': self.shift_score, 'in_distribution': self.in_distribution,
+            'decision': self.decision}
 
 
 def prediction(path: str, probability: float, threshold: float,
@@ -118,7 +129,11 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
 
 
 def format_results(predictions: Iterable[Prediction], fmt: str, model: str) -> str:
-  """The results as a table, a JSON document or CSV (header + one row per file)."""
+  """The results as a table, a JSON document or CSV (header + one row per file).
+
+  The shift columns (shift_score, in_distribution, decision) are blank for a model without a
+  shift score; the table shows them only when some result has one.
+  """
   predictions = list(predictions)
   if fmt == 'json':
     return json.dumps({'model': model, 'n': len(predictions),
@@ -127,19 +142,42 @@ def format_results(predictions: Iterable[Prediction], fmt: str, model: str) -> s
   if fmt == 'csv':
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator='\n')
-    writer.writerow(['path', 'probability', 'label', 'class_name', 'threshold', 'error'])
+    writer.writerow(['path', 'probability', 'label', 'class_name', 'threshold', 'error',
+                     *SHIFT_COLUMNS])
     for r in predictions:
       writer.writerow([r.path, '' if r.probability is None else f'{r.probability:.6f}',
                        '' if r.label is None else r.label, r.class_name or '',
-                       f'{r.threshold:.6g}', r.error or ''])
+                       f'{r.threshold:.6g}', r.error or '', *_shift_cells(r)])
     return buffer.getvalue()
+  with_shift = any(r.shift_score is not None for r in predictions)
   width = max([len('file')] + [len(r.path) for r in predictions])
-  lines = [f'{"file":<{width}}  P(COVID-19)  decision  threshold  error']
+  shift_head = '  shift_score  in_dist' if with_shift else ''
+  decision_width = max([8] + [len(r.decision or '') for r in predictions])
+  lines = [f'{"file":<{width}}  P(COVID-19)  {"decision":<{decision_width}}  threshold'
+           f'{shift_head}  error']
   for r in predictions:
     p = '' if r.probability is None else f'{r.probability:.4f}'
-    lines.append(f'{r.path:<{width}}  {p:>11}  {r.class_name or "-":<8}  {r.threshold:>9.4g}  '
-                 f'{r.error or ""}'.rstrip())
+    shift_cells = ''
+    if with_shift:
+      score, inside = _shift_cells(r, table=True)
+      shift_cells = f'  {score:>11}  {inside:<7}'
+    lines.append(f'{r.path:<{width}}  {p:>11}  {r.decision or "-":<{decision_width}}  '
+                 f'{r.threshold:>9.4g}{shift_cells}  {r.error or ""}'.rstrip())
   return '\n'.join(lines) + '\n'
+
+
+SHIFT_COLUMNS = ('shift_score', 'in_distribution', 'decision')
+
+
+def _shift_cells(r: Prediction, table: bool = False) -> tuple[str, ...]:
+  """shift_score, in_distribution (and, for csv, decision) as text; '' without a score."""
+  score = '' if r.shift_score is None else (f'{r.shift_score:.4g}' if table
+                                            else f'{r.shift_score:.6g}')
+  if table:
+    inside = '' if r.in_distribution is None else ('yes' if r.in_distribution else 'NO')
+    return score or '-', inside or '-'
+  inside = '' if r.in_distribution is None else str(r.in_distribution).lower()
+  return score, inside, r.decision or ''
 
 
 def failure_message(predictions: Sequence[Prediction]) -> str | None:

@@ -628,6 +628,9 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
       md.write_json(os.path.join(model_dir, md.HISTORY), state['history'])
       _save_inference_model(inference_model, config, os.path.join(model_dir, md.MODEL))
       shutil.rmtree(checkpoints, ignore_errors=True)
+      # The shift score (issue #10): logged, never raised; needs a validation split.
+      from covidlib import shift
+      shift.fit_after_training(model_dir, inference_model, config, train_data, validation_data)
     return state['history']
   finally:
     keras.config.set_dtype_policy(previous_policy)

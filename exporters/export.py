@@ -10,6 +10,7 @@ Layout of the output folder:
     model_fp32.tflite ...        one file per TFLite variant (model_<type>.tflite)
     model_uint8_image.tflite     takes the decoded uint8 gray image of any size (resize inside)
     labels.txt, decision.json    the operating point, also embedded in every model
+    shift.json                   the shift score's threshold (issue #10), when the model has one
     config.json                  the training configuration, copied
     export_report.json / .md     parity of every variant against the Keras model
     MODEL_CARD.md
@@ -302,7 +303,8 @@ def _build(tmp, model_dir, model, config, decision, *, formats, int8_io, dataset
       continue
     data = tflite.convert_tflite(model, quant_type,
                                  representative if quant_type == 'int8' else None,
-                                 int8_io=int8_io and quant_type == 'int8', decision=decision)
+                                 int8_io=int8_io and quant_type == 'int8', decision=decision,
+                                 shift_model=_shift_model(model_dir))
     path = os.path.join(tmp, tflite_filename(fmt))
     model_dir_lib.write_bytes_atomic(path, data)
     variants[fmt] = path
@@ -311,6 +313,11 @@ def _build(tmp, model_dir, model, config, decision, *, formats, int8_io, dataset
   model_dir_lib.write_bytes_atomic(os.path.join(tmp, model_dir_lib.DECISION),
                                    tflite.decision_json(decision).encode())
   model_dir_lib.write_json(os.path.join(tmp, model_dir_lib.CONFIG), config)
+  if _shift_model(model_dir) is not None:  # The shift threshold, beside decision.json.
+    from covidlib import shift as shift_lib
+
+    model_dir_lib.write_bytes_atomic(os.path.join(tmp, shift_lib.SHIFT_JSON),
+                                     shift_lib.info_json(_shift_model(model_dir)).encode())
 
   report, evaluation, source = None, None, 'none'
   if parity_split:
@@ -335,11 +342,21 @@ def _build(tmp, model_dir, model, config, decision, *, formats, int8_io, dataset
     source = ('computed at export on the parity split (no covidlib-evaluate report in the '
               'model_dir)')
   files = sorted(os.listdir(tmp)) + [model_card.FILENAME]
+  fitted = _shift_model(model_dir)
   card = model_card.render_model_card(config, decision, evaluation=evaluation,
                                       evaluation_source=source, parity=report, files=files,
-                                      params=int(model.count_params()))
+                                      params=int(model.count_params()),
+                                      shift_info=None if fitted is None else fitted.info())
   model_dir_lib.write_bytes_atomic(os.path.join(tmp, model_card.FILENAME), card.encode())
   return report
+
+
+def _shift_model(model_dir: str):
+  """The model_dir's shift score with a threshold (issue #10), or None."""
+  from covidlib import shift as shift_lib
+
+  fitted = shift_lib.load(model_dir)
+  return fitted if fitted is not None and fitted.threshold is not None else None
 
 
 def _finalize_tree(root: str) -> None:

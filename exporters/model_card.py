@@ -168,8 +168,9 @@ def _quantization_section(parity: dict | None) -> list[str]:
 def render_model_card(config: dict, decision: model_dir_lib.Decision, *,
                       evaluation: dict | None, evaluation_source: str,
                       parity: dict | None, files: list[str],
-                      params: int | None = None) -> str:
-  """The model card's Markdown. `evaluation` has covidlib-evaluate's report.json layout."""
+                      params: int | None = None, shift_info: dict | None = None) -> str:
+  """The model card's Markdown. `evaluation` has covidlib-evaluate's report.json layout;
+  `shift_info` is the model_dir's shift.json (None: the model carries no shift score)."""
   name = config.get('model', '?')
   size, channels = config.get('image_size', '?'), config.get('channels', 1)
   lines = [
@@ -201,6 +202,7 @@ def render_model_card(config: dict, decision: model_dir_lib.Decision, *,
   lines += ['', '## Metrics', '']
   lines += _metrics_section(evaluation, evaluation_source)
   lines += shortcuts.render_markdown((evaluation or {}).get('shortcuts'), heading='##')
+  lines += out_of_distribution_section(shift_info, (evaluation or {}).get('shift'))
   lines += ['## Known confounds and limitations', '', CONFOUNDS, '',
             '## Quantization deltas', '']
   lines += _quantization_section(parity)
@@ -210,3 +212,54 @@ def render_model_card(config: dict, decision: model_dir_lib.Decision, *,
             'Machine Intelligence 3:610-619 (2021). Trehan D., "Detecting COVID-19 using Deep '
             'Learning" (2020).', '']
   return '\n'.join(lines)
+
+
+def out_of_distribution_section(shift_info: dict | None, evaluated: dict | None) -> list[str]:
+  """"Out of distribution", in plain words: what the flag means and what it does not promise."""
+  lines = ['## Out of distribution', '']
+  if not shift_info:
+    return lines + [
+        'This model carries no shift score, so nothing tells you when an image is unlike its '
+        'training images. Fit one with `covidlib-fit-shift --model_dir=...` and export again.', '']
+  lines += [
+      'Every output comes with `shift_score` and `in_distribution`. The score measures how far '
+      'an image\'s internal features (the layer before the output) lie from those of the '
+      'training images (a squared Mahalanobis distance to the nearest class). An image is '
+      f'flagged **out of distribution** when its score is above {shift_info["threshold"]:.4g}, '
+      f'a threshold chosen so that about {_share_above(shift_info["policy"])} of the '
+      f'`{shift_info.get("split") or "validation"}` images are flagged (policy '
+      f'`{shift_info["policy"]}`).', '',
+      '- **Flagged** means: this image does not look like what the model learned from (another '
+      'kind of picture, another body part or view, a scanner or hospital unlike the training '
+      'ones). Do not use the model\'s answer for it. `covidlib-predict --on_shift=abstain` '
+      'gives such images no label (decision `out_of_distribution`).',
+      '- **Not flagged does not mean correct.** An image like the training images can still be '
+      'misclassified: the training data itself has shortcuts (see "Known confounds"), and the '
+      'model can be confidently wrong on images that look familiar.',
+      '- The score knows only the feature distribution of the training images. A change the '
+      'features do not register goes unnoticed; in particular, images from a new hospital '
+      'that resemble the training images of the *other* class are often not flagged (a model '
+      'trained on pediatric normals and adult COVID-19 sees adult normals as close to its '
+      'adult COVID-19 images).',
+      '- The flag rate on new data is an estimate from validation images: expect about '
+      f'{_share_above(shift_info["policy"])} of ordinary images like the training ones to be '
+      'flagged.', '']
+  if evaluated:
+    lines.append(f'Measured by covidlib-evaluate: {evaluated["n_flagged"]} of {evaluated["n"]} '
+                 f'evaluated images flagged ({evaluated["share_flagged"]:.1%}).')
+    for e in evaluated.get('unseen_sources', []):
+      auc = (e.get('roc_auc') or {}).get('value')
+      lines.append(f'- Normals of unseen source {e["source"]}: {e["share_flagged"]:.1%} of '
+                   f'{e["n"]} flagged' + ('' if auc is None else
+                                         f', shift-score ROC-AUC {auc:.3f} against the '
+                                         'evaluated images') + '.')
+    lines.append('')
+  return lines
+
+
+def _share_above(policy: str) -> str:
+  try:
+    q = float(str(policy).split(':', 1)[1])
+  except (IndexError, ValueError):
+    return 'a small share'
+  return f'{100 * (1 - q):.3g}%'

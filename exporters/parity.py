@@ -16,6 +16,10 @@ SavedModel, a direct Keras call for the reference).
 
 The tflite_uint8_image variant takes the decoded image as it is: it is run on the split's images
 at their original sizes (`raw`), against the Keras model on the same images.
+Shift score (issue #10): when the Keras model carries one, each variant's `shift_score` is
+compared with the Keras one on the same images: the share of images whose out-of-distribution
+flag agrees, and the relative difference of the scores (median and max). Informational, no
+pass/fail: int8 quantizes the score coarsely and only its flag is meant to survive.
 
 Targets (pass/fail per variant, from the project's issue 5):
   int8 file <= 0.26 x the fp32 file; decision agreement >= 0.98; ROC-AUC drop <= 0.01.
@@ -88,7 +92,7 @@ def measure_latency(path: str, image: np.ndarray, runs: int = 30) -> dict[str, f
   for threads in THREADS:
     interpreter = Interpreter(model_content=content, num_threads=threads)
     interpreter.allocate_tensors()
-    (detail,), (output,) = interpreter.get_input_details(), interpreter.get_output_details()
+    (detail,), output = interpreter.get_input_details(), interpreter.get_output_details()[0]
     x = batch
     if detail['dtype'] != np.float32:  # int8 io: quantizing is part of the caller's cost.
       scale, zero_point = detail['quantization']
@@ -143,6 +147,7 @@ def parity_report(model_path: str, variants: dict[str, str], images: np.ndarray,
   reference = predict.Predictor(model_path)
   threshold = float(reference.decision.threshold)
   p_ref = reference.predict_preprocessed(images).astype(np.float64)
+  _, shift_ref = reference.predict_preprocessed_with_shift(images)
   keras_figures = _figures(labels, p_ref, threshold, n_bootstrap, seed)
   keras_file = model_path
   if os.path.isdir(keras_file):
@@ -203,6 +208,8 @@ def parity_report(model_path: str, variants: dict[str, str], images: np.ndarray,
       entry['input'] = 'decoded uint8 image at its original size (resize in the graph)'
       entry['n'] = int(len(v_labels))
     entry['targets'] = checks
+    if shift_ref is not None:
+      entry['shift'] = _shift_parity(predictor, images, shift_ref, reference.shift_threshold)
     models[name] = entry
   verdicts = [c['pass'] for m in models.values() for c in m.get('targets', {}).values()]
   return {
@@ -211,7 +218,23 @@ def parity_report(model_path: str, variants: dict[str, str], images: np.ndarray,
       'temperature': float(reference.decision.temperature), 'targets': TARGETS,
       'latency_runs': latency_runs, 'threads': list(THREADS), 'models': models,
       'all_targets_met': None if None in verdicts else all(verdicts),
+      'shift': None if shift_ref is None else {
+          'threshold': reference.shift_threshold,
+          'keras_share_flagged': float(np.mean(shift_ref > reference.shift_threshold))},
   }
+
+
+def _shift_parity(predictor, images: np.ndarray, reference: np.ndarray, threshold: float
+                  ) -> dict:
+  """A variant's shift scores against the Keras ones: flag agreement and relative differences."""
+  if not predictor.has_shift:
+    return {'missing': 'the variant has no shift_score output'}
+  _, scores = predictor.predict_preprocessed_with_shift(images)
+  relative = np.abs(scores - reference) / np.maximum(np.abs(reference), 1e-9)
+  flags, flags_ref = scores > predictor.shift_threshold, reference > threshold
+  return {'flag_agreement': float(np.mean(flags == flags_ref)),
+          'share_flagged': float(np.mean(flags)),
+          'median_rel_diff': float(np.median(relative)), 'max_rel_diff': float(relative.max())}
 
 
 def _value(figure: dict) -> str:
@@ -290,6 +313,23 @@ def render_markdown(report: dict) -> str:
   verdict = {True: 'all targets met', False: 'SOME TARGETS MISSED',
              None: 'some targets undefined (e.g. ROC-AUC with one class)'}
   lines += ['', f'Overall: {verdict[report["all_targets_met"]]}.', '']
+  if report.get('shift'):
+    lines += ['## Shift score', '',
+              f'Out of distribution = shift_score > {report["shift"]["threshold"]:.4g}; the '
+              f'Keras model flags {report["shift"]["keras_share_flagged"]:.1%} of these images. '
+              'Relative difference = |score - Keras score| / Keras score.', '',
+              '| Model | Flag agreement with Keras | Share flagged | Median rel. diff | '
+              'Max rel. diff |', '|---|---|---|---|---|']
+    for name, m in report['models'].items():
+      sh = m.get('shift')
+      if name == REFERENCE or sh is None:
+        continue
+      if 'missing' in sh:
+        lines.append(f'| {name} | {sh["missing"]} | | | |')
+        continue
+      lines.append(f'| {name} | {sh["flag_agreement"]:.4f} | {sh["share_flagged"]:.1%} | '
+                   f'{sh["median_rel_diff"]:.2e} | {sh["max_rel_diff"]:.2e} |')
+    lines.append('')
   return '\n'.join(lines)
 
 

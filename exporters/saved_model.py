@@ -12,6 +12,12 @@ after the stored temperature), `label` (int32, 1 = COVID-19 when probability >= 
                         (`decode_image` + `preprocess`) runs inside the graph, per image.
   serving_preprocessed  images: float32 (None, S, S, C) in [0, 1], already preprocessed.
 
+When the model_dir holds a shift score (shift.npz + shift.json, `covidlib.shift`, issue #10),
+both signatures also return `shift_score` (float32, the squared Mahalanobis distance of the
+image's penultimate features to the nearest class of the training images, computed in-graph from
+the same forward pass), `in_distribution` (bool, shift_score <= the shift threshold) and
+`shift_threshold` (float32); assets.extra/shift.json documents the score.
+
 It loads with `tf.saved_model.load` alone (no covidlib, no Keras needed) and follows TF Serving's
 REST conventions: the input name ends in `_bytes`, so TF Serving base64-decodes `{"b64": ...}`:
 
@@ -45,6 +51,7 @@ TENSOR_INPUT = 'images'
 DEFAULT_SIGNATURE = 'serving_default'
 PREPROCESSED_SIGNATURE = 'serving_preprocessed'
 LABELS_FILE = 'labels.txt'
+SHIFT_OUTPUT = 'shift_score'
 
 
 def labels_text() -> str:
@@ -62,18 +69,40 @@ def _outputs(probability: tf.Tensor, threshold: float) -> dict[str, tf.Tensor]:
   }
 
 
+def _shift_outputs(features: tf.Tensor, shift_model) -> dict[str, tf.Tensor]:
+  from covidlib import shift as shift_lib
+
+  score = shift_lib.score_tf(shift_model, features)
+  threshold = tf.constant(shift_model.threshold, tf.float32)
+  return {SHIFT_OUTPUT: score, 'in_distribution': score <= threshold,
+          'shift_threshold': tf.fill(tf.shape(score), threshold)}
+
+
 def build_archive(model: keras.Model, decision: model_dir_lib.Decision,
-                  max_pixels: int = preprocess.DEFAULT_MAX_PIXELS) -> keras.export.ExportArchive:
-  """The ExportArchive of `model` (the inference model) under `decision`, not yet written."""
+                  max_pixels: int = preprocess.DEFAULT_MAX_PIXELS,
+                  shift_model=None) -> keras.export.ExportArchive:
+  """The ExportArchive of `model` (the inference model) under `decision`, not yet written.
+
+  With `shift_model` (a covidlib.shift.ShiftModel with a threshold) the signatures also return
+  shift_score, in_distribution and shift_threshold.
+  """
   image_size, channels = serving.model_geometry(model)
   calibrated = serving.serving_model(model, decision.temperature)
   threshold = float(decision.threshold)
 
   archive = keras.export.ExportArchive()
   archive.track(calibrated)
+  if shift_model is not None:
+    from covidlib import shift as shift_lib
+
+    with_features = shift_lib.feature_model(calibrated)
+    archive.track(with_features)
 
   def from_tensors(images):
-    return _outputs(calibrated(images, training=False), threshold)
+    if shift_model is None:
+      return _outputs(calibrated(images, training=False), threshold)
+    probability, features = with_features(images, training=False)
+    return {**_outputs(probability, threshold), **_shift_outputs(features, shift_model)}
 
   def from_bytes(image_bytes):
     def one(contents):
@@ -108,7 +137,8 @@ def export_saved_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
     max_pixels: the decompression-bomb limit of the bytes signature.
 
   Returns:
-    `out_dir`. Besides the SavedModel it holds assets.extra/{labels.txt,decision.json}.
+    `out_dir`. Besides the SavedModel it holds assets.extra/{labels.txt,decision.json}, and
+    shift.json when the model_dir has a shift score.
 
   Raises:
     UsageError: model_dir is not a finished run, or `out_dir` exists.
@@ -123,12 +153,20 @@ def export_saved_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
   if model is None:
     model = model_dir_lib.load_model(model_dir)
   serving.check_geometry(model, config)
-  archive = build_archive(model, decision, max_pixels=max_pixels)
+  from covidlib import shift as shift_lib
+
+  shift_model = shift_lib.load(model_dir)
+  if shift_model is not None and shift_model.threshold is None:
+    shift_model = None
+  archive = build_archive(model, decision, max_pixels=max_pixels, shift_model=shift_model)
   try:
     archive.write_out(out_dir, verbose=False)
     extra = os.path.join(out_dir, 'assets.extra')  # Read by TF Serving's warmup; ignored here.
     model_dir_lib.write_bytes_atomic(os.path.join(extra, LABELS_FILE), labels_text().encode())
     model_dir_lib.save_decision(extra, decision)
+    if shift_model is not None:
+      model_dir_lib.write_bytes_atomic(os.path.join(extra, shift_lib.SHIFT_JSON),
+                                       shift_lib.info_json(shift_model).encode())
   except BaseException:
     shutil.rmtree(out_dir, ignore_errors=True)
     raise

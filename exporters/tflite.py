@@ -26,7 +26,22 @@ hands over the bitmap; `covidlib.edge` runs it without TensorFlow.
 Labels and the operating point travel inside the file: entries `covidlib_labels` and
 `covidlib_decision` of the flatbuffer's `metadata` table, defined (written and read, without
 TensorFlow) by `covidlib.tflite_metadata`; `read_metadata` here is that module's.
+A shift score (issue #10) adds the entry `covidlib_shift` (shift.json of `covidlib.shift`:
+{"threshold", "policy", ...}; in_distribution = shift_score <= threshold) and a second output
+tensor `shift_score`.
 The exporter also writes labels.txt and decision.json next to the .tflite files.
+
+Shift score (`covidlib.shift`): when given one (or converting a SavedModel that returns one),
+every variant has a second output `shift_score` (float32 (1,); int8 with int8_io), the squared
+Mahalanobis distance computed from the penultimate features with ordinary ops (FULLY_CONNECTED,
+SUB, MUL, SUM, MIN), in the same invocation as `probability`. Find the outputs by name with the
+interpreter's signature runner (`get_signature_runner().get_output_details()`). The int8
+variant's score is quantized on the calibration images' range, and large scores saturate at
+its top. The training images alone all score below the threshold (the density was fitted on
+them), so a far-out image would saturate below it and pass as in distribution; the converter
+therefore appends to the calibration images SHIFT_ANCHORS inverted copies (1 - x) of them that
+score above the threshold (checked with the float model), which stretches the range past it.
+The flag then survives where the value does not (tests/exporters/test_shift_exports.py).
 """
 
 from __future__ import annotations
@@ -50,10 +65,15 @@ LABELS_METADATA = tflite_metadata.LABELS
 DECISION_METADATA = tflite_metadata.DECISION
 OUTPUT = 'probability'
 INPUT = 'images'
+SHIFT_METADATA = 'covidlib_shift'
+SHIFT_OUTPUT = 'shift_score'
+SHIFT_ANCHORS = 2  # Out-of-distribution calibration images for int8 (see the module docstring).
 
 
-def _probability_saved_model(source: keras.Model | str, out_dir: str) -> tuple[int, int]:
-  """Writes a one-signature SavedModel: images float32 (None, S, S, C) -> {'probability': (None,)}.
+def _probability_saved_model(source: keras.Model | str, out_dir: str,
+                             shift_model=None) -> tuple[int, int]:
+  """Writes a one-signature SavedModel: images float32 (None, S, S, C) -> {'probability': (None,)}
+  (and 'shift_score' (None,) with a shift model, or from a SavedModel that returns it).
 
   Returns (S, C).
   """
@@ -61,9 +81,20 @@ def _probability_saved_model(source: keras.Model | str, out_dir: str) -> tuple[i
     image_size, channels = serving.model_geometry(source)
     archive = keras.export.ExportArchive()
     archive.track(source)
+    if shift_model is not None:
+      from covidlib import shift as shift_lib
+
+      with_features = shift_lib.feature_model(source)
+      archive.track(with_features)
+
+    def outputs(images):
+      if shift_model is None:
+        return {OUTPUT: tf.reshape(source(images, training=False), [-1])}
+      probability, features = with_features(images, training=False)
+      return {OUTPUT: tf.reshape(probability, [-1]),
+              SHIFT_OUTPUT: shift_lib.score_tf(shift_model, features)}
     archive.add_endpoint(
-        'serving_default',
-        tf.function(lambda images: {OUTPUT: tf.reshape(source(images, training=False), [-1])}),
+        'serving_default', tf.function(outputs),
         input_signature=[tf.TensorSpec((None, image_size, image_size, channels), tf.float32,
                                        name=INPUT)])
     archive.write_out(out_dir, verbose=False)
@@ -78,8 +109,15 @@ def _probability_saved_model(source: keras.Model | str, out_dir: str) -> tuple[i
   spec = signature.structured_input_signature[1][saved_model_lib.TENSOR_INPUT]
   module = tf.Module()
   module.loaded = loaded  # Tracks the variables.
+  with_shift = SHIFT_OUTPUT in signature.structured_outputs
+
+  def outputs(images):
+    result = signature(images=images)
+    if with_shift:
+      return {OUTPUT: result['probability'], SHIFT_OUTPUT: result[SHIFT_OUTPUT]}
+    return {OUTPUT: result['probability']}
   module.serve = tf.function(
-      lambda images: {OUTPUT: signature(images=images)['probability']},
+      outputs,
       input_signature=[tf.TensorSpec(spec.shape, tf.float32, name=INPUT)])
   tf.saved_model.save(module, out_dir, signatures={'serving_default': module.serve})
   return int(spec.shape[1]), int(spec.shape[3])
@@ -123,7 +161,8 @@ def _representative(images, image_size: int, channels: int):
 def convert_tflite(source: keras.Model | str | os.PathLike, quant_type: str,
                    representative_images: Iterable[np.ndarray] | np.ndarray | None = None,
                    int8_io: bool = False,
-                   decision: model_dir_lib.Decision | None = None) -> bytes:
+                   decision: model_dir_lib.Decision | None = None,
+                   shift_model=None) -> bytes:
   """Converts an inference model or a covidlib SavedModel to TFLite bytes.
 
   Args:
@@ -136,6 +175,9 @@ def convert_tflite(source: keras.Model | str | os.PathLike, quant_type: str,
     decision: the operating point. For a keras.Model its temperature is folded into the model
       (default: threshold 0.5, temperature 1); for a SavedModel the one stored in its
       assets.extra is used and this must be None.
+    shift_model: for a keras.Model: a covidlib.shift.ShiftModel with a threshold, to add the
+      `shift_score` output and the covidlib_shift metadata entry. A SavedModel brings its own
+      (assets.extra/shift.json) and this must be None.
 
   Returns:
     The .tflite flatbuffer, with labels and decision embedded (see `read_metadata`).
@@ -159,24 +201,72 @@ def convert_tflite(source: keras.Model | str | os.PathLike, quant_type: str,
   else:
     if decision is not None:
       raise errors.UsageError('a SavedModel carries its own decision; pass decision=None')
+    if shift_model is not None:
+      raise errors.UsageError('a SavedModel carries its own shift score; pass shift_model=None')
     source = os.fspath(source)
     decision = _saved_model_decision(source)
+  shift_entry = _shift_entry(source, shift_model)
 
   with tempfile.TemporaryDirectory(prefix='covidlib_tflite_') as tmp:
-    size, channels = _probability_saved_model(source, tmp)
+    size, channels = _probability_saved_model(source, tmp, shift_model)
     converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
     if quant_type != 'fp32':
       converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quant_type == 'fp16':
       converter.target_spec.supported_types = [tf.float16]
     if quant_type == 'int8':
+      if shift_entry is not None:
+        representative_images = _with_shift_anchors(
+            source, np.asarray(representative_images, np.float32),
+            json.loads(shift_entry)['threshold'], shift_model)
       converter.representative_dataset = _representative(representative_images, size, channels)
       converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
       if int8_io:
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
     flatbuffer = converter.convert()
-  return embed_metadata(flatbuffer, tflite_metadata.covidlib_entries(decision))
+  entries = dict(tflite_metadata.covidlib_entries(decision))
+  if shift_entry is not None:
+    entries[SHIFT_METADATA] = shift_entry
+  return embed_metadata(flatbuffer, entries)
+
+
+def _with_shift_anchors(source, images: np.ndarray, threshold: float, shift_model) -> np.ndarray:
+  """`images` plus up to SHIFT_ANCHORS inverted copies scoring above the shift threshold."""
+  if images.ndim != 4 or not len(images):
+    return images  # _representative reports the problem.
+  candidates = 1.0 - images[:8 * SHIFT_ANCHORS]
+  if isinstance(source, keras.Model):
+    from covidlib import shift as shift_lib
+
+    scores = shift_model.score(shift_lib.penultimate_features(source, candidates))
+  else:
+    signature = tf.saved_model.load(source).signatures[saved_model_lib.PREPROCESSED_SIGNATURE]
+    scores = signature(images=tf.constant(candidates))[SHIFT_OUTPUT].numpy()
+  order = np.argsort(-scores)[:SHIFT_ANCHORS]
+  chosen = order[scores[order] > threshold]
+  if not chosen.size:
+    import logging
+    logging.getLogger(__name__).warning(
+        'int8 shift score: no inverted calibration image scores above the threshold %g; far-out '
+        'images may saturate below it', threshold)
+  return np.concatenate([images, candidates[chosen]])
+
+
+def _shift_entry(source, shift_model) -> bytes | None:
+  """shift.json for the metadata: from the shift model, or the SavedModel's assets.extra."""
+  from covidlib import shift as shift_lib
+
+  if shift_model is not None:
+    if shift_model.threshold is None:
+      raise errors.UsageError('the shift model has no threshold: choose one before exporting')
+    return shift_lib.info_json(shift_model).encode()
+  if isinstance(source, str):
+    path = os.path.join(source, 'assets.extra', shift_lib.SHIFT_JSON)
+    if os.path.isfile(path):
+      with open(path, 'rb') as f:
+        return f.read()
+  return None
 
 
 # ------------------------------------------------------------------ The any-size uint8 variant.
@@ -287,3 +377,12 @@ decision_json = tflite_metadata.decision_json
 embed_metadata = tflite_metadata.embed_metadata
 read_metadata = tflite_metadata.read_metadata
 read_decision = tflite_metadata.read_decision
+
+
+def read_shift_threshold(flatbuffer: bytes) -> float | None:
+  """The embedded shift threshold (covidlib_shift entry), or None if the file has none."""
+  raw = read_metadata(flatbuffer).get(SHIFT_METADATA)
+  if raw is None:
+    return None
+  threshold = json.loads(raw).get('threshold')
+  return None if threshold is None else float(threshold)

@@ -144,6 +144,13 @@ def main(argv: list[str]) -> None:
       print(f'other findings called COVID-19: '
             f'{cuts["other_findings"]["called_covid"]["value"]:.3f} '
             f'({cuts["other_findings"]["n"]} images, label 0 = not COVID-19)')
+  moved = result.report.get('shift')
+  if moved:
+    print(f'out of distribution (shift score > {moved["threshold"]:.4g}): {moved["n_flagged"]} '
+          f'of {moved["n"]} images'
+          + ''.join(f'; unseen {e["source"]} normals: {e["share_flagged"]:.1%} flagged, ROC-AUC '
+                    f'{e["roc_auc"]["value"]:.3f}' for e in moved['unseen_sources']
+                    if e['roc_auc'].get('value') is not None))
   print(f'report: {paths["report_md"]}')
 
 

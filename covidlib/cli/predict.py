@@ -13,6 +13,15 @@ A file that cannot be read (empty, truncated, not an image, DICOM without pixels
 with its error and no probability; the others are still predicted, and the exit status is 1.
 A missing model or input path, or a bad flag: one line on stderr, exit 2. Research software,
 not a diagnostic device.
+
+Distribution shift (issue #10): for a model that carries a shift score (see covidlib/shift.py)
+every format also gives `shift_score` and `in_distribution` per file (the table adds two
+columns; csv and json always hold the fields, empty or null without a score). --on_shift=warn
+(default) labels every image and names the out-of-distribution ones in a warning on stderr;
+--on_shift=abstain gives them the decision `out_of_distribution` and no label. Either way the
+exit status stays 0 for them:
+
+    covidlib-predict --model=runs/compact_resnet --on_shift=abstain --format=json scans/
 """
 
 from __future__ import annotations
@@ -46,10 +55,30 @@ _WORKERS = _DEFINE(flags.DEFINE_integer, 'workers', None,
                    'Threads decoding files ahead of inference (default: the CPU count; 0: none).',
                    lower_bound=0)
 
+_ON_SHIFT = _DEFINE(lambda name, default, help_text, **kwargs: flags.DEFINE_enum(
+                        name, default, predict.ON_SHIFT, help_text, **kwargs),
+                    'on_shift', 'warn',
+                    'For images unlike the training data (shift score above its threshold): '
+                    'warn (label them, warn on stderr) or abstain (decision '
+                    'out_of_distribution, no label). Exit status 0 either way.')
+
 
 # Shared with covidlib-predict-edge (covidlib.results has no TensorFlow in it).
 expand_inputs = results.expand_inputs
 format_results = results.format_results
+
+
+def warn_out_of_distribution(predictions: Sequence[predict.Prediction],
+                             threshold: float | None, abstained: bool) -> None:
+  """One warning line on stderr naming the images flagged as unlike the training data."""
+  flagged = [r for r in predictions if r.in_distribution is False]
+  if not flagged:
+    return
+  what = ('no label given (decision out_of_distribution)' if abstained
+          else 'their answers are not reliable')
+  print(f'{PROG}: warning: {len(flagged)} of {len(predictions)} images are unlike the training '
+        f'data (shift_score > {threshold:.4g}), {what}: '
+        + ', '.join(r.path for r in flagged), file=sys.stderr, flush=True)
 
 
 def write_grad_cams(predictor: predict.Predictor, results: Sequence[predict.Prediction],
@@ -75,7 +104,8 @@ def main(argv):
   if not _MODEL.value:
     raise errors.UsageError('flag --model is required')
   paths = expand_inputs(argv[1:])
-  predictor = predict.Predictor(_MODEL.value, num_threads=_NUM_THREADS.value)
+  predictor = predict.Predictor(_MODEL.value, num_threads=_NUM_THREADS.value,
+                                on_shift=_ON_SHIFT.value or 'warn')
   if _GRAD_CAM_DIR.value and predictor.format != predict.KERAS:
     raise errors.UsageError(
         f'--grad_cam_dir needs a .keras model or model_dir (Grad-CAM differentiates the Keras '
@@ -83,6 +113,8 @@ def main(argv):
   predictions = predictor.predict_files(paths, workers=_WORKERS.value)
   sys.stdout.write(format_results(predictions, _FORMAT.value, _MODEL.value))
   sys.stdout.flush()
+  warn_out_of_distribution(predictions, predictor.shift_threshold,
+                           predictor.on_shift == 'abstain')
   if _GRAD_CAM_DIR.value:
     write_grad_cams(predictor, predictions, _GRAD_CAM_DIR.value)
   failure = results.failure_message(predictions)

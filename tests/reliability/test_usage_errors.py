@@ -37,6 +37,7 @@ BINARIES = {
     'covidlib-export': ['-m', 'exporters.cli'],
     'covidlib-predict': ['-m', 'covidlib.cli.predict'],
     'covidlib-predict-edge': ['-m', 'covidlib.cli.predict_edge'],
+    'covidlib-fit-shift': ['-m', 'covidlib.cli.fit_shift'],
     'covidlib_tfds.build': ['-m', 'covidlib_tfds.build'],
     'covidlib_tfds.audit': ['-m', 'covidlib_tfds.audit'],
 }
@@ -125,6 +126,18 @@ CASES = {
                                       "input '{tmp}/gone.png' does not exist"),
     'edge-not_a_tflite': Case('covidlib-predict-edge', ('--model={text}', '{image}'), 1,
                               '{text}: not a .tflite file (no TFL3 identifier)'),
+    'predict-bad_on_shift': Case('covidlib-predict', ('--model={model_dir}', '--on_shift=ignore',
+                                                      '{image}'), 2,
+                                 "flag --on_shift=ignore: value should be one of <warn|abstain>"),
+    # covidlib-fit-shift
+    'shift-unknown_flag': Case('covidlib-fit-shift', ('--model_dir={model_dir}',
+                                                          '--polcy=quantile:0.9'), 2,
+                                   "Unknown command line flag 'polcy'"),
+    'shift-missing_model_dir': Case('covidlib-fit-shift', (), 2,
+                                        'flag --model_dir is required'),
+    'shift-bad_policy': Case('covidlib-fit-shift', ('--model_dir={model_dir}',
+                                                        '--policy=youden'), 2,
+                                 "bad shift policy 'youden': unknown policy 'youden'"),
     # covidlib_tfds.build and covidlib_tfds.audit
     'build-unknown_flag': Case('covidlib_tfds.build', ('--config=seed', '--data_dir={out}',
                                                        '--allow-missing'), 2,

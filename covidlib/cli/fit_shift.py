@@ -1,0 +1,60 @@
+"""covidlib-fit-shift: fit the shift score (issue #10) of an existing model_dir.
+
+    covidlib-fit-shift --model_dir=runs/compact_resnet [--policy=quantile:0.99]
+
+(or `python -m covidlib.cli.fit_shift ...`). covidlib-train fits the score at the end of
+training when the run has a validation split; this command fits it for a model_dir trained
+before that, or again with another policy. It reloads the training split (to fit the density of
+penultimate features) and the validation split (to choose the threshold) that config.json names,
+and writes shift.npz and shift.json beside decision.json (see covidlib/shift.py).
+
+Exit status: 0 fitted; 2 usage error (bad flag or policy, not a finished model_dir, no
+validation split); 1 failure (data that cannot be read).
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import flags
+
+from covidlib import shift
+from covidlib.cli import common
+from covidlib.cli import flag_util
+
+PROG = 'covidlib-fit-shift'
+_DEFINE = flag_util.define
+
+_MODEL_DIR = _DEFINE(flags.DEFINE_string, 'model_dir', None, 'A finished covidlib-train run.')
+_POLICY = _DEFINE(flags.DEFINE_string, 'policy', shift.DEFAULT_POLICY,
+                  'How the threshold is chosen on the validation split: quantile:Q.')
+_SHRINKAGE = _DEFINE(flags.DEFINE_string, 'shrinkage', 'ledoit_wolf',
+                     "Covariance shrinkage toward a scaled identity: 'ledoit_wolf' or a number "
+                     'in [0, 1].')
+
+
+def main(argv):
+  common.reject_extra_args(argv)
+  if not _MODEL_DIR.value:
+    raise shift.errors.UsageError('flag --model_dir is required')
+  shrinkage = _SHRINKAGE.value
+  if shrinkage != 'ledoit_wolf':
+    try:
+      shrinkage = float(shrinkage)
+    except ValueError:
+      raise shift.errors.UsageError(
+          f"--shrinkage must be 'ledoit_wolf' or a number in [0, 1], got {shrinkage!r}") from None
+  fitted = shift.fit_model_dir(_MODEL_DIR.value, policy=_POLICY.value, shrinkage=shrinkage)
+  print(f'shift score fitted: threshold {fitted.threshold:.6g} ({fitted.policy} of split '
+        f'{fitted.split!r}), feature dim {fitted.feature_dim}, images per class '
+        f'{list(fitted.n_per_class)}, shrinkage {fitted.shrinkage:.3g}; wrote '
+        f'{os.path.join(_MODEL_DIR.value, shift.SHIFT_NPZ)} and {shift.SHIFT_JSON}')
+  return 0
+
+
+def run():
+  common.run_main(main, prog=PROG)
+
+
+if __name__ == '__main__':
+  run()
