@@ -49,6 +49,7 @@ ROWS = {
     'compact_resnet/adult/crop': (dict(dataset='covid_xray/adult', crop=0.1), 'test'),
     'compact_resnet/adult/equalize': (dict(dataset='covid_xray/adult', equalize='histogram'),
                                       'test'),
+    'compact_resnet/adult/clahe': (dict(dataset='covid_xray/adult', equalize='clahe'), 'test'),
     'compact_resnet/adult/strong_aug': (dict(dataset='covid_xray/adult', **STRONG), 'test'),
     'compact_resnet/adult/low_res': (dict(dataset='covid_xray/adult', image_size=128), 'test'),
     'compact_resnet/adult/all': (dict(dataset='covid_xray/adult', crop=0.1,
