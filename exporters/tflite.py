@@ -46,6 +46,7 @@ The flag then survives where the value does not (tests/exporters/test_shift_expo
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import Iterable

@@ -392,10 +392,10 @@ def test_binary_rows_errors_and_exit_statuses(exports, image_files, tmp_path, ca
   assert cli.call_main(argv) == 1
   out, err = capsys.readouterr()
   lines = out.splitlines()
-  assert lines[0] == 'path,probability,label,class_name,threshold,error'
+  assert lines[0] == 'path,probability,label,class_name,threshold,error,shift_score,in_distribution,decision'
   assert [line.split(',')[0] for line in lines[1:]] == [
       str(folder / n) for n in ('empty.png', 'x00.png', 'x01.jpg', 'x02.bmp')]
-  assert lines[1].endswith(',0.45,empty file (0 bytes)')
+  assert lines[1].endswith(',0.45,empty file (0 bytes),,,')  # No shift score here.
   assert err == (f'{cli.PROG}: error: 1 of 4 files could not be read: '
                  f'{folder / "empty.png"}: empty file (0 bytes)\n')
   good = [str(folder / 'x00.png')]

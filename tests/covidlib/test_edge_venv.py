@@ -155,5 +155,6 @@ def test_edge_console_script_in_the_venv(edge_venv, models_and_inputs):
                *models_and_inputs['files']], 'covidlib-predict-edge', timeout=120,
               env=edge_venv['env'])
   rows = done.stdout.splitlines()
-  assert rows[0] == 'path,probability,label,class_name,threshold,error' and len(rows) == 3
+  assert rows[0] == ('path,probability,label,class_name,threshold,error,shift_score,in_distribution,decision'
+                     ) and len(rows) == 3
   assert 'Traceback' not in done.stderr

@@ -56,8 +56,8 @@ def test_rows_and_failure_line():
   bad = results.Prediction('b.png', None, None, 0.5, 'empty file (0 bytes)')
   assert (good.label, good.class_name, bad.class_name) == (1, 'covid', None)
   assert results.format_results([good, bad], 'csv', 'm').splitlines() == [
-      'path,probability,label,class_name,threshold,error',
-      'a.png,0.700000,1,covid,0.5,', 'b.png,,,,0.5,empty file (0 bytes)']
+      'path,probability,label,class_name,threshold,error,shift_score,in_distribution,decision',
+      'a.png,0.700000,1,covid,0.5,,,,covid', 'b.png,,,,0.5,empty file (0 bytes),,,']
   assert results.failure_message([good, bad]) == (
       '1 of 2 files could not be read: b.png: empty file (0 bytes)')
   assert results.failure_message([good]) is None
