@@ -275,7 +275,8 @@ def preprocess(gray: np.ndarray, image_size: int, channels: int = 1) -> np.ndarr
 
 # ------------------------------------------------------------------ The predictor.
 
-def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+def quantize(x: np.ndarray, detail: dict) -> np.ndarray:
+  """Float input -> the tensor's dtype with its scale and zero point (float32: as is)."""
   if detail['dtype'] == np.float32:
     return x.astype(np.float32)
   scale, zero_point = detail['quantization']
@@ -283,7 +284,8 @@ def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
   return np.clip(np.round(x / scale + zero_point), info.min, info.max).astype(detail['dtype'])
 
 
-def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+def dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
+  """A quantized output tensor -> float32 (float32: as is)."""
   if detail['dtype'] == np.float32:
     return y.astype(np.float32)
   scale, zero_point = detail['quantization']
@@ -371,7 +373,7 @@ class EdgePredictor:
     """What the interpreter takes for one decoded image (thread-safe; runs in the pool)."""
     if self.kind == UINT8_IMAGE:
       return np.ascontiguousarray(gray.reshape(1, gray.shape[0], gray.shape[1], 1), np.uint8)
-    return _quantize(preprocess(gray, self.image_size, self.channels)[np.newaxis], self._input)
+    return quantize(preprocess(gray, self.image_size, self.channels)[np.newaxis], self._input)
 
   def run(self, prepared: np.ndarray) -> float:
     """P(COVID-19) for one `prepare`d input (not thread-safe: one interpreter)."""
@@ -382,7 +384,7 @@ class EdgePredictor:
       self._shape = prepared.shape[1:3]
     interpreter.set_tensor(self._input['index'], prepared)
     interpreter.invoke()
-    return float(_dequantize(interpreter.get_tensor(self._output['index']),
+    return float(dequantize(interpreter.get_tensor(self._output['index']),
                              self._output).reshape(-1)[0])
 
   def _result(self, path: str, probability: float) -> Prediction:

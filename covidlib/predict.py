@@ -448,19 +448,9 @@ def _tflite_input_kind(content: bytes) -> str | None:
     return None
 
 
-def _quantize(x: np.ndarray, detail: dict) -> np.ndarray:
-  if detail['dtype'] == np.float32:
-    return x.astype(np.float32)
-  scale, zero_point = detail['quantization']
-  info = np.iinfo(detail['dtype'])
-  return np.clip(np.round(x / scale + zero_point), info.min, info.max).astype(detail['dtype'])
-
-
-def _dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
-  if detail['dtype'] == np.float32:
-    return y.astype(np.float32)
-  scale, zero_point = detail['quantization']
-  return ((y.astype(np.float32) - zero_point) * scale).astype(np.float32)
+# Shared with the TensorFlow-free edge route.
+_quantize = edge.quantize
+_dequantize = edge.dequantize
 
 
 def _tflite_split_outputs(interpreter, outputs: list[dict]) -> tuple[list[dict], dict | None]:
