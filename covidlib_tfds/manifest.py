@@ -41,6 +41,19 @@ class Entry:
   sha256: str
 
 
+def _tsv_reader(path: epath.Path, columns) -> csv.DictReader:
+  """A DictReader over a manifest TSV; DataError naming it if missing or lacking a column."""
+  try:
+    text = path.read_text()
+  except FileNotFoundError:
+    raise errors.DataError(f'{path}: manifest not found') from None
+  reader = csv.DictReader(io.StringIO(text), delimiter='\t')
+  absent = [c for c in columns if c not in (reader.fieldnames or ())]
+  if absent:
+    raise errors.DataError(f'{path}: manifest lacks column(s) {", ".join(absent)}')
+  return reader
+
+
 def read_manifest(path: epath.PathLike) -> dict[str, Entry]:
   """Reads a manifest TSV into {path: Entry}, in file order.
 
@@ -49,14 +62,7 @@ def read_manifest(path: epath.PathLike) -> dict[str, Entry]:
       without any checksum.
   """
   path = epath.Path(path)
-  try:
-    text = path.read_text()
-  except FileNotFoundError:
-    raise errors.DataError(f'{path}: manifest not found') from None
-  reader = csv.DictReader(io.StringIO(text), delimiter='\t')
-  absent = [c for c in _COLUMNS if c not in (reader.fieldnames or ())]
-  if absent:
-    raise errors.DataError(f'{path}: manifest lacks column(s) {", ".join(absent)}')
+  reader = _tsv_reader(path, _COLUMNS)
   entries = {}
   for line, row in enumerate(reader, start=2):
     if row['path'] in entries:
@@ -172,14 +178,7 @@ def read_source_manifest(path: epath.PathLike) -> dict[str, SourceEntry]:
       without both checksums.
   """
   path = epath.Path(path)
-  try:
-    text = path.read_text()
-  except FileNotFoundError:
-    raise errors.DataError(f'{path}: manifest not found') from None
-  reader = csv.DictReader(io.StringIO(text), delimiter='\t')
-  absent = [c for c in _SOURCE_COLUMNS if c not in (reader.fieldnames or ())]
-  if absent:
-    raise errors.DataError(f'{path}: manifest lacks column(s) {", ".join(absent)}')
+  reader = _tsv_reader(path, _SOURCE_COLUMNS)
   fields = [f.name for f in dataclasses.fields(SourceEntry)]
   entries = {}
   for line, row in enumerate(reader, start=2):
