@@ -166,9 +166,9 @@ def decode_for_dataset(contents: bytes, name: str) -> np.ndarray:
   return preprocess.resize_longest_side(image, MAX_SIDE).numpy()
 
 
-def features() -> tfds.features.FeaturesDict:
-  """The covid_xray example layout (every config); label 1 = COVID-19, 0 = not COVID-19."""
-  return tfds.features.FeaturesDict({
+def feature_specs() -> dict[str, tfds.features.FeatureConnector]:
+  """The covid_xray features by name (also the core of labelled_xrays' layout)."""
+  return {
       'image': tfds.features.Image(shape=(None, None, 1), encoding_format='png'),
       'label': tfds.features.ClassLabel(names=['normal', 'covid']),
       'image/filename': tfds.features.Text(),
@@ -177,7 +177,12 @@ def features() -> tfds.features.FeaturesDict:
       'view': tfds.features.Text(),
       'age': tfds.features.Scalar(dtype=np.int32),
       'finding': tfds.features.Text(),
-  })
+  }
+
+
+def features() -> tfds.features.FeaturesDict:
+  """The covid_xray example layout (every config); label 1 = COVID-19, 0 = not COVID-19."""
+  return tfds.features.FeaturesDict(feature_specs())
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):

@@ -80,6 +80,7 @@ from covidlib_tfds import labels as labels_lib
 from covidlib_tfds import perceptual_hash
 from covidlib_tfds import privacy
 from covidlib_tfds import splitting
+from covidlib_tfds.covid_xray import covid_xray_dataset_builder
 
 # As covid_xray: models use at most 512 x 512; a 1024 cap keeps the prepared dataset small.
 MAX_SIDE = 1024
@@ -121,17 +122,8 @@ class _Image:
 
 def features() -> tfds.features.FeaturesDict:
   """The labelled_xrays example layout: covid_xray's, plus finding and sex."""
-  return tfds.features.FeaturesDict({
-      'image': tfds.features.Image(shape=(None, None, 1), encoding_format='png'),
-      'label': tfds.features.ClassLabel(names=['normal', 'covid']),
-      'image/filename': tfds.features.Text(),
-      'patient_id': tfds.features.Text(),
-      'source': tfds.features.Text(),
-      'view': tfds.features.Text(),
-      'age': tfds.features.Scalar(dtype=np.int32),
-      'sex': tfds.features.Text(),
-      'finding': tfds.features.Text(),
-  })
+  return tfds.features.FeaturesDict({**covid_xray_dataset_builder.feature_specs(),
+                                     'sex': tfds.features.Text()})
 
 
 class Builder(tfds.core.GeneratorBasedBuilder):
