@@ -423,13 +423,6 @@ def read_hold_out_report(path: str) -> dict:
   return report
 
 
-def _estimate(figure: dict | None) -> str:
-  if not figure or figure.get('value') is None:
-    return '—'
-  low, high = figure['ci95']
-  return f'{figure["value"]:.3f}' + ('' if low is None else f' [{low:.3f}, {high:.3f}]')
-
-
 def render_hold_out_markdown(report: dict) -> str:
   c = report['config']
   out = [f'# Held-out sources: {c["model"]} on {report["data"]}', '',
@@ -447,9 +440,9 @@ def render_hold_out_markdown(report: dict) -> str:
       out.append(f'| {e["source"]} | — | skipped: {e["skipped"]} | | | | | |')
       continue
     met = {True: 'yes', False: 'no', None: '—'}[e['meets_target']]
-    out.append(f'| {e["source"]} | {e["n_normal"]} | {_estimate(e["specificity"])} | '
-               f'{e["n_covid"]} | {_estimate(e["sensitivity"])} | '
-               f'{_estimate(e["roc_auc_covid_vs_these_normals"])} | {met} | '
+    out.append(f'| {e["source"]} | {e["n_normal"]} | {metrics.format_figure(e["specificity"])} | '
+               f'{e["n_covid"]} | {metrics.format_figure(e["sensitivity"])} | '
+               f'{metrics.format_figure(e["roc_auc_covid_vs_these_normals"])} | {met} | '
                f'`{e["model_dir"]}` |')
   return '\n'.join(out) + '\n'
 

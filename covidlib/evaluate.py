@@ -377,13 +377,17 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
     }
 
   # ------------------------------------------------------------ Shortcuts.
+  unseen_normals = None  # Normals of unseen sources: predicted once, for both sections.
   if shortcut_options is not None:
     from covidlib import shortcuts
 
+    unseen_normals = shortcuts.load_unseen(
+        model, config, shortcut_options.get('unseen', 'auto'),
+        data_dir or config.get('data_dir'), batch_size=batch_size)
     report['shortcuts'] = shortcuts.for_model_dir(
         model, config, decision, shortcuts.as_scored(predictions),
         data_dir=data_dir or config.get('data_dir'), n_bootstrap=n_bootstrap, seed=seed,
-        batch_size=batch_size, **shortcut_options)
+        batch_size=batch_size, unseen_normals=unseen_normals, **shortcut_options)
 
   # ------------------------------------------------------------ Distribution shift.
   if shift_model is not None:
@@ -391,6 +395,6 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
         model, config, shift_model, predictions, scores, decision.threshold,
         data_dir=data_dir or config.get('data_dir'),
         unseen=(shortcut_options or {}).get('unseen', 'auto'), n_bootstrap=n_bootstrap,
-        seed=seed, batch_size=batch_size)
+        seed=seed, batch_size=batch_size, unseen_normals=unseen_normals)
   return Evaluation(report=report, predictions=predictions, calibrated_scores=scores,
                     decision=decision, heatmaps=heatmaps, grid_indices=grid)

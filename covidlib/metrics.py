@@ -110,6 +110,19 @@ class Metrics:
             'figures': {k: v.as_dict() for k, v in self.figures.items()}}
 
 
+def format_figure(figure: dict | None, undefined: str = '—', reason: bool = False) -> str:
+  """An Estimate.as_dict() as 'value [low, high]' (3 decimals; no interval when it has none).
+
+  An undefined figure (None, or value None) gives `undefined`, followed by ' (its reason)' when
+  `reason` is set and the figure says why.
+  """
+  if not figure or figure.get('value') is None:
+    why = figure.get('reason') if reason and figure else None
+    return undefined + (f' ({why})' if why else '')
+  low, high = (figure.get('ci95') or [None, None])[:2]
+  return f'{figure["value"]:.3f}' + ('' if low is None else f' [{low:.3f}, {high:.3f}]')
+
+
 def check_arrays(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
   """Validates labels in {0, 1} and finite scores in [0, 1] of the same length."""
   y = np.asarray(y_true).reshape(-1)

@@ -457,10 +457,36 @@ def _part_metrics(labels, p, threshold, n_bootstrap, seed) -> dict:
                       for k in ('accuracy', 'sensitivity', 'specificity', 'roc_auc')}}
 
 
+def _load_unseen_normals(model, config: dict, unseen, data_dir: str | None,
+                         batch_size: int) -> tuple[dict, list[str]]:
+  """covidlib.shortcuts.load_unseen, one source at a time: a source that fails is a note."""
+  from covidlib import shortcuts
+
+  try:
+    chosen, notes = shortcuts.resolve_unseen(unseen, config, data_dir)
+  except errors.CovidlibError as e:
+    return {}, [f'unseen sources: {e}']
+  normals = {}
+  for source, dataset in chosen.items():
+    try:
+      scored = shortcuts.predict_all(model, config, dataset, data_dir, batch_size=batch_size)
+    except errors.CovidlibError as e:
+      notes.append(f'unseen source {source}: {e}')
+      continue
+    mask = (np.asarray(scored.metadata.get('source', np.full(len(scored), '', object)),
+                       dtype=object) == source) & (scored.labels == 0)
+    if not mask.any():
+      notes.append(f'unseen source {source}: no normal image in {dataset}')
+      continue
+    normals[source] = (scored.select(mask), dataset)
+  return normals, notes
+
+
 def evaluate_section(model, config: dict, shift_model: ShiftModel, predictions,
                      calibrated_scores: np.ndarray, decision_threshold: float, *,
                      data_dir: str | None, unseen='auto', n_bootstrap: int = 1000,
-                     seed: int = 0, batch_size: int = 32) -> dict:
+                     seed: int = 0, batch_size: int = 32,
+                     unseen_normals: tuple[dict, list[str]] | None = None) -> dict:
   """report['shift']: flagged share per source, answered vs abstained metrics, unseen sources.
 
   Args:
@@ -470,9 +496,9 @@ def evaluate_section(model, config: dict, shift_model: ShiftModel, predictions,
     decision_threshold: the operating threshold of P(COVID-19).
     unseen: 'auto' or ['DATASET:SOURCE', ...] (covidlib.shortcuts.resolve_unseen): normals of
       sources absent from training, scored to measure how well the score tells them apart.
+    unseen_normals: covidlib.shortcuts.load_unseen's result for `unseen`, when the caller has
+      it already (the shortcuts section predicts the same images); None loads them here.
   """
-  from covidlib import shortcuts
-
   threshold = float(shift_model.threshold)
   scores = shift_model.score(penultimate_features(model, predictions.images, batch_size))
   flagged = scores > threshold
@@ -500,25 +526,14 @@ def evaluate_section(model, config: dict, shift_model: ShiftModel, predictions,
                                          '--on_shift=abstain would not answer')
 
   # Normals of sources never seen in training: does the score tell them from this split?
-  notes = []
   groups = {'evaluated': scores}
   unseen_entries = []
-  try:
-    chosen, notes = shortcuts.resolve_unseen(unseen, config, data_dir)
-  except errors.CovidlibError as e:
-    chosen, notes = {}, [f'unseen sources: {e}']
-  for source, dataset in chosen.items():
-    try:
-      scored = shortcuts.predict_all(model, config, dataset, data_dir, batch_size=batch_size)
-    except errors.CovidlibError as e:
-      notes.append(f'unseen source {source}: {e}')
-      continue
-    mask = (np.asarray(scored.metadata.get('source', np.full(len(scored), '', object)),
-                       dtype=object) == source) & (scored.labels == 0)
-    if not mask.any():
-      notes.append(f'unseen source {source}: no normal image in {dataset}')
-      continue
-    other = shift_model.score(penultimate_features(model, scored.images[mask], batch_size))
+  if unseen_normals is None:
+    unseen_normals = _load_unseen_normals(model, config, unseen, data_dir, batch_size)
+  normals_by_source, notes = unseen_normals
+  notes = list(notes)
+  for source, (normals, dataset) in normals_by_source.items():
+    other = shift_model.score(penultimate_features(model, normals.images, batch_size))
     groups[f'unseen {source}'] = other
     y = np.r_[np.zeros(scores.size, np.int64), np.ones(other.size, np.int64)]
     auc = _part_metrics(y, _as_unit(np.r_[scores, other], threshold), 0.5, n_bootstrap,
@@ -540,15 +555,10 @@ def evaluate_section(model, config: dict, shift_model: ShiftModel, predictions,
   return section
 
 
-def _fmt_figure(f: dict | None) -> str:
-  if not f or f.get('value') is None:
-    return '—'
-  low, high = (f.get('ci95') or [None, None])[:2]
-  return f'{f["value"]:.3f}' + ('' if low is None else f' [{low:.3f}, {high:.3f}]')
-
-
 def render_markdown(section: dict, plot: str | None = None) -> list[str]:
   """The "Distribution shift" part of report.md."""
+  from covidlib import metrics
+
   out = ['## Distribution shift (out of distribution)', '',
          f'{section["explanation"]}', '',
          f'Score: {section["score"]}, on {section["feature_dim"]} penultimate features. '
@@ -566,15 +576,15 @@ def render_markdown(section: dict, plot: str | None = None) -> list[str]:
     p = section[part]
     f = p.get('figures', {})
     out.append(f'| {part} ({p.get("description", "")}) | {p["n"]} | '
-               f'{_fmt_figure(f.get("accuracy"))} | {_fmt_figure(f.get("sensitivity"))} | '
-               f'{_fmt_figure(f.get("specificity"))} | {_fmt_figure(f.get("roc_auc"))} |')
+               + ' | '.join(metrics.format_figure(f.get(k)) for k in
+                            ('accuracy', 'sensitivity', 'specificity', 'roc_auc')) + ' |')
   out.append('')
   if section.get('unseen_sources'):
     out += ['| unseen source (normals) | n | flagged | shift-score ROC-AUC vs this split |',
             '|---|---|---|---|']
     for e in section['unseen_sources']:
       out.append(f'| {e["source"]} ({e["dataset"]}) | {e["n"]} | {e["share_flagged"]:.1%} | '
-                 f'{_fmt_figure(e["roc_auc"])} |')
+                 f'{metrics.format_figure(e["roc_auc"])} |')
     out.append('')
   for note in section.get('notes', []):
     out.append(f'- {note}')

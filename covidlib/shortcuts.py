@@ -212,17 +212,14 @@ def other_findings(other: Scored, decision: md.Decision, description: str) -> di
 
 def penultimate_features(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
   """The input of the model's final Dense layer ('logit') for each image, float32 (n, d)."""
-  import keras
+  from covidlib import shift
 
   try:
-    logit = model.get_layer('logit')
+    model.get_layer('logit')
   except ValueError:
     raise errors.UsageError('source probe: the model has no layer named "logit" '
                             '(covidlib.models networks end in Dense "logit")') from None
-  extractor = keras.Model(model.input, logit.input)
-  return np.concatenate([np.asarray(extractor(images[i:i + batch_size], training=False),
-                                    np.float32).reshape(min(batch_size, len(images) - i), -1)
-                         for i in range(0, len(images), batch_size)])
+  return shift.penultimate_features(model, images, batch_size)  # The input of 'logit'.
 
 
 def _probe(features: np.ndarray, targets: np.ndarray, groups: np.ndarray, n_folds: int,
@@ -429,12 +426,38 @@ def resolve_unseen(spec: Sequence[str] | str, config: dict,
   return chosen, notes
 
 
+def load_unseen(model, config: dict, unseen: Sequence[str] | str, data_dir: str | None, *,
+                batch_size: int = 32) -> tuple[dict[str, tuple[Scored, str]], list[str]]:
+  """({source: (its normals, predicted with images kept, dataset)}, notes) for `unseen`.
+
+  unseen: as resolve_unseen takes it. Every split of the dataset holding a source is predicted;
+  its normal images of that source are kept.
+
+  Raises:
+    DataError: a chosen dataset holds no normal image of its source.
+  """
+  chosen, notes = resolve_unseen(unseen, config, data_dir)
+  normals = {}
+  for source, dataset in chosen.items():
+    scored = predict_all(model, config, dataset, data_dir, batch_size=batch_size)
+    scored = scored.select((_source(scored) == source) & (scored.labels == 0))
+    if not len(scored):
+      raise errors.DataError(f'{dataset}: no normal image of source {source!r}')
+    normals[source] = (scored, dataset)
+  return normals, notes
+
+
 def for_model_dir(model, config: dict, decision: md.Decision, evaluated: Scored, *,
                   data_dir: str | None, other_dataset: str | None = 'auto',
                   unseen: Sequence[str] | str = 'auto', held_out_reports: Sequence[str] = (),
                   probe: bool = True, n_bootstrap: int = metrics.DEFAULT_BOOTSTRAP,
-                  seed: int = 0, batch_size: int = 32) -> dict:
-  """shortcut_report with its data found from a model_dir's config (see covidlib-evaluate)."""
+                  seed: int = 0, batch_size: int = 32,
+                  unseen_normals: tuple[dict, list[str]] | None = None) -> dict:
+  """shortcut_report with its data found from a model_dir's config (see covidlib-evaluate).
+
+  unseen_normals: what load_unseen returned for `unseen`, when the caller has it already (the
+  shift section of covidlib-evaluate scores the same images); None loads them here.
+  """
   from covidlib import crossval
 
   notes = []
@@ -448,15 +471,12 @@ def for_model_dir(model, config: dict, decision: md.Decision, evaluated: Scored,
     if other.labels.any():
       raise errors.DataError(f'{other_dataset}: other-findings data must hold label 0 (not '
                              f'COVID-19) only; {int(other.labels.sum())} images have label 1')
-  chosen, more_notes = resolve_unseen(unseen, config, data_dir)
+  if unseen_normals is None:
+    unseen_normals = load_unseen(model, config, unseen, data_dir, batch_size=batch_size)
+  normals_by_source, more_notes = unseen_normals
   notes += more_notes
-  unseen_data = {}
-  for source, dataset in chosen.items():
-    scored = predict_all(model, config, dataset, data_dir, batch_size=batch_size)
-    scored = scored.select((_source(scored) == source) & (scored.labels == 0))
-    if not len(scored):
-      raise errors.DataError(f'{dataset}: no normal image of source {source!r}')
-    unseen_data[source] = (scored, f'{dataset}, every split, normals of source {source}')
+  unseen_data = {source: (scored, f'{dataset}, every split, normals of source {source}')
+                 for source, (scored, dataset) in normals_by_source.items()}
   held_out = []
   for path in held_out_reports:
     held_out += crossval.read_hold_out_report(path)['held_out']
@@ -473,11 +493,8 @@ def for_model_dir(model, config: dict, decision: md.Decision, evaluated: Scored,
 # --------------------------------------------------------------------------------------------
 
 
-def _fmt(figure: dict | None) -> str:
-  if not figure or figure.get('value') is None:
-    return '—' + (f' ({figure["reason"]})' if figure and figure.get('reason') else '')
-  low, high = (figure.get('ci95') or [None, None])[:2]
-  return f'{figure["value"]:.3f}' + ('' if low is None else f' [{low:.3f}, {high:.3f}]')
+def _fmt_figure(figure: dict | None) -> str:
+  return metrics.format_figure(figure, reason=True)
 
 
 def render_markdown(section: dict | None, heading: str = '##') -> list[str]:
@@ -493,7 +510,7 @@ def render_markdown(section: dict | None, heading: str = '##') -> list[str]:
           '| comparison | COVID-19 | negatives | ROC-AUC [95%] |', '|---|---|---|---|']
   for name, w in section['within_source'].items():
     out.append(f'| {name} | {w["n_covid"]} | {w["n_negative"]} ({w["negatives"]}) | '
-               f'{_fmt(w["roc_auc"])} |')
+               f'{_fmt_figure(w["roc_auc"])} |')
   if not section['within_source']:
     out.append('| none: no source of the evaluated data holds both classes, and no other '
                'findings were given | | | |')
@@ -507,9 +524,9 @@ def render_markdown(section: dict | None, heading: str = '##') -> list[str]:
       out.append(f'| {e["source"]} | skipped: {e["skipped"]} | | | | | |')
       continue
     met = {True: 'yes', False: '**no**', None: '—'}[e.get('meets_target')]
-    out.append(f'| {e["source"]} | {e["how"]} | {e["n_normal"]} | {_fmt(e["specificity"])} | '
-               f'{_fmt(e["sensitivity"])} (n={e["n_covid"]}) | '
-               f'{_fmt(e.get("roc_auc_covid_vs_these_normals"))} | {met} |')
+    out.append(f'| {e["source"]} | {e["how"]} | {e["n_normal"]} | {_fmt_figure(e["specificity"])} | '
+               f'{_fmt_figure(e["sensitivity"])} (n={e["n_covid"]}) | '
+               f'{_fmt_figure(e.get("roc_auc_covid_vs_these_normals"))} | {met} |')
   if not section['held_out_source']:
     out.append('| none available | | | | | | |')
   out += ['', f'Target: specificity >= {t["held_out_specificity"]:.2f} at sensitivity >= '
@@ -518,7 +535,7 @@ def render_markdown(section: dict | None, heading: str = '##') -> list[str]:
   of = section.get('other_findings')
   out += [f'{heading}# Other findings called COVID-19', '']
   if of:
-    out.append(f'{_fmt(of["called_covid"])} of {of["n"]} images of other lung findings are '
+    out.append(f'{_fmt_figure(of["called_covid"])} of {of["n"]} images of other lung findings are '
                f'called COVID-19 at threshold {of["threshold"]:.4f} ({of["note"]}).')
     if of.get('by_finding'):
       out.append('By finding: ' + ', '.join(f'{k} {v["called_covid"]}/{v["n"]}'

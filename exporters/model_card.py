@@ -19,6 +19,7 @@ import json
 import os
 
 import covidlib
+from covidlib import metrics as metrics_lib
 from covidlib import model_dir as model_dir_lib
 from covidlib import shortcuts
 
@@ -99,12 +100,7 @@ def load_evaluation_report(path: str) -> dict:
 
 
 def _figure(figure: dict | None) -> str:
-  if not figure or figure.get('value') is None:
-    return 'n/a' + (f' ({figure["reason"]})' if figure and figure.get('reason') else '')
-  low, high = (figure.get('ci95') or [None, None])[:2]
-  if low is None:
-    return f'{figure["value"]:.3f}'
-  return f'{figure["value"]:.3f} [{low:.3f}, {high:.3f}]'
+  return metrics_lib.format_figure(figure, undefined='n/a', reason=True)
 
 
 def _metrics_section(evaluation: dict | None, source: str) -> list[str]:
