@@ -74,11 +74,11 @@ def _train(name: str, dataset: str, data_dir: str) -> str:
 def _split_images(model_dir: str, dataset: str, data_dir: str, split: str):
   import numpy as np
 
-  from covidlib import evaluate
+  from covidlib import scoring
   from covidlib import model_dir as md
 
   config = md.load_config(model_dir)
-  ds, _ = evaluate.load_split(config, split, dataset=dataset, data_dir=data_dir)
+  ds, _ = scoring.load_split(config, split, dataset=dataset, data_dir=data_dir)
   images, labels, sources = [], [], []
   for x, y, meta in ds:
     images.append(x.numpy())
@@ -150,14 +150,16 @@ def _latency(model_dir: str, images) -> dict:
   import numpy as np
 
   from covidlib import model_dir as md
+  from covidlib import models
+  from covidlib import scoring
   from covidlib import shift
   from exporters import tflite
 
   model = md.load_model(model_dir)
   fitted = shift.load(model_dir)
-  extractor = shift.feature_model(model)
+  extractor = models.feature_model(model)
   x = images[:1]
-  features = shift.penultimate_features(model, x)
+  features = scoring.penultimate_features(model, x)
 
   def median_ms(fn, runs=50, warmup=5):
     for _ in range(warmup):

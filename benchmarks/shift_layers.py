@@ -37,9 +37,9 @@ LAYERS = ('stem_pool', 'stage1_out', 'stage2_out', 'stage3_out', 'stage4_out')
 def _split(config, dataset, data_dir, split):
   import numpy as np
 
-  from covidlib import evaluate
+  from covidlib import scoring
 
-  ds, _ = evaluate.load_split(config, split, dataset=dataset, data_dir=data_dir)
+  ds, _ = scoring.load_split(config, split, dataset=dataset, data_dir=data_dir)
   xs, ys = [], []
   for x, y, _ in ds:
     xs.append(x.numpy())

@@ -58,7 +58,7 @@ def estimate(figure) -> str:
 
 def main(argv):
   del argv
-  from covidlib import evaluate
+  from covidlib import scoring
   from covidlib import metrics
   from covidlib import model_dir as md
   from covidlib import models
@@ -90,8 +90,8 @@ def main(argv):
     epochs = len(history['loss'])
     flops, params = models.count_flops(model), models.count_params(model)
     for split in splits:
-      dataset, _ = evaluate.load_split(saved, split)
-      predictions = evaluate.predict_dataset(model, dataset)
+      dataset, _ = scoring.load_split(saved, split)
+      predictions = scoring.score_dataset(model, dataset)
       result = metrics.compute_metrics(predictions.labels, predictions.scores, 0.5, seed=0)
       f, c = result.figures, result.confusion
       rows.append(

@@ -18,8 +18,9 @@ CLASS_NAMES = ('normal', 'covid')  # index = label; label 1 = COVID-19.
 
 _SUBMODULES = (
     'archive', 'augment', 'calibration', 'crossval', 'data', 'dicom', 'distribute', 'errors',
-    'edge', 'evaluate', 'explain', 'metrics', 'model_dir', 'models', 'predict', 'preprocess',
-    'report', 'results', 'threshold', 'tflite_metadata', 'train',
+    'edge', 'evaluate', 'explain', 'hold_out', 'metrics', 'model_dir', 'models', 'predict',
+    'preprocess', 'report', 'results', 'scored', 'scoring', 'shift', 'shift_fit', 'shortcuts',
+    'standardize', 'threshold', 'tflite_metadata', 'train',
 )
 
 

@@ -40,16 +40,25 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 from scipy import stats
+from sklearn.model_selection import StratifiedGroupKFold
 
 from covidlib import calibration
+from covidlib import data
 from covidlib import errors
+from covidlib import hold_out
 from covidlib import metrics
 from covidlib import model_dir as md
+from covidlib import scoring
+from covidlib import shortcuts
+from covidlib import threshold as threshold_lib
+from covidlib import train
+from covidlib_tfds import perceptual_hash
+from covidlib_tfds import splitting
 
 CROSSVAL_JSON = 'crossval.json'
 CROSSVAL_MD = 'crossval.md'
-HOLD_OUT_JSON = 'hold_out.json'
-HOLD_OUT_MD = 'hold_out.md'
+HOLD_OUT_JSON = hold_out.HOLD_OUT_JSON  # The hold-out report's format: covidlib.hold_out.
+HOLD_OUT_MD = hold_out.HOLD_OUT_MD
 SUMMARY_FIGURES = ('accuracy', 'sensitivity', 'specificity', 'f1', 'roc_auc', 'pr_auc',
                    'brier', 'ece')
 
@@ -75,37 +84,27 @@ def load_pool(dataset: str, splits: Sequence[str] = ('train', 'validation'), *,
     dataset: 'name/config' of a TFDS dataset or 'folder:ROOT' (ROOT/<split>/{covid,normal}).
     splits: the splits to pool; keep a test split out to stay untouched.
   """
-  from covidlib import data
-  from covidlib import evaluate
-
   if not splits:
     raise errors.UsageError('no splits given to cross-validate over')
   parts = []
   for split in splits:
-    if dataset.startswith('folder:'):
-      root = os.path.join(dataset[len('folder:'):], split)
-      if not os.path.isdir(root):
-        raise errors.UsageError(f'split folder {root!r} does not exist (dataset {dataset!r})')
+    _, root = scoring.split_location({}, split, dataset)
+    if root is not None:
       ds = data.load_folder(root, image_size=image_size, channels=channels,
                             batch_size=batch_size, with_metadata=True, cache=False)
     else:
       ds = data.load_tfds(dataset, split, data_dir=data_dir, image_size=image_size,
                           channels=channels, batch_size=batch_size, with_metadata=True,
                           cache=False)
-    parts.append(evaluate.predict_dataset(lambda x, training=False: tf.zeros(tf.shape(x)[:1]),
-                                          ds, keep_images=True))
-  metadata = {key: np.concatenate([p.metadata[key] for p in parts])
-              for key in parts[0].metadata}
-  return Pool(images=np.concatenate([p.images for p in parts]),
-              labels=np.concatenate([p.labels for p in parts]), metadata=metadata,
+    parts.append(scoring.read_dataset(ds))
+  metadata = {key: np.concatenate([p[2][key] for p in parts]) for key in parts[0][2]}
+  return Pool(images=np.concatenate([p[0] for p in parts]),
+              labels=np.concatenate([p[1] for p in parts]), metadata=metadata,
               description=f'{dataset} {"+".join(splits)}')
 
 
 def patient_groups(pool: Pool, near_duplicates: bool = True) -> np.ndarray:
   """One group id per image: same patient, or near-duplicate images, share an id."""
-  from covidlib_tfds import perceptual_hash
-  from covidlib_tfds import splitting
-
   n = len(pool)
   patient = pool.metadata.get('patient_id', np.full(n, '', dtype=object))
   source = pool.metadata.get('source', np.full(n, '', dtype=object))
@@ -119,8 +118,6 @@ def patient_groups(pool: Pool, near_duplicates: bool = True) -> np.ndarray:
 def make_folds(labels, groups, n_folds: int = 5,
                seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
   """(train indices, validation indices) per fold: StratifiedGroupKFold, shuffled with `seed`."""
-  from sklearn.model_selection import StratifiedGroupKFold
-
   labels = np.asarray(labels)
   groups = np.asarray(groups)
   if not isinstance(n_folds, int) or n_folds < 2:
@@ -158,16 +155,12 @@ def t_interval(values: Sequence[float], confidence: float = 0.95,
 
 
 def _fold_config(config: dict, description: str, fold: int, n_folds: int) -> dict:
-  from covidlib import train
-
   return train.make_config(**{**config, 'dataset': f'{description} fold {fold}/{n_folds}'})
 
 
 def _train_fold(config: dict, fold_dir: str, train_data, validation_data, overwrite: bool,
                 verbose: int):
   """A finished fold with the same config is reused; otherwise train (or resume) it."""
-  from covidlib import train
-
   model_path = os.path.join(fold_dir, md.MODEL)
   if not overwrite and os.path.exists(model_path):
     saved = md.read_json(os.path.join(fold_dir, md.CONFIG))
@@ -198,8 +191,6 @@ def cross_validate(config: dict, out_dir: str, pool: Pool, *, n_folds: int = 5,
     The report: folds (sizes, groups, figures), summary (mean and t-interval per figure),
     pooled out-of-fold metrics.
   """
-  from covidlib import train
-
   config = train.make_config(**config)
   groups = patient_groups(pool, near_duplicates)
   folds = make_folds(pool.labels, groups, n_folds, fold_seed)
@@ -218,9 +209,7 @@ def cross_validate(config: dict, out_dir: str, pool: Pool, *, n_folds: int = 5,
         (pool.images[val_idx], pool.labels[val_idx].astype(np.float32))).batch(batch)
     fold_dir = os.path.join(out_dir, f'fold_{k}')
     model, reused = _train_fold(fold_config, fold_dir, train_data, val_data, overwrite, verbose)
-    p = np.concatenate([
-        np.asarray(model(pool.images[val_idx[i:i + batch]], training=False),
-                   np.float64).reshape(-1) for i in range(0, val_idx.size, batch)])
+    p = scoring.score_images(model, pool.images[val_idx], batch)
     oof[val_idx] = p
     m = metrics.compute_metrics(pool.labels[val_idx], p, threshold, n_bootstrap=0)
     fold_reports.append({
@@ -291,14 +280,6 @@ def training_dataset(pool: Pool, batch_size: int, seed: int | None,
   return mixed.batch(batch_size).take(steps).prefetch(tf.data.AUTOTUNE)
 
 
-def _predict(model, images: np.ndarray, batch: int) -> np.ndarray:
-  if not len(images):
-    return np.zeros(0)
-  return np.concatenate([np.asarray(model(images[i:i + batch], training=False),
-                                    np.float64).reshape(-1)
-                         for i in range(0, len(images), batch)])
-
-
 def hold_out_sources(config: dict, out_dir: str, pools: dict[str, Pool], *,
                      sources: Sequence[str] | None = None, threshold_policy: str = 'youden',
                      calibrate: bool = False, n_bootstrap: int = metrics.DEFAULT_BOOTSTRAP,
@@ -319,9 +300,6 @@ def hold_out_sources(config: dict, out_dir: str, pools: dict[str, Pool], *,
     pools: {'train', 'validation', 'test'} -> Pool (load_pool of each split).
     sources: the sources to leave out; default every source with a normal image.
   """
-  from covidlib import evaluate
-  from covidlib import train
-
   missing = [s for s in ('train', 'validation', 'test') if s not in pools]
   if missing:
     raise errors.UsageError(f'leaving a source out needs the train, validation and test splits; '
@@ -356,16 +334,16 @@ def hold_out_sources(config: dict, out_dir: str, pools: dict[str, Pool], *,
         (val_pool.images, val_pool.labels.astype(np.float32))).batch(batch)
     run_dir = os.path.join(out_dir, f'holdout_{source or "unknown"}')
     model, reused = _train_fold(run_config, run_dir, train_data, val_data, overwrite, verbose)
-    decision, _ = evaluate.choose_decision(val_pool.labels, _predict(model, val_pool.images,
-                                                                     batch),
-                                           threshold_policy, calibrate, 'validation')
+    decision, _ = threshold_lib.choose_decision(
+        val_pool.labels, scoring.score_images(model, val_pool.images, batch), threshold_policy,
+        calibrate, 'validation')
     md.save_decision(run_dir, decision)
     held = [_subset(pool, ~keep[name], '') for name, pool in pools.items()]
     held_labels = np.concatenate([h.labels for h in held])
-    held_p = np.concatenate([_predict(model, h.images, batch) for h in held])
+    held_p = np.concatenate([scoring.score_images(model, h.images, batch) for h in held])
     test = pools['test']
     covid_mask = keep['test'] & (test.labels == 1)
-    covid_p = _predict(model, test.images[covid_mask], batch)
+    covid_p = scoring.score_images(model, test.images[covid_mask], batch)
     t = decision.threshold
 
     def calibrated(p):
@@ -395,7 +373,6 @@ def hold_out_sources(config: dict, out_dir: str, pools: dict[str, Pool], *,
       entry['sensitivity_in_source'] = metrics.proportion(
           int((calibrated(held_p[held_labels == 1]) >= t).sum()), int((held_labels == 1).sum()),
           'COVID-19 images').as_dict()
-    from covidlib import shortcuts  # Deferred: shortcuts imports this module.
     entry['meets_target'] = shortcuts.meets_target(entry)
     entries.append(entry)
   report = {
@@ -404,47 +381,8 @@ def hold_out_sources(config: dict, out_dir: str, pools: dict[str, Pool], *,
       'data': description, 'config': config, 'threshold_policy': threshold_policy,
       'calibrate': calibrate, 'held_out': entries,
   }
-  md.write_json(os.path.join(out_dir, HOLD_OUT_JSON), report)
-  md.write_bytes_atomic(os.path.join(out_dir, HOLD_OUT_MD),
-                        render_hold_out_markdown(report).encode())
+  hold_out.write(out_dir, report)
   return report
-
-
-def read_hold_out_report(path: str) -> dict:
-  """A hold_out.json (or the folder holding it) written by hold_out_sources."""
-  if os.path.isdir(path):
-    path = os.path.join(path, HOLD_OUT_JSON)
-  if not os.path.isfile(path):
-    raise errors.UsageError(f'{path}: no hold-out report (run covidlib-crossval '
-                            '--hold_out=source first)')
-  report = md.read_json(path)
-  if not isinstance(report, dict) or 'held_out' not in report:
-    raise errors.DataError(f'{path}: not a covidlib-crossval --hold_out=source report')
-  return report
-
-
-def render_hold_out_markdown(report: dict) -> str:
-  c = report['config']
-  out = [f'# Held-out sources: {c["model"]} on {report["data"]}', '',
-         f'> **{report["caveat"]}**', '',
-         f'Each row trains {c["model"]} ({c["epochs"]} epochs, seed {c["seed"]}) with every '
-         'image of one normal source left out, chooses the threshold on the validation split '
-         f'without it (policy `{report["threshold_policy"]}`), and scores that source\'s '
-         'normals (every split) and the test split\'s COVID-19 images of other sources. '
-         f'Target: specificity >= 0.80 at sensitivity >= 0.90.', '',
-         '| left out | normals | specificity [95%] | COVID-19 | sensitivity [95%] | '
-         'ROC-AUC COVID-19 vs these normals | target met | model_dir |',
-         '|---|---|---|---|---|---|---|---|']
-  for e in report['held_out']:
-    if 'skipped' in e:
-      out.append(f'| {e["source"]} | — | skipped: {e["skipped"]} | | | | | |')
-      continue
-    met = {True: 'yes', False: 'no', None: '—'}[e['meets_target']]
-    out.append(f'| {e["source"]} | {e["n_normal"]} | {metrics.format_figure(e["specificity"])} | '
-               f'{e["n_covid"]} | {metrics.format_figure(e["sensitivity"])} | '
-               f'{metrics.format_figure(e["roc_auc_covid_vs_these_normals"])} | {met} | '
-               f'`{e["model_dir"]}` |')
-  return '\n'.join(out) + '\n'
 
 
 def render_markdown(report: dict) -> str:

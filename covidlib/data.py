@@ -48,6 +48,7 @@ from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
 from covidlib import CLASS_NAMES
 from covidlib import errors
@@ -64,7 +65,7 @@ _BUILD_HINT = ('python -m covidlib_tfds.build --config={config} '
                '--manual_dir=<folder holding the source archive, e.g. shared/data/covid_xray_seed> '
                '--data_dir={data_dir} (see covidlib_tfds/covid_xray/README.md)')
 
-METADATA_KEYS = ('filename', 'source', 'view', 'patient_id', 'age')
+METADATA_KEYS = ('filename', 'source', 'view', 'patient_id', 'age', 'sex')
 BALANCE = ('none', 'source')
 
 
@@ -116,14 +117,17 @@ def _register_builders(dataset: str) -> None:
   """
   if dataset.split('/')[0].split(':')[0] in _COVIDLIB_TFDS_DATASETS:
     try:
-      import covidlib_tfds  # noqa: F401
+      import covidlib_tfds  # noqa: F401  Optional package: importing it registers the builders.
     except ImportError:
       pass
 
 
-def _builder(dataset: str, data_dir: str | os.PathLike | None):
-  import tensorflow_datasets as tfds
+def builder(dataset: str, data_dir: str | os.PathLike | None):
+  """The TFDS builder of a built dataset.
 
+  Raises:
+    UsageError: unknown dataset or config. DataError: not built in data_dir (says how to).
+  """
   if not isinstance(dataset, str) or not dataset:
     raise errors.UsageError(f'dataset must be a name such as "covid_xray/seed", got {dataset!r}')
   _register_builders(dataset)
@@ -166,10 +170,47 @@ def _split_info(builder, dataset: str, split: str):
     raise errors.UsageError(f'split {split!r} of dataset {dataset!r}: {e}') from None
 
 
+def is_built(dataset: str, data_dir: str | os.PathLike | None) -> bool:
+  """True when `dataset` is built in data_dir (builder() would succeed)."""
+  try:
+    builder(dataset, data_dir)
+  except errors.CovidlibError:
+    return False
+  return True
+
+
+def column(dataset: str, split: str, key: str,
+           data_dir: str | os.PathLike | None) -> np.ndarray:
+  """One text feature of every example of a split, without decoding images ('' if absent)."""
+  b = builder(dataset, data_dir)
+  values = []
+  for name in split.split('+'):
+    if name not in b.info.splits:
+      raise errors.UsageError(f'dataset {dataset!r} has no split {name!r}')
+    if key not in b.info.features:
+      values.extend([''] * b.info.splits[name].num_examples)
+      continue
+    ds = b.as_dataset(split=name, decoders={'image': tfds.decode.SkipDecoding()},
+                      shuffle_files=False)
+    for example in ds.map(lambda ex: ex[key]).batch(4096):
+      values.extend(v.decode('utf-8', 'replace') for v in example.numpy())
+  return np.asarray(values, dtype=object)
+
+
+def training_sources(config: dict) -> set[str] | None:
+  """The sources of the training split a model_dir config names; None when unknown."""
+  dataset = config.get('dataset') or ''
+  if dataset.startswith('folder:') or ' fold ' in dataset or not is_built(
+      dataset, config.get('data_dir')):
+    return None
+  return set(column(dataset, config.get('train_split', 'train'), 'source',
+                    config.get('data_dir')))
+
+
 def num_examples(dataset: str, split: str, data_dir: str | os.PathLike | None = None) -> int:
   """Number of examples in a split of a built TFDS dataset, from its metadata."""
-  builder = _builder(dataset, data_dir)
-  return int(_split_info(builder, dataset, split).num_examples)
+  b = builder(dataset, data_dir)
+  return int(_split_info(b, dataset, split).num_examples)
 
 
 def class_counts(dataset: str, split: str,
@@ -179,11 +220,9 @@ def class_counts(dataset: str, split: str,
   Reads only the label column (images are not decoded): exact, and a second or two for the
   datasets here.
   """
-  import tensorflow_datasets as tfds
-
-  builder = _builder(dataset, data_dir)
-  _split_info(builder, dataset, split)
-  ds = builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()})
+  b = builder(dataset, data_dir)
+  _split_info(b, dataset, split)
+  ds = b.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()})
   counts = np.zeros(len(CLASS_NAMES), np.int64)
   for labels in ds.map(lambda ex: ex['label'], num_parallel_calls=AUTOTUNE).batch(4096):
     counts += np.bincount(labels.numpy(), minlength=len(CLASS_NAMES))[:len(CLASS_NAMES)]
@@ -197,15 +236,13 @@ def stratum_counts(dataset: str, split: str,
   Raises:
     UsageError: the dataset has no 'source' feature (and the errors of `load_tfds`).
   """
-  import tensorflow_datasets as tfds
-
-  builder = _builder(dataset, data_dir)
-  _split_info(builder, dataset, split)
-  if 'source' not in builder.info.features:
+  b = builder(dataset, data_dir)
+  _split_info(b, dataset, split)
+  if 'source' not in b.info.features:
     raise errors.UsageError(
         f'dataset {dataset!r} has no \'source\' feature: source-balanced sampling needs one '
         '(covid_xray/adult and covid_xray/adult_pediatric have it)')
-  ds = builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()})
+  ds = b.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()})
   counts: dict[tuple[str, int], int] = {}
   for sources, labels in ds.map(lambda ex: (ex['source'], ex['label']),
                                 num_parallel_calls=AUTOTUNE).batch(4096):
@@ -235,8 +272,8 @@ def load_tfds(dataset: str, split: str, *, data_dir: str | os.PathLike | None = 
     batch_size: examples per batch (the GLOBAL batch under a distribution strategy).
     shuffle, seed: shuffle examples, reshuffled every epoch; a seed fixes every epoch's order.
     repeat: True repeats forever, an integer that many times.
-    with_metadata: also yield a dict of 'filename', 'source', 'view', 'patient_id' (strings;
-      '' when the dataset lacks the feature) and 'age' (int32, -1 unknown).
+    with_metadata: also yield a dict of 'filename', 'source', 'view', 'patient_id', 'sex'
+      (strings; '' when the dataset lacks the feature) and 'age' (int32, -1 unknown).
     drop_remainder: drop a last partial batch (static batch shape, e.g. for TPUs).
     cache: True caches preprocessed images in memory, a path caches them to that file, False
       does not cache.
@@ -253,22 +290,20 @@ def load_tfds(dataset: str, split: str, *, data_dir: str | os.PathLike | None = 
     UsageError: unknown dataset, config or split, or a bad argument.
     DataError: the dataset is not built in data_dir (the message says how to build it).
   """
-  import tensorflow_datasets as tfds
-
   _check_pipeline_args(image_size, channels, batch_size)
   if balance not in BALANCE:
     raise errors.UsageError(f'balance must be one of {", ".join(BALANCE)}, got {balance!r}')
   if balance != 'none' and repeat is not False:
     raise errors.UsageError(f'balance={balance!r} repeats forever already; leave repeat False, '
                             f'got repeat={repeat!r}')
-  builder = _builder(dataset, data_dir)
-  info = _split_info(builder, dataset, split)
-  features = builder.info.features
+  b = builder(dataset, data_dir)
+  info = _split_info(b, dataset, split)
+  features = b.info.features
   for key in ('image', 'label'):
     if key not in features:
       raise errors.UsageError(f'dataset {dataset!r} has no {key!r} feature')
   # Skip TFDS's own PNG decoding: decode_image is the one decoder serving uses as well.
-  ds = builder.as_dataset(split=split, shuffle_files=False,
+  ds = b.as_dataset(split=split, shuffle_files=False,
                           decoders={'image': tfds.decode.SkipDecoding()})
   present = set(features.keys())
 
@@ -290,6 +325,7 @@ def load_tfds(dataset: str, split: str, *, data_dir: str | os.PathLike | None = 
         'patient_id': text('patient_id'),
         'age': (tf.cast(example['age'], tf.int32) if 'age' in present
                 else tf.constant(-1, tf.int32)),
+        'sex': text('sex'),
     }
     return image, label, metadata
 
@@ -426,7 +462,7 @@ def load_files(paths: Sequence[str | os.PathLike], labels: Sequence[int] | None 
     validate: decode every file once up front and raise DataError naming each unreadable one
       (default). Only turn off for files already checked with `check_images`.
     Others: as in `load_tfds`; the metadata of a file is its path as 'filename', '' for
-      'source', 'view' and 'patient_id', and -1 for 'age'.
+      'source', 'view', 'patient_id' and 'sex', and -1 for 'age'.
 
   Returns:
     tf.data.Dataset of (image, label) batches, or (image, label, metadata); when labels is None,
@@ -458,7 +494,8 @@ def load_files(paths: Sequence[str | os.PathLike], labels: Sequence[int] | None 
     outputs = (image,) + tuple(tf.cast(l, tf.float32) for l in label)
     if with_metadata:
       outputs += ({'filename': path, 'source': tf.constant(''), 'view': tf.constant(''),
-                   'patient_id': tf.constant(''), 'age': tf.constant(-1, tf.int32)},)
+                   'patient_id': tf.constant(''), 'age': tf.constant(-1, tf.int32),
+                   'sex': tf.constant('')},)
     return outputs if len(outputs) > 1 else image
 
   columns = (tf.constant(paths, tf.string),)

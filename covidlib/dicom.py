@@ -65,8 +65,8 @@ def to_uint8(ds, name: str) -> np.ndarray:
   Raises:
     InvalidImageError: naming `name`, for a dataset without (decodable) pixel data.
   """
-  from pydicom.pixels import apply_modality_lut
-  from pydicom.pixels import apply_voi_lut
+  from pydicom.pixels import apply_modality_lut  # Optional (covidlib[dicom]).
+  from pydicom.pixels import apply_voi_lut  # Optional, as above.
 
   if 'PixelData' not in ds and 'FloatPixelData' not in ds and 'DoubleFloatPixelData' not in ds:
     raise errors.InvalidImageError(name, 'DICOM file has no pixel data')
@@ -117,7 +117,7 @@ def load_dicom(path: str | os.PathLike) -> np.ndarray:
   """
   path = os.fspath(path)
   try:
-    import pydicom
+    import pydicom  # Optional (covidlib[dicom]): without it, a clear error.
   except ImportError:
     raise errors.InvalidImageError(
         path, "reading DICOM needs pydicom: pip install 'covidlib[dicom]'") from None

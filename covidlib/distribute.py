@@ -22,6 +22,7 @@ import json
 import os
 from typing import Sequence
 
+import keras
 import tensorflow as tf
 
 from covidlib import errors
@@ -176,8 +177,6 @@ def set_precision(mode: str) -> str:
   Models must keep their output layer in float32 (covidlib.models does): a float16 sigmoid
   saturates and its loss underflows.
   """
-  import keras  # Deferred so that `get_strategy` runs before Keras touches any device.
-
   policy = resolve_precision(mode)
   keras.mixed_precision.set_global_policy(policy)
   return policy

@@ -31,10 +31,13 @@ and numpy release the GIL) while the interpreter runs on the calling thread, in 
 
 from __future__ import annotations
 
+import io
 import os
 from typing import Iterable
 
 import numpy as np
+from PIL import Image
+from PIL import UnidentifiedImageError
 
 from covidlib import dicom
 from covidlib import errors
@@ -74,11 +77,6 @@ def _luma(rgb: np.ndarray) -> np.ndarray:
 
 def decode_bytes(contents: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
   """PNG, JPEG, BMP or GIF bytes -> uint8 (H, W, 1); InvalidImageError naming `name`."""
-  import io
-
-  from PIL import Image
-  from PIL import UnidentifiedImageError
-
   if not contents:
     raise errors.InvalidImageError(name, 'empty file (0 bytes)')
   try:
@@ -319,7 +317,7 @@ class EdgePredictor:
           f'{self.path}: a folder: the edge route runs .tflite files only (covidlib-predict '
           'runs .keras, model_dir and SavedModel folders)')
     try:
-      from ai_edge_litert.interpreter import Interpreter
+      from ai_edge_litert.interpreter import Interpreter  # Optional (covidlib[edge]).
     except ImportError:
       raise errors.ModelLoadError(
           f"{self.path}: running .tflite models needs ai-edge-litert: pip install "

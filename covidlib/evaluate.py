@@ -23,6 +23,13 @@ Distribution shift: when the model_dir holds a shift score (`covidlib.shift`), r
 gives the share flagged per source, metrics on answered vs abstained images, the histogram of
 scores and the score's ROC-AUC for normals of unseen sources against the evaluated split.
 
+How it is composed: each dataset is scored once (`covidlib.scoring`: scores, labels, penultimate
+features and metadata per image), then the analyses run on those arrays (`covidlib.metrics`,
+`covidlib.threshold`, `covidlib.calibration`, `covidlib.shortcuts`, `covidlib.shift`), then
+`covidlib.report` writes them. The datasets scored: the threshold split (when an operating
+point is chosen), the evaluated split, the other findings and each unseen source's dataset (for
+the shortcut and shift sections), each split of them once.
+
 Metrics and intervals: `covidlib.metrics`. Grad-CAM: `covidlib.explain`, run on every evaluated
 image (up to MAX_GRADCAM images) for the lung-focus score, and shown for the most confident
 errors (false positives with the highest P(COVID-19), false negatives with the lowest), then
@@ -39,130 +46,44 @@ import numpy as np
 import tensorflow as tf
 
 from covidlib import calibration
+from covidlib import data
 from covidlib import errors
 from covidlib import explain
+from covidlib import hold_out
 from covidlib import metrics
 from covidlib import model_dir as md
+from covidlib import models
+from covidlib import scoring
+from covidlib import shift as shift_lib
+from covidlib import shortcuts
 from covidlib import threshold as threshold_lib
+from covidlib.scored import Scored
 
 CAVEAT = ('Research software, not a diagnostic device. These figures describe one model on one '
           'dataset; they do not show that it works on patients, scanners or hospitals it has '
           'not seen.')
-METADATA_KEYS = ('filename', 'source', 'view', 'patient_id', 'age')
+METADATA_KEYS = data.METADATA_KEYS
 MAX_GRADCAM = 2000  # Grad-CAM costs one forward and backward pass per image.
 GRID_SIZE = 8
-
-
-@dataclasses.dataclass
-class Predictions:
-  """What a model said about one split."""
-  labels: np.ndarray                      # (n,) int64, 1 = COVID-19.
-  scores: np.ndarray                      # (n,) float64, the model's raw P(COVID-19).
-  metadata: dict[str, np.ndarray]         # Per-example features, e.g. 'filename', 'source'.
-  images: np.ndarray | None = None        # (n, S, S, C) float32 model inputs, if kept.
-
-  def __len__(self) -> int:
-    return int(self.labels.size)
+# Where normals of each source live, in order of preference, for the `auto` unseen sources.
+UNSEEN_CANDIDATES = {
+    'nih': ('covid_xray/adult', 'covid_xray/adult_pediatric'),
+    'kaggle_pediatric': ('covid_xray/adult_pediatric', 'covid_xray/patient_split',
+                         'covid_xray/seed'),
+}
+OTHER_FINDINGS = 'covid_xray/other_findings'
 
 
 @dataclasses.dataclass
 class Evaluation:
   report: dict                            # JSON-ready; see evaluate_predictions.
-  predictions: Predictions                # On the evaluation split (scores uncalibrated).
+  predictions: Scored                     # On the evaluation split (scores uncalibrated).
   calibrated_scores: np.ndarray
   decision: md.Decision
   heatmaps: np.ndarray | None             # Grad-CAM of the first MAX_GRADCAM images.
   grid_indices: list[int]                 # Which images the Grad-CAM grid shows.
-
-
-def _text(values) -> np.ndarray:
-  return np.asarray([v.decode('utf-8', 'replace') if isinstance(v, bytes) else str(v)
-                     for v in np.asarray(values).reshape(-1)], dtype=object)
-
-
-def predict_dataset(model, dataset: tf.data.Dataset, keep_images: bool = False) -> Predictions:
-  """Runs `model` over a batched dataset of (image, label) or (image, label, metadata dict)."""
-  labels, scores, images = [], [], []
-  metadata: dict[str, list] = {}
-  for element in dataset:
-    if not isinstance(element, (tuple, list)) or len(element) not in (2, 3):
-      raise errors.UsageError(
-          'evaluation data must yield (image, label) or (image, label, metadata) batches')
-    image, label = element[0], element[1]
-    if image.shape.rank != 4:
-      raise errors.UsageError(
-          f'evaluation data must be batched (batch, height, width, channels), got {image.shape}')
-    p = model(image, training=False)
-    scores.append(np.asarray(p, np.float64).reshape(-1))
-    labels.append(np.asarray(label).reshape(-1).astype(np.int64))
-    if keep_images:
-      images.append(np.asarray(image, np.float32))
-    if len(element) == 3:
-      for key, value in element[2].items():
-        metadata.setdefault(key, []).append(np.asarray(value).reshape(-1))
-  if not labels:
-    raise errors.DataError('the evaluation data holds no examples')
-  meta = {}
-  for key, parts in metadata.items():
-    values = np.concatenate(parts)
-    meta[key] = values if values.dtype.kind in 'iuf' else _text(values)
-  return Predictions(labels=np.concatenate(labels), scores=np.concatenate(scores),
-                     metadata=meta, images=np.concatenate(images) if keep_images else None)
-
-
-def load_split(config: dict, split: str, *, dataset: str | None = None,
-               data_dir: str | None = None, folder: str | None = None,
-               batch_size: int = 32) -> tuple[tf.data.Dataset, str]:
-  """The dataset to evaluate, preprocessed as the model was trained; and a description.
-
-  Args:
-    config: the model_dir's config.json (image_size, channels, dataset, data_dir).
-    split: a split name of the dataset.
-    dataset: 'name/config' of a TFDS dataset or 'folder:ROOT' (ROOT/<split>/{covid,normal});
-      default: the one the model was trained on.
-    data_dir: TFDS data_dir; default: the training one.
-    folder: ROOT/{covid,normal}/* to evaluate instead of a dataset (split is then ignored).
-  """
-  from covidlib import data  # Deferred: the metric functions above need no input pipeline.
-
-  common = dict(image_size=int(config['image_size']), channels=int(config.get('channels', 1)),
-                batch_size=batch_size)
-  if folder:
-    if not os.path.isdir(folder):
-      raise errors.UsageError(f'folder {folder!r} does not exist or is not a directory')
-    return data.load_folder(folder, with_metadata=True, **common), f'folder {folder}'
-  dataset = dataset or config.get('dataset')
-  if not dataset:
-    raise errors.UsageError('no dataset given and the model_dir config names none')
-  if dataset.startswith('folder:'):
-    root = os.path.join(dataset[len('folder:'):], split)
-    if not os.path.isdir(root):
-      raise errors.UsageError(f'split folder {root!r} does not exist (dataset {dataset!r})')
-    return data.load_folder(root, with_metadata=True, **common), f'folder {root}'
-  data_dir = data_dir or config.get('data_dir')
-  return (data.load_tfds(dataset, split, data_dir=data_dir, with_metadata=True, **common),
-          f'{dataset} split {split}')
-
-
-def choose_decision(labels, scores, policy: str | None, calibrate: bool,
-                    split: str) -> tuple[md.Decision, dict]:
-  """Temperature (if `calibrate`), then the threshold by `policy` on the calibrated scores.
-
-  Returns the Decision and a JSON-ready account of how it was chosen.
-  """
-  policy = policy or 'fixed:0.5'
-  threshold_lib.parse_policy(policy)  # A bad policy fails before any fitting.
-  account: dict = {'split': split, 'n': int(np.size(labels))}
-  temperature = 1.0
-  if calibrate:
-    fit = calibration.fit_temperature(labels, scores)
-    temperature = fit.temperature
-    account['temperature_fit'] = fit.as_dict()
-    scores = calibration.apply_temperature(scores, temperature)
-  choice = threshold_lib.choose_threshold(labels, scores, policy)
-  account['threshold_choice'] = choice.as_dict()
-  return md.Decision(threshold=choice.threshold, policy=choice.policy,
-                     temperature=float(temperature), split=split), account
+  shift_scores: np.ndarray | None = None  # Per image of `predictions`, when the model has one.
+  shift_threshold: float | None = None
 
 
 def select_for_grid(labels: np.ndarray, scores: np.ndarray, threshold: float,
@@ -207,13 +128,13 @@ def _lung_focus_summary(heatmaps: np.ndarray, labels: np.ndarray,
   return out
 
 
-def default_groups(predictions: Predictions) -> list[str]:
+def default_groups(predictions: Scored) -> list[str]:
   """['source'] when the data says where images come from (a TFDS split), else []."""
   sources = predictions.metadata.get('source')
   return ['source'] if sources is not None and any(sources) else []
 
 
-def evaluate_predictions(predictions: Predictions, decision: md.Decision, *,
+def evaluate_predictions(predictions: Scored, decision: md.Decision, *,
                          group_by: Sequence[str] | None = None,
                          n_bootstrap: int = metrics.DEFAULT_BOOTSTRAP, seed: int = 0,
                          n_bins: int = metrics.DEFAULT_BINS) -> dict:
@@ -251,6 +172,133 @@ def evaluate_predictions(predictions: Predictions, decision: md.Decision, *,
   return report
 
 
+# --------------------------------------------------------------------------------------------
+# The extra datasets the shortcut and shift sections score: other findings, unseen sources.
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_unseen(spec: Sequence[str] | str, config: dict,
+                   data_dir: str | None) -> tuple[dict[str, str], list[str]]:
+  """{source: dataset} of normal sources to test as never seen in training; and notes.
+
+  spec: 'auto' (UNSEEN_CANDIDATES that are built and absent from the training split), or
+  entries 'DATASET:SOURCE'. A source that the training split holds is refused: it is not unseen.
+  """
+  notes = []
+  trained = data.training_sources(config)
+  if spec == 'auto' or spec == ['auto']:
+    if trained is None:
+      return {}, ['unseen sources: the training data is not a built TFDS dataset with sources']
+    chosen = {}
+    for source, candidates in UNSEEN_CANDIDATES.items():
+      if source in trained:
+        continue
+      built = [c for c in candidates if data.is_built(c, data_dir)]
+      if built:
+        chosen[source] = built[0]
+      else:
+        notes.append(f'unseen source {source}: none of {", ".join(candidates)} is built')
+    return chosen, notes
+  chosen = {}
+  for entry in spec:
+    dataset, sep, source = entry.rpartition(':')
+    if not sep or not dataset or not source:
+      raise errors.UsageError(f'unseen source {entry!r} must be DATASET:SOURCE, e.g. '
+                              'covid_xray/adult:nih')
+    if trained is not None and source in trained:
+      raise errors.UsageError(f'unseen source {entry!r}: source {source!r} is in the training '
+                              f'split of {config.get("dataset")}, so it is not unseen')
+    chosen[source] = dataset
+  return chosen, notes
+
+
+def score_unseen_normals(model, config: dict, unseen: Sequence[str] | str,
+                         data_dir: str | None, *, batch_size: int = 32, strict: bool = True
+                         ) -> tuple[dict[str, tuple[Scored, str]], list[str]]:
+  """({source: (its normal images, scored, dataset)}, notes) for `unseen` (resolve_unseen).
+
+  Every split of the dataset holding a source is scored once; its normals of that source are
+  kept. strict: a source that cannot be scored raises (the shortcut figures); otherwise it
+  becomes a note (the shift section alone).
+
+  Raises:
+    DataError (strict): a chosen dataset holds no normal image of its source.
+  """
+  if strict:
+    chosen, notes = resolve_unseen(unseen, config, data_dir)
+  else:
+    try:
+      chosen, notes = resolve_unseen(unseen, config, data_dir)
+    except errors.CovidlibError as e:
+      return {}, [f'unseen sources: {e}']
+  normals = {}
+  for source, dataset in chosen.items():
+    try:
+      scored = scoring.score_every_split(model, config, dataset, data_dir,
+                                         batch_size=batch_size, keep_images=False)
+    except errors.CovidlibError as e:
+      if strict:
+        raise
+      notes.append(f'unseen source {source}: {e}')
+      continue
+    scored = scored.select((scored.column('source') == source) & (scored.labels == 0))
+    if not len(scored):
+      if strict:
+        raise errors.DataError(f'{dataset}: no normal image of source {source!r}')
+      notes.append(f'unseen source {source}: no normal image in {dataset}')
+      continue
+    normals[source] = (scored, dataset)
+  return normals, notes
+
+
+def shortcut_section(model, config: dict, decision: md.Decision, evaluated: Scored, *,
+                     data_dir: str | None, unseen_normals: tuple[dict, list[str]],
+                     other_dataset: str | None = 'auto', held_out_reports: Sequence[str] = (),
+                     probe: bool = True, n_bootstrap: int = metrics.DEFAULT_BOOTSTRAP,
+                     seed: int = 0, batch_size: int = 32) -> dict:
+  """report['shortcuts'] (covidlib.shortcuts.shortcut_report) with its data found from the
+  model_dir's config.
+
+  unseen_normals: what score_unseen_normals returned (the shift section uses the same).
+  """
+  if probe:
+    try:
+      model.get_layer('logit')
+    except ValueError:
+      raise errors.UsageError('source probe: the model has no layer named "logit" '
+                              '(covidlib.models networks end in Dense "logit")') from None
+  notes = []
+  if other_dataset == 'auto':
+    other_dataset = OTHER_FINDINGS if data.is_built(OTHER_FINDINGS, data_dir) else None
+    if other_dataset is None:
+      notes.append(f'other findings: {OTHER_FINDINGS} is not built in the data_dir')
+  other = None
+  if other_dataset:
+    other = scoring.score_every_split(model, config, other_dataset, data_dir,
+                                      batch_size=batch_size, keep_images=False)
+    if other.labels.any():
+      raise errors.DataError(f'{other_dataset}: other-findings data must hold label 0 (not '
+                             f'COVID-19) only; {int(other.labels.sum())} images have label 1')
+  normals_by_source, more_notes = unseen_normals
+  notes += more_notes
+  unseen_data = {source: (scored, f'{dataset}, every split, normals of source {source}')
+                 for source, (scored, dataset) in normals_by_source.items()}
+  held_out = []
+  for path in held_out_reports:
+    held_out += hold_out.read(path)['held_out']
+  section = shortcuts.shortcut_report(
+      decision, evaluated, other=other,
+      other_description=f'{other_dataset} ({shortcuts.OTHER_FINDINGS_NOTE})',
+      unseen=unseen_data, held_out=held_out, probe=probe, n_bootstrap=n_bootstrap, seed=seed)
+  section['notes'] = notes
+  return section
+
+
+# --------------------------------------------------------------------------------------------
+# The whole evaluation.
+# --------------------------------------------------------------------------------------------
+
+
 def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | None = None,
                        data_dir: str | None = None, folder: str | None = None,
                        eval_data: tf.data.Dataset | None = None,
@@ -266,7 +314,7 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
 
   Args:
     model_dir: a finished covidlib-train run (config.json + model.keras).
-    split, dataset, data_dir, folder: what to evaluate (see load_split).
+    split, dataset, data_dir, folder: what to evaluate (see covidlib.scoring.load_split).
     eval_data, threshold_data: batched datasets of (image, label[, metadata]) to use instead of
       loading `split` / `threshold_split`.
     threshold_policy: choose the threshold on `threshold_split` by this policy
@@ -277,8 +325,8 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
       'source' when the data has it (TFDS splits), nothing for folders.
     n_bootstrap, seed, n_bins: see covidlib.metrics.
     gradcam: compute Grad-CAM maps (lung-focus scores and the grid).
-    shortcut_options: add the `shortcuts` section (covidlib.shortcuts.for_model_dir keyword
-      arguments, e.g. {'other_dataset': 'auto', 'unseen': 'auto', 'held_out_reports': []});
+    shortcut_options: add the `shortcuts` section (shortcut_section keyword arguments plus
+      'unseen', e.g. {'other_dataset': 'auto', 'unseen': 'auto', 'held_out_reports': []});
       None leaves it out.
 
   Raises:
@@ -294,17 +342,19 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
   if unknown:
     raise errors.UsageError(f'cannot group by {unknown}: valid features are '
                             f'{", ".join(METADATA_KEYS)}')
+  data_dir_used = data_dir or config.get('data_dir')
   source_note = {}
 
   # ------------------------------------------------------------ The operating point.
   choose = threshold_policy is not None or calibrate
   if choose:
     if threshold_data is None:
-      threshold_data, source_note['threshold_data'] = load_split(
+      threshold_data, source_note['threshold_data'] = scoring.load_split(
           config, threshold_split, dataset=dataset, data_dir=data_dir, batch_size=batch_size)
-    on_threshold = predict_dataset(model, threshold_data)
-    decision, chosen = choose_decision(on_threshold.labels, on_threshold.scores,
-                                       threshold_policy, calibrate, threshold_split)
+    on_threshold = scoring.score_dataset(model, threshold_data, features=False)
+    decision, chosen = threshold_lib.choose_decision(on_threshold.labels, on_threshold.scores,
+                                                     threshold_policy, calibrate,
+                                                     threshold_split)
     if write_decision:
       md.save_decision(model_dir, decision)
     chosen['written_to'] = os.path.join(model_dir, md.DECISION) if write_decision else None
@@ -319,16 +369,12 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
 
   # ------------------------------------------------------------ The evaluation split.
   if eval_data is None:
-    eval_data, source_note['eval_data'] = load_split(
+    eval_data, source_note['eval_data'] = scoring.load_split(
         config, split, dataset=dataset, data_dir=data_dir, folder=folder, batch_size=batch_size)
-  from covidlib import shift as shift_lib
-
   shift_model = shift_lib.load(model_dir)
   if shift_model is not None and shift_model.threshold is None:
     shift_model = None
-  predictions = predict_dataset(model, eval_data,
-                                keep_images=gradcam or shortcut_options is not None
-                                or shift_model is not None)
+  predictions = scoring.score_dataset(model, eval_data, keep_images=gradcam)
   report = {
       'caveat': CAVEAT,
       'model_dir': os.path.abspath(model_dir),
@@ -352,49 +398,67 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
   # ------------------------------------------------------------ Grad-CAM.
   heatmaps, grid = None, []
   if gradcam:
-    grid, selection = select_for_grid(predictions.labels, scores, decision.threshold)
-    count = min(len(predictions), MAX_GRADCAM)
-    predicted = (scores >= decision.threshold).astype(np.int64)
-    layer = gradcam_layer or explain.find_target_layer(model)
-    heatmaps = np.concatenate([
-        explain.grad_cam_batch(model, predictions.images[i:i + batch_size], layer,
-                               target=predicted[i:i + batch_size])
-        for i in range(0, count, batch_size)])
-    grid = [i for i in grid if i < count]
-    filenames = predictions.metadata.get('filename')
-    report['gradcam'] = {
-        'layer': layer, 'target': 'the predicted class of each image', 'images': count,
-        'selection': selection,
-        'grid_items': [{
-            'filename': None if filenames is None else str(filenames[i]),
-            'label': ('normal', 'covid')[int(predictions.labels[i])],
-            'p_covid': float(scores[i]),
-            'lung_focus': explain.lung_focus_score(heatmaps[i]),
-        } for i in grid],
-        'lung_focus': _lung_focus_summary(
-            heatmaps, predictions.labels,
-            {g: predictions.metadata[g] for g in group_by if g in predictions.metadata}),
-    }
+    heatmaps, grid, report['gradcam'] = gradcam_section(
+        model, predictions, scores, decision.threshold,
+        {g: predictions.metadata[g] for g in group_by if g in predictions.metadata},
+        layer=gradcam_layer, batch_size=batch_size)
 
   # ------------------------------------------------------------ Shortcuts.
-  unseen_normals = None  # Normals of unseen sources: predicted once, for both sections.
+  unseen_normals = None  # Normals of unseen sources: scored once, for both sections.
   if shortcut_options is not None:
-    from covidlib import shortcuts
-
-    unseen_normals = shortcuts.load_unseen(
-        model, config, shortcut_options.get('unseen', 'auto'),
-        data_dir or config.get('data_dir'), batch_size=batch_size)
-    report['shortcuts'] = shortcuts.for_model_dir(
-        model, config, decision, shortcuts.as_scored(predictions),
-        data_dir=data_dir or config.get('data_dir'), n_bootstrap=n_bootstrap, seed=seed,
-        batch_size=batch_size, unseen_normals=unseen_normals, **shortcut_options)
+    options = dict(shortcut_options)
+    unseen_normals = score_unseen_normals(model, config, options.pop('unseen', 'auto'),
+                                          data_dir_used, batch_size=batch_size)
+    report['shortcuts'] = shortcut_section(
+        model, config, decision, predictions, data_dir=data_dir_used,
+        unseen_normals=unseen_normals, n_bootstrap=n_bootstrap, seed=seed,
+        batch_size=batch_size, **options)
 
   # ------------------------------------------------------------ Distribution shift.
+  shift_scores = None
   if shift_model is not None:
-    report['shift'] = shift_lib.evaluate_section(
-        model, config, shift_model, predictions, scores, decision.threshold,
-        data_dir=data_dir or config.get('data_dir'),
-        unseen=(shortcut_options or {}).get('unseen', 'auto'), n_bootstrap=n_bootstrap,
-        seed=seed, batch_size=batch_size, unseen_normals=unseen_normals)
+    if unseen_normals is None:
+      unseen_normals = score_unseen_normals(
+          model, config, 'auto', data_dir_used, batch_size=batch_size, strict=False)
+    if predictions.features is None:
+      models.feature_layer(model)  # The UsageError naming the model without covidlib's head.
+    shift_scores = shift_model.score(predictions.features)
+    normals_by_source, notes = unseen_normals
+    report['shift'] = shift_lib.report_section(
+        shift_model, shift_scores, predictions.labels, scores,
+        predictions.metadata.get('source'), decision.threshold,
+        unseen={source: (shift_model.score(normals.features), dataset)
+                for source, (normals, dataset) in normals_by_source.items()},
+        notes=notes, n_bootstrap=n_bootstrap, seed=seed)
   return Evaluation(report=report, predictions=predictions, calibrated_scores=scores,
-                    decision=decision, heatmaps=heatmaps, grid_indices=grid)
+                    decision=decision, heatmaps=heatmaps, grid_indices=grid,
+                    shift_scores=shift_scores,
+                    shift_threshold=None if shift_model is None else shift_model.threshold)
+
+
+def gradcam_section(model, predictions: Scored, scores: np.ndarray, threshold: float,
+                    groups: dict[str, np.ndarray], *, layer: str | None = None,
+                    batch_size: int = 32) -> tuple[np.ndarray, list[int], dict]:
+  """(heatmaps of the first MAX_GRADCAM images, the grid's indices, report['gradcam'])."""
+  grid, selection = select_for_grid(predictions.labels, scores, threshold)
+  count = min(len(predictions), MAX_GRADCAM)
+  predicted = (scores >= threshold).astype(np.int64)
+  layer = layer or explain.find_target_layer(model)
+  heatmaps = np.concatenate([
+      explain.grad_cam_batch(model, predictions.images[i:i + batch_size], layer,
+                             target=predicted[i:i + batch_size])
+      for i in range(0, count, batch_size)])
+  grid = [i for i in grid if i < count]
+  filenames = predictions.metadata.get('filename')
+  section = {
+      'layer': layer, 'target': 'the predicted class of each image', 'images': count,
+      'selection': selection,
+      'grid_items': [{
+          'filename': None if filenames is None else str(filenames[i]),
+          'label': ('normal', 'covid')[int(predictions.labels[i])],
+          'p_covid': float(scores[i]),
+          'lung_focus': explain.lung_focus_score(heatmaps[i]),
+      } for i in grid],
+      'lung_focus': _lung_focus_summary(heatmaps, predictions.labels, groups),
+  }
+  return heatmaps, grid, section

@@ -132,9 +132,9 @@ def load_model(path: str | os.PathLike):
     ModelLoadError: naming the file, for a file that is not a Keras model or holds unsafe
       content (e.g. a Lambda layer, which would run arbitrary Python on load).
   """
-  import keras  # Deferred: keeps `import covidlib.model_dir` light for readers of JSON only.
+  import keras  # Optional here: readers of model_dir JSON (the edge route) need no TensorFlow.
 
-  from covidlib import models  # noqa: F401  Registers covidlib's custom layers, if any.
+  from covidlib import standardize  # noqa: F401  Registers its layers; TensorFlow, as above.
 
   path = os.fspath(path)
   if os.path.isdir(path):

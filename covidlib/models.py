@@ -18,6 +18,14 @@ same weights, in the same order, as one without.
 
 `seed=None` draws fresh initial weights; an integer seed gives the same weights (and dropout
 masks) on every build.
+
+Loading and reading a trained model:
+
+    model = model_dir.load_model('runs/compact_resnet')   # model.keras, Keras safe_mode on
+    extractor = models.feature_model(model)                 # images -> [P, penultimate features]
+
+The penultimate features are the input of the 'logit' Dense layer (or, in a model without one,
+of a sigmoid Dense 'probability' layer): what the shift score and the source probe read.
 """
 
 from __future__ import annotations
@@ -238,3 +246,40 @@ def _layer_flops(layer) -> int:
     return 2 * positions * taps * c_out  # c_out = c_in x depth_multiplier, one tap set each.
   groups = getattr(layer, 'groups', 1)
   return 2 * positions * taps * (c_in // groups) * c_out
+
+
+# --------------------------------------------------------------------------------------------
+# The penultimate features of a trained model.
+# --------------------------------------------------------------------------------------------
+
+
+def feature_layer(model: keras.Model):
+  """The layer whose input is the penultimate features: Dense 'logit', else 'probability'."""
+  for name in ('logit', 'probability'):
+    try:
+      return model.get_layer(name)
+    except ValueError:
+      continue
+  raise errors.UsageError(f'model {model.name!r} has no layer named "logit" or "probability": '
+                          'the shift score needs the covidlib model head')
+
+
+def has_feature_layer(model) -> bool:
+  """True when `model` is a Keras model with covidlib's head (feature_layer finds it)."""
+  if not isinstance(model, keras.Model):
+    return False
+  try:
+    feature_layer(model)
+  except errors.UsageError:
+    return False
+  return True
+
+
+def feature_model(model: keras.Model) -> keras.Model:
+  """A Keras model: images -> [the model's output, penultimate features (n, d)].
+
+  Shares `model`'s layers (no copy); works on a temperature-folded serving model too, whose
+  graph holds the same layers.
+  """
+  return keras.Model(model.input, [model.output, feature_layer(model).input],
+                     name=f'{model.name}_features')

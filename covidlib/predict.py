@@ -34,14 +34,17 @@ import os
 from typing import Iterable, Sequence
 
 import numpy as np
+import tensorflow as tf
 
 from covidlib import calibration
 from covidlib import dicom
 from covidlib import edge
 from covidlib import errors
 from covidlib import model_dir as model_dir_lib
+from covidlib import models
 from covidlib import preprocess
 from covidlib import results
+from covidlib import shift as shift_lib
 from covidlib import tflite_metadata
 
 KERAS, SAVED_MODEL, TFLITE = 'keras', 'saved_model', 'tflite'
@@ -97,8 +100,6 @@ def _graph_functions(max_pixels: int, image_size: int, channels: int):
   dispatches (about a third less time per image on our 2-core VM). Every path of a Predictor
   (files, DICOM pixels, arrays) preprocesses through the same graph, so they agree exactly.
   """
-  import tensorflow as tf
-
   decode = tf.function(lambda contents: preprocess.decode_image(contents, max_pixels),
                        input_signature=[tf.TensorSpec([], tf.string)])
   prepare = tf.function(lambda gray: preprocess.preprocess(gray, image_size, channels),
@@ -159,8 +160,6 @@ class Predictor:
 
   def _load_saved_model(self, num_threads):
     del num_threads
-    import tensorflow as tf
-
     try:
       loaded = tf.saved_model.load(self.path)
       signature = loaded.signatures[_PREPROCESSED_SIGNATURE]
@@ -192,7 +191,7 @@ class Predictor:
 
   def _load_tflite(self, num_threads):
     try:
-      from ai_edge_litert.interpreter import Interpreter
+      from ai_edge_litert.interpreter import Interpreter  # Optional (covidlib[litert]).
     except ImportError:
       raise errors.ModelLoadError(
           f"{self.path}: running .tflite models needs ai-edge-litert: pip install "
@@ -265,8 +264,6 @@ class Predictor:
   def _read(self, path: str) -> np.ndarray:
     """`read_image(path)` with the decode graph; a file it refuses is read again eagerly by
     `read_image`, which raises the InvalidImageError naming it (the same message as ever)."""
-    import tensorflow as tf
-
     if not dicom.is_dicom(path):
       try:
         with open(path, 'rb') as f:
@@ -285,14 +282,12 @@ class Predictor:
 
   def _load_shift(self) -> None:
     """Sets shift_threshold and _run_shift when the model carries a shift score."""
-    from covidlib import shift as shift_lib
-
     if self.format == KERAS:
       folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
       fitted = shift_lib.load(folder)
       if fitted is None or fitted.threshold is None:
         return
-      extractor = shift_lib.feature_model(self.model)
+      extractor = models.feature_model(self.model)
       dim = int(extractor.outputs[1].shape[-1])
       if dim != fitted.feature_dim:
         raise errors.ModelLoadError(
@@ -309,8 +304,6 @@ class Predictor:
         return p, fitted.score(np.asarray(features, np.float32).reshape(len(p), -1))
       self.shift_threshold, self._run_shift = float(fitted.threshold), run
     elif self.format == SAVED_MODEL:
-      import tensorflow as tf
-
       signature = self._loaded.signatures[_PREPROCESSED_SIGNATURE]
       if _SHIFT_OUTPUT not in signature.structured_outputs:
         return
@@ -471,9 +464,7 @@ def _tflite_split_outputs(interpreter, outputs: list[dict]) -> tuple[list[dict],
 
 def _tflite_shift_threshold(content: bytes) -> float | None:
   """The shift threshold embedded by covidlib-export (metadata entry covidlib_shift), or None."""
-  from exporters import tflite as tflite_lib
-
   try:
-    return tflite_lib.read_shift_threshold(content)
+    return tflite_metadata.read_shift_threshold(content)
   except (errors.CovidlibError, KeyError, ValueError, TypeError):
     return None

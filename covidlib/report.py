@@ -16,6 +16,9 @@ Files (each written atomically: temporary file, then rename):
   training_curves.png      loss / accuracy / AUC per epoch from history.json (if present)
   gradcam_grid.png         Grad-CAM overlays of the most confident errors, then the most
                            confident correct predictions (PIL, not matplotlib)
+  predictions.csv          one row per evaluated image, to audit cases without code: file,
+                           patient (a hash), source, view, label, probability (calibrated),
+                           decision, shift_score, in_distribution (blank without a shift score)
 
 matplotlib is optional (`pip install covidlib[plots]`, Agg backend): without it the PNG plots
 other than the Grad-CAM grid are skipped and report.md says so.
@@ -23,18 +26,27 @@ other than the Grad-CAM grid are skipped and report.md says so.
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import io
 import json
 import os
 
 import numpy as np
+from sklearn import metrics as sk
 
+from covidlib import CLASS_NAMES
 from covidlib import explain
 from covidlib import metrics
 from covidlib import model_dir as md
+from covidlib import shift
+from covidlib import shortcuts
 
 REPORT_JSON = 'report.json'
 REPORT_MD = 'report.md'
+PREDICTIONS_CSV = 'predictions.csv'
+PREDICTION_COLUMNS = ('file', 'patient', 'source', 'view', 'label', 'probability', 'decision',
+                      'shift_score', 'in_distribution')
 GRID = 'gradcam_grid.png'
 PLOTS = ('confusion_matrix.png', 'roc.png', 'pr.png', 'reliability.png', 'training_curves.png')
 NAMES = {'accuracy': 'Accuracy', 'sensitivity': 'Sensitivity (COVID-19 recall)',
@@ -116,12 +128,8 @@ def render_markdown(report: dict, plots: dict) -> str:
             'image, ROC-AUC with one class only). A group holding one class only measures '
             'that class alone.', '']
   if 'shortcuts' in report:
-    from covidlib import shortcuts  # Deferred: it loads data code only when called.
-
     out += shortcuts.render_markdown(report['shortcuts'])
   if 'shift' in report:
-    from covidlib import shift
-
     out += shift.render_markdown(report['shift'], plots.get('shift_histogram'))
   out += ['## Operating threshold', '']
   if d['chosen_now']:
@@ -216,12 +224,11 @@ def _save_figure(figure, path: str) -> None:
 def _plot(out_dir: str, evaluation, history: dict | None) -> dict:
   """Writes the matplotlib plots; returns {name: path} or {'skipped': reason}."""
   try:
-    import matplotlib
+    import matplotlib  # Optional (covidlib[plots]): without it the plots are skipped.
     matplotlib.use('Agg')  # No display: files only.
-    from matplotlib import pyplot as plt
+    from matplotlib import pyplot as plt  # Optional, as above.
   except ImportError:
     return {'skipped': 'matplotlib is not installed (pip install covidlib[plots])'}
-  from sklearn import metrics as sk
 
   report = evaluation.report
   y = evaluation.predictions.labels
@@ -300,8 +307,6 @@ def _plot(out_dir: str, evaluation, history: dict | None) -> dict:
   plt.close(fig)
 
   if 'shift' in report:
-    from covidlib import shift
-
     paths['shift_histogram'] = os.path.join(out_dir, 'shift_histogram.png')
     shift.plot_histogram(report['shift'], paths['shift_histogram'], plt)
 
@@ -345,9 +350,42 @@ def write_report(out_dir: str, evaluation, history: dict | None = None,
   relative = {k: (v if k == 'skipped' else os.path.basename(v)) for k, v in paths.items()}
   markdown = render_markdown(report, relative)
   md.write_bytes_atomic(os.path.join(out_dir, REPORT_MD), markdown.encode())
+  paths['predictions_csv'] = os.path.join(out_dir, PREDICTIONS_CSV)
+  md.write_bytes_atomic(paths['predictions_csv'], predictions_csv(evaluation).encode())
   paths['report_json'] = os.path.join(out_dir, REPORT_JSON)
   paths['report_md'] = os.path.join(out_dir, REPORT_MD)
   return paths
+
+
+def _patient_hash(source: str, patient: str) -> str:
+  """A short hash of source and patient id ('' when unknown): groups a patient's rows without
+  printing the id (labelled_xrays ids are salted HMACs already)."""
+  if not patient:
+    return ''
+  return hashlib.sha256(f'{source}:{patient}'.encode()).hexdigest()[:16]
+
+
+def predictions_csv(evaluation) -> str:
+  """predictions.csv: one row per evaluated image (PREDICTION_COLUMNS), in dataset order."""
+  scored = evaluation.predictions
+  threshold = evaluation.decision.threshold
+  shift_scores = evaluation.shift_scores
+  files, sources = scored.column('filename'), scored.column('source')
+  patients, views = scored.column('patient_id'), scored.column('view')
+  buffer = io.StringIO()
+  writer = csv.writer(buffer, lineterminator='\n')
+  writer.writerow(PREDICTION_COLUMNS)
+  for i in range(len(scored)):
+    p = float(evaluation.calibrated_scores[i])
+    if shift_scores is None:
+      shift_cells = ['', '']
+    else:
+      shift_cells = [f'{shift_scores[i]:.6g}',
+                     str(bool(shift_scores[i] <= evaluation.shift_threshold)).lower()]
+    writer.writerow([files[i], _patient_hash(sources[i], patients[i]), sources[i], views[i],
+                     int(scored.labels[i]), f'{p:.6f}', CLASS_NAMES[int(p >= threshold)],
+                     *shift_cells])
+  return buffer.getvalue()
 
 
 def read_report(out_dir: str) -> dict:

@@ -1,7 +1,7 @@
 """Distribution shift: a score saying how unlike the training images an image is.
 
-    from covidlib import shift
-    features = shift.penultimate_features(model, train_images)          # (n, d)
+    from covidlib import scoring, shift
+    features = scoring.penultimate_features(model, train_images)        # (n, d)
     shift_model = shift.fit_shift(features, train_labels)                # Mahalanobis, shrunk
     shift_model = shift.choose_threshold(shift_model, shift_model.score(val_features),
                                          'quantile:0.99', split='validation')
@@ -12,8 +12,12 @@ or, for a model_dir trained before this existed:
 
     covidlib-fit-shift --model_dir=runs/compact_resnet [--policy=quantile:0.99]
 
+Fitting it on a model_dir's splits (covidlib-train's end-of-training hook and
+covidlib-fit-shift) is `covidlib.shift_fit`; this module is numpy only: it fits, scores, stores
+and reports on arrays of features.
+
 The score (issue #10). The features are the input of the model's final Dense 'logit' layer
-(`covidlib.shortcuts.penultimate_features`). On the training images each class c gets its mean
+(`covidlib.scoring.penultimate_features`). On the training images each class c gets its mean
 mu_c; all classes share one covariance S of the class-centred features, shrunk toward a scaled
 identity, S' = (1 - a) S + a (tr S / d) I, with `a` chosen by Ledoit-Wolf (or fixed). The score
 of an image is its squared Mahalanobis distance to the nearest class mean:
@@ -22,7 +26,7 @@ of an image is its squared Mahalanobis distance to the nearest class mean:
 
 with W = V diag(lambda)^-1/2 (S' = V diag(lambda) V^T, so W is d x d) and m_c = mu_c W. That
 second form, a matrix product, a subtraction, a sum of squares and a minimum, is what the
-SavedModel and TFLite exports compute in-graph (`score_tf`). An image is `in_distribution`
+SavedModel and TFLite exports compute in-graph (`exporters.serving.shift_score_tf`). An image is `in_distribution`
 when score <= threshold; the threshold is chosen on the validation split by a named policy:
 
   quantile:Q   the Q-quantile (0 < Q < 1) of the validation images' scores, e.g. quantile:0.99:
@@ -44,13 +48,14 @@ Stored in the model_dir beside decision.json, with no pickle:
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
-import logging
 import os
 
 import numpy as np
 
 from covidlib import errors
+from covidlib import metrics
 from covidlib import model_dir as md
 
 SHIFT_NPZ = 'shift.npz'
@@ -64,7 +69,6 @@ DESCRIPTION = (
     'images. in_distribution: shift_score <= threshold. Flagged (out of distribution) means '
     'the image is unlike what the model learned from, so its answer should not be trusted. '
     'Not flagged does not mean the answer is right.')
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,8 +225,6 @@ def choose_threshold(shift_model: ShiftModel, scores, policy: str = DEFAULT_POLI
 
 def save(shift_model: ShiftModel, folder: str | os.PathLike) -> None:
   """Writes shift.npz and shift.json into `folder` (atomically, each)."""
-  import io
-
   folder = os.fspath(folder)
   buffer = io.BytesIO()
   np.savez(buffer, projection=shift_model.projection, centers=shift_model.centers,
@@ -277,154 +279,10 @@ def info_json(shift_model: ShiftModel) -> str:
   return json.dumps(shift_model.info(), indent=2, sort_keys=True) + '\n'
 
 
-# --------------------------------------------------------------------------------------------
-# Features and in-graph scoring.
-# --------------------------------------------------------------------------------------------
-
-
-def feature_layer(model):
-  """The layer whose input is the penultimate features: Dense 'logit', else 'probability'."""
-  for name in ('logit', 'probability'):
-    try:
-      return model.get_layer(name)
-    except ValueError:
-      continue
-  raise errors.UsageError(f'model {model.name!r} has no layer named "logit" or "probability": '
-                          'the shift score needs the covidlib model head')
-
-
-def feature_model(model):
-  """A Keras model: images -> [the model's output, penultimate features (n, d)].
-
-  The features are the input of covidlib's Dense 'logit' layer (as
-  covidlib.shortcuts.penultimate_features), or of a sigmoid Dense 'probability' layer in models
-  without 'logit'. Shares `model`'s layers (no copy); works on a temperature-folded serving
-  model too, whose graph holds the same layers.
-  """
-  import keras
-
-  return keras.Model(model.input, [model.output, feature_layer(model).input],
-                     name=f'{model.name}_features')
-
-
-def penultimate_features(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-  """(n, d) float32 features of preprocessed images (n, S, S, C)."""
-  extractor = feature_model(model)
-  dim = int(feature_layer(model).input.shape[-1])
-  parts = [np.zeros((0, dim), np.float32)]
-  for i in range(0, len(images), batch_size):
-    _, f = extractor(np.asarray(images[i:i + batch_size], np.float32), training=False)
-    parts.append(np.asarray(f, np.float32).reshape(-1, dim))
-  return np.concatenate(parts)
-
-
-def score_tf(shift_model: ShiftModel, features):
-  """The score in TensorFlow ops (float32), for exports: (n, d) -> (n,)."""
-  import tensorflow as tf
-
-  projection = tf.constant(shift_model.projection, tf.float32)
-  centers = tf.constant(shift_model.centers, tf.float32)
-  z = tf.matmul(tf.reshape(tf.cast(features, tf.float32), [-1, shift_model.feature_dim]),
-                projection)
-  difference = z[:, tf.newaxis, :] - centers[tf.newaxis]
-  # A product rather than tf.square: MUL has int8 kernels in every TFLite build.
-  distances = tf.reduce_sum(difference * difference, axis=-1)
-  return tf.reduce_min(distances, axis=-1)
-
-
-def features_and_labels(model, dataset) -> tuple[np.ndarray, np.ndarray]:
-  """Penultimate features and labels of every (image, label[, ...]) batch of `dataset`."""
-  extractor = feature_model(model)
-  features, labels = [], []
-  for element in dataset:
-    _, f = extractor(element[0], training=False)
-    features.append(np.asarray(f, np.float32).reshape(int(f.shape[0]), -1))
-    labels.append(np.asarray(element[1]).reshape(-1).astype(np.int64))
-  if not features:
-    raise errors.DataError('shift: the dataset holds no images')
-  return np.concatenate(features), np.concatenate(labels)
-
-
-def fit_for_model(model, train_data, validation_data, *, policy: str = DEFAULT_POLICY,
-                  shrinkage: float | str = 'ledoit_wolf', fit_split: str = 'train',
-                  threshold_split: str = 'validation') -> ShiftModel:
-  """Fits the score on `train_data` and chooses its threshold on `validation_data`."""
-  parse_policy(policy)  # A bad policy fails before any image is read.
-  features, labels = features_and_labels(model, train_data)
-  shift_model = fit_shift(features, labels, shrinkage=shrinkage, fit_split=fit_split)
-  val_features, _ = features_and_labels(model, validation_data)
-  return choose_threshold(shift_model, shift_model.score(val_features), policy, threshold_split)
-
-
-def fit_model_dir(model_dir: str | os.PathLike, *, policy: str = DEFAULT_POLICY,
-                  shrinkage: float | str = 'ledoit_wolf', batch_size: int = 32,
-                  model=None, train_data=None, validation_data=None) -> ShiftModel:
-  """Fits and stores the shift score of a finished model_dir (what covidlib-fit-shift runs).
-
-  The training and validation splits named by config.json are reloaded unshuffled
-  (covidlib.evaluate.load_split) unless datasets are passed in.
-
-  Raises:
-    UsageError: not a finished model_dir, a bad policy, or a config without a validation split.
-  """
-  from covidlib import evaluate
-
-  model_dir = md.check_model_dir(model_dir)
-  parse_policy(policy)
-  config = md.load_config(model_dir)
-  train_split = config.get('train_split') or 'train'
-  validation_split = config.get('validation_split')
-  if validation_data is None and not validation_split:
-    raise errors.UsageError(f'{model_dir}: config.json names no validation split to choose the '
-                            'shift threshold on')
-  if model is None:
-    model = md.load_model(model_dir)
-  if train_data is None:
-    train_data, _ = evaluate.load_split(config, train_split, batch_size=batch_size)
-  if validation_data is None:
-    validation_data, _ = evaluate.load_split(config, validation_split, batch_size=batch_size)
-  shift_model = fit_for_model(model, train_data, validation_data, policy=policy,
-                              shrinkage=shrinkage, fit_split=train_split,
-                              threshold_split=validation_split or 'validation')
-  save(shift_model, model_dir)
-  return shift_model
-
-
-def fit_after_training(model_dir: str, model, config: dict, train_data=None,
-                       validation_data=None) -> ShiftModel | None:
-  """The end-of-training hook: fits and stores the shift score; never raises.
-
-  Skipped (None) without a validation split. A failure is logged and nothing is written, so
-  the trained model is never lost to it; `covidlib-fit-shift` can fit the score later.
-  `train_data` (passed to train() by a caller such as cross-validation) is used when finite;
-  otherwise the config's training split is reloaded unshuffled.
-  """
-  import tensorflow as tf
-
-  if validation_data is None and not config.get('validation_split'):
-    log.info('shift score not fitted: no validation split to choose its threshold on')
-    _remove(model_dir)  # A previous run's score would describe another model.
-    return None
-  try:
-    if train_data is not None and \
-        train_data.cardinality().numpy() == tf.data.INFINITE_CARDINALITY:
-      train_data = None
-    if train_data is None and config.get('dataset', '').find(' fold ') >= 0:
-      raise errors.UsageError('no finite training data to fit on')
-    if getattr(getattr(model, 'dtype_policy', None), 'name', 'float32') != 'float32':
-      model = None  # Mixed precision: score the float32 model.keras that serving will run.
-    return fit_model_dir(model_dir, model=model, train_data=train_data,
-                         validation_data=validation_data, batch_size=int(config['batch_size']))
-  except Exception as e:  # pylint: disable=broad-except  The model is saved; the score is extra.
-    log.warning('shift score not fitted for %s (%s: %s); run covidlib-fit-shift --model_dir=%s '
-                'to fit it', model_dir, type(e).__name__, e, model_dir)
-    _remove(model_dir)
-    return None
-
-
-def _remove(model_dir: str) -> None:
+def remove(folder: str | os.PathLike) -> None:
+  """Deletes shift.npz and shift.json from `folder` (a score of another model must not stay)."""
   for name in (SHIFT_NPZ, SHIFT_JSON):
-    path = os.path.join(model_dir, name)
+    path = os.path.join(os.fspath(folder), name)
     if os.path.exists(path):
       os.remove(path)
 
@@ -447,8 +305,6 @@ def _as_unit(scores: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def _part_metrics(labels, p, threshold, n_bootstrap, seed) -> dict:
-  from covidlib import metrics
-
   if not len(labels):
     return {'n': 0}
   result = metrics.compute_metrics(labels, p, threshold, n_bootstrap=n_bootstrap, seed=seed)
@@ -457,52 +313,26 @@ def _part_metrics(labels, p, threshold, n_bootstrap, seed) -> dict:
                       for k in ('accuracy', 'sensitivity', 'specificity', 'roc_auc')}}
 
 
-def _load_unseen_normals(model, config: dict, unseen, data_dir: str | None,
-                         batch_size: int) -> tuple[dict, list[str]]:
-  """covidlib.shortcuts.load_unseen, one source at a time: a source that fails is a note."""
-  from covidlib import shortcuts
-
-  try:
-    chosen, notes = shortcuts.resolve_unseen(unseen, config, data_dir)
-  except errors.CovidlibError as e:
-    return {}, [f'unseen sources: {e}']
-  normals = {}
-  for source, dataset in chosen.items():
-    try:
-      scored = shortcuts.predict_all(model, config, dataset, data_dir, batch_size=batch_size)
-    except errors.CovidlibError as e:
-      notes.append(f'unseen source {source}: {e}')
-      continue
-    mask = (np.asarray(scored.metadata.get('source', np.full(len(scored), '', object)),
-                       dtype=object) == source) & (scored.labels == 0)
-    if not mask.any():
-      notes.append(f'unseen source {source}: no normal image in {dataset}')
-      continue
-    normals[source] = (scored.select(mask), dataset)
-  return normals, notes
-
-
-def evaluate_section(model, config: dict, shift_model: ShiftModel, predictions,
-                     calibrated_scores: np.ndarray, decision_threshold: float, *,
-                     data_dir: str | None, unseen='auto', n_bootstrap: int = 1000,
-                     seed: int = 0, batch_size: int = 32,
-                     unseen_normals: tuple[dict, list[str]] | None = None) -> dict:
+def report_section(shift_model: ShiftModel, scores: np.ndarray, labels: np.ndarray,
+                   calibrated_scores: np.ndarray, sources: np.ndarray | None,
+                   decision_threshold: float, *,
+                   unseen: dict[str, tuple[np.ndarray, str]] | None = None,
+                   notes: list[str] = (), n_bootstrap: int = 1000, seed: int = 0) -> dict:
   """report['shift']: flagged share per source, answered vs abstained metrics, unseen sources.
 
   Args:
-    model: the Keras inference model; config: its config.json.
-    predictions: covidlib.evaluate.Predictions of the evaluated split, images kept.
-    calibrated_scores: P(COVID-19) after the decision's temperature.
-    decision_threshold: the operating threshold of P(COVID-19).
-    unseen: 'auto' or ['DATASET:SOURCE', ...] (covidlib.shortcuts.resolve_unseen): normals of
-      sources absent from training, scored to measure how well the score tells them apart.
-    unseen_normals: covidlib.shortcuts.load_unseen's result for `unseen`, when the caller has
-      it already (the shortcuts section predicts the same images); None loads them here.
+    shift_model: the fitted score, with a threshold.
+    scores: (n,) shift scores of the evaluated split's images (shift_model.score of features).
+    labels: (n,) their labels; calibrated_scores: (n,) P(positive) after the decision's
+      temperature; sources: (n,) their sources, or None.
+    decision_threshold: the operating threshold of P(positive).
+    unseen: {source: (shift scores of its normals, dataset)} for sources absent from training:
+      how well the score tells them from the evaluated split.
+    notes: what could not be measured, shown as is.
   """
   threshold = float(shift_model.threshold)
-  scores = shift_model.score(penultimate_features(model, predictions.images, batch_size))
+  scores = np.asarray(scores, np.float64)
   flagged = scores > threshold
-  labels = predictions.labels
   section = {
       'score': SCORE_NAME, 'threshold': threshold, 'policy': shift_model.policy,
       'chosen_on': shift_model.split, 'feature_dim': shift_model.feature_dim,
@@ -510,7 +340,6 @@ def evaluate_section(model, config: dict, shift_model: ShiftModel, predictions,
       'share_flagged': float(flagged.mean()),
       'explanation': DESCRIPTION,
   }
-  sources = predictions.metadata.get('source')
   if sources is not None and any(sources):
     section['by_source'] = {
         (str(s) or '(unknown)'): {'n': int((sources == s).sum()),
@@ -528,12 +357,9 @@ def evaluate_section(model, config: dict, shift_model: ShiftModel, predictions,
   # Normals of sources never seen in training: does the score tell them from this split?
   groups = {'evaluated': scores}
   unseen_entries = []
-  if unseen_normals is None:
-    unseen_normals = _load_unseen_normals(model, config, unseen, data_dir, batch_size)
-  normals_by_source, notes = unseen_normals
   notes = list(notes)
-  for source, (normals, dataset) in normals_by_source.items():
-    other = shift_model.score(penultimate_features(model, normals.images, batch_size))
+  for source, (other, dataset) in (unseen or {}).items():
+    other = np.asarray(other, np.float64)
     groups[f'unseen {source}'] = other
     y = np.r_[np.zeros(scores.size, np.int64), np.ones(other.size, np.int64)]
     auc = _part_metrics(y, _as_unit(np.r_[scores, other], threshold), 0.5, n_bootstrap,
@@ -557,8 +383,6 @@ def evaluate_section(model, config: dict, shift_model: ShiftModel, predictions,
 
 def render_markdown(section: dict, plot: str | None = None) -> list[str]:
   """The "Distribution shift" part of report.md."""
-  from covidlib import metrics
-
   out = ['## Distribution shift (out of distribution)', '',
          f'{section["explanation"]}', '',
          f'Score: {section["score"]}, on {section["feature_dim"]} penultimate features. '
@@ -611,7 +435,6 @@ def plot_histogram(section: dict, path: str, plt) -> None:
   ax.set_ylabel('share of images')
   ax.set_title('Distribution shift score')
   ax.legend(fontsize=7)
-  import io
   buffer = io.BytesIO()
   fig.savefig(buffer, format='png', dpi=100, bbox_inches='tight')
   md.write_bytes_atomic(path, buffer.getvalue())

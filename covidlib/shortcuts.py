@@ -1,14 +1,15 @@
 """Shortcut validation: does a model see COVID-19, or where an image came from?
 
-    from covidlib import evaluate, shortcuts
-    result = evaluate.evaluate_model_dir('runs/default/compact_resnet', split='test')
-    other = shortcuts.predict_images(model, shortcuts.load_images('covid_xray/other_findings',
-                                                                  ['test'], config, data_dir))
-    figures = shortcuts.shortcut_report(model, result.decision, result.predictions, other=other,
-                                        unseen={'kaggle_pediatric': pediatric})
+    from covidlib import scoring, shortcuts
+    evaluated = scoring.score_dataset(model, test_split)          # scores, labels, features
+    other = scoring.score_every_split(model, config, 'covid_xray/other_findings', data_dir)
+    figures = shortcuts.shortcut_report(decision, evaluated, other=other,
+                                        unseen={'kaggle_pediatric': (pediatric, 'where')})
 
 or from the shell, as the `shortcuts` section of `covidlib-evaluate` (on by default for the
-covid_xray datasets; see covidlib/cli/evaluate.py).
+covid_xray datasets; see covidlib/cli/evaluate.py, and covidlib.evaluate for which datasets it
+scores). Every function here takes arrays (covidlib.scored.Scored) and returns a dict: none
+loads data or runs a model.
 
 On our public data every class comes from its own sources (COVID-19 from papers, normals from
 one NIH site or one children's hospital), so a model can score near 1.0 on an internal test split
@@ -33,15 +34,21 @@ within-source ieee8023 COVID-19 vs other findings ROC-AUC >= 0.75.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Mapping, Sequence
 
 import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from covidlib import calibration
 from covidlib import errors
 from covidlib import metrics
 from covidlib import model_dir as md
+from covidlib import scored as scored_lib
+from covidlib.scored import Scored
 
 TARGET_SPECIFICITY = 0.80
 TARGET_SENSITIVITY = 0.90
@@ -63,42 +70,8 @@ PROBE_NOTE = (
     'label. A source probe as high as the label probe is a confound warning, not a proof.')
 
 
-@dataclasses.dataclass
-class Scored:
-  """Images with their labels, raw P(COVID-19) and metadata (a covidlib.evaluate.Predictions)."""
-  labels: np.ndarray
-  scores: np.ndarray
-  metadata: dict[str, np.ndarray]
-  images: np.ndarray | None = None
-
-  def __len__(self) -> int:
-    return int(self.labels.size)
-
-  def select(self, mask: np.ndarray) -> 'Scored':
-    return Scored(self.labels[mask], self.scores[mask],
-                  {k: v[mask] for k, v in self.metadata.items()},
-                  None if self.images is None else self.images[mask])
-
-
-def as_scored(predictions) -> Scored:
-  return Scored(predictions.labels, predictions.scores, dict(predictions.metadata),
-                predictions.images)
-
-
-def concat(parts: Sequence[Scored]) -> Scored:
-  parts = [p for p in parts if len(p)]
-  if not parts:
-    raise errors.DataError('no images to concatenate')
-  keys = set.intersection(*(set(p.metadata) for p in parts))
-  with_images = all(p.images is not None for p in parts)
-  return Scored(np.concatenate([p.labels for p in parts]),
-                np.concatenate([p.scores for p in parts]),
-                {k: np.concatenate([p.metadata[k] for p in parts]) for k in keys},
-                np.concatenate([p.images for p in parts]) if with_images else None)
-
-
 def _source(s: Scored) -> np.ndarray:
-  return np.asarray(s.metadata.get('source', np.full(len(s), '', object)), dtype=object)
+  return s.column('source')
 
 
 def _calibrated(scores: np.ndarray, decision: md.Decision) -> np.ndarray:
@@ -210,27 +183,9 @@ def other_findings(other: Scored, decision: md.Decision, description: str) -> di
   return out
 
 
-def penultimate_features(model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-  """The input of the model's final Dense layer ('logit') for each image, float32 (n, d)."""
-  from covidlib import shift
-
-  try:
-    model.get_layer('logit')
-  except ValueError:
-    raise errors.UsageError('source probe: the model has no layer named "logit" '
-                            '(covidlib.models networks end in Dense "logit")') from None
-  return shift.penultimate_features(model, images, batch_size)  # The input of 'logit'.
-
-
 def _probe(features: np.ndarray, targets: np.ndarray, groups: np.ndarray, n_folds: int,
            seed: int) -> dict:
   """Out-of-fold logistic-regression probe: ROC-AUC (macro one-vs-rest) and balanced accuracy."""
-  from sklearn.linear_model import LogisticRegression
-  from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-  from sklearn.model_selection import StratifiedGroupKFold
-  from sklearn.pipeline import make_pipeline
-  from sklearn.preprocessing import StandardScaler
-
   classes, y = np.unique(targets, return_inverse=True)
   counts = {str(c): int((y == k).sum()) for k, c in enumerate(classes)}
   if classes.size < 2:
@@ -254,10 +209,11 @@ def _probe(features: np.ndarray, targets: np.ndarray, groups: np.ndarray, n_fold
           'balanced_accuracy': float(balanced_accuracy_score(y, proba.argmax(axis=1)))}
 
 
-def source_probe(model, pool: Scored, *, n_folds: int = 5, seed: int = 0) -> dict:
-  """The source probe and the label probe on `pool` (images kept), grouped by patient."""
-  if pool.images is None:
-    raise errors.UsageError('source probe needs the images (keep_images=True)')
+def source_probe(pool: Scored, *, n_folds: int = 5, seed: int = 0) -> dict:
+  """The source probe and the label probe on `pool`'s penultimate features, grouped by patient."""
+  if pool.features is None:
+    raise errors.UsageError('source probe needs the penultimate features (covidlib.scoring on a '
+                            'model ending in Dense "logit")')
   sources = _source(pool)
   patients = np.asarray(pool.metadata.get('patient_id', np.full(len(pool), '', object)),
                         dtype=object)
@@ -265,7 +221,7 @@ def source_probe(model, pool: Scored, *, n_folds: int = 5, seed: int = 0) -> dic
                      dtype=object)
   groups = np.asarray([f'{s}:{p}' if p else f'file:{n}'
                        for s, p, n in zip(sources, patients, names)], dtype=object)
-  features = penultimate_features(model, pool.images)
+  features = np.asarray(pool.features, np.float32)
   out = {'n': len(pool), 'features': int(features.shape[1]), 'note': PROBE_NOTE,
          'source': _probe(features, sources, groups, n_folds, seed),
          'label': _probe(features, np.where(pool.labels == 1, 'COVID-19', 'not COVID-19'),
@@ -279,7 +235,7 @@ def source_probe(model, pool: Scored, *, n_folds: int = 5, seed: int = 0) -> dic
   return out
 
 
-def shortcut_report(model, decision: md.Decision, evaluated: Scored, *,
+def shortcut_report(decision: md.Decision, evaluated: Scored, *,
                     other: Scored | None = None, other_description: str = '',
                     unseen: Mapping[str, tuple[Scored, str]] | None = None,
                     held_out: Sequence[dict] = (), probe: bool = True,
@@ -287,9 +243,8 @@ def shortcut_report(model, decision: md.Decision, evaluated: Scored, *,
   """The `shortcuts` section of report.json.
 
   Args:
-    model: the Keras model (for the probe's features).
     decision: the operating point (threshold, temperature).
-    evaluated: the evaluation split's predictions, with images if `probe`.
+    evaluated: the evaluation split's predictions, with features if `probe`.
     other: predictions on covid_xray/other_findings (label 0 = not COVID-19), or None.
     unseen: {source: (predictions on its normals, description)} for sources never trained on.
     held_out: entries of `covidlib-crossval --hold_out=source` reports (see crossval).
@@ -310,181 +265,11 @@ def shortcut_report(model, decision: md.Decision, evaluated: Scored, *,
                          if other is not None and len(other) else None),
   }
   if probe:
-    pool = concat([evaluated, *([other] if other is not None else []),
+    pool = scored_lib.concat([evaluated, *([other] if other is not None else []),
                    *(normals for normals, _ in unseen.values())])
-    report['source_probe'] = source_probe(model, pool, seed=seed)
+    report['source_probe'] = source_probe(pool, seed=seed)
   else:
     report['source_probe'] = None
-  return report
-
-
-# --------------------------------------------------------------------------------------------
-# Loading the extra data for covidlib-evaluate.
-# --------------------------------------------------------------------------------------------
-
-# Where normals of each source live, in order of preference, for the `auto` unseen sources.
-UNSEEN_CANDIDATES = {
-    'nih': ('covid_xray/adult', 'covid_xray/adult_pediatric'),
-    'kaggle_pediatric': ('covid_xray/adult_pediatric', 'covid_xray/patient_split',
-                         'covid_xray/seed'),
-}
-OTHER_FINDINGS = 'covid_xray/other_findings'
-
-
-def column(dataset: str, split: str, key: str, data_dir: str | None) -> np.ndarray:
-  """One text feature of every example of a split, without decoding images ('' if absent)."""
-  import tensorflow_datasets as tfds
-
-  from covidlib import data
-
-  builder = data._builder(dataset, data_dir)  # pylint: disable=protected-access
-  splits = [s for s in split.split('+')]
-  values = []
-  for name in splits:
-    if name not in builder.info.splits:
-      raise errors.UsageError(f'dataset {dataset!r} has no split {name!r}')
-    if key not in builder.info.features:
-      values.extend([''] * builder.info.splits[name].num_examples)
-      continue
-    ds = builder.as_dataset(split=name, decoders={'image': tfds.decode.SkipDecoding()},
-                            shuffle_files=False)
-    for example in ds.map(lambda ex: ex[key]).batch(4096):
-      values.extend(v.decode('utf-8', 'replace') for v in example.numpy())
-  return np.asarray(values, dtype=object)
-
-
-def is_built(dataset: str, data_dir: str | None) -> bool:
-  from covidlib import data
-
-  try:
-    data._builder(dataset, data_dir)  # pylint: disable=protected-access
-  except errors.CovidlibError:
-    return False
-  return True
-
-
-def training_sources(config: dict) -> set[str] | None:
-  """The sources of the training split a model_dir config names; None when unknown."""
-  dataset = config.get('dataset') or ''
-  if dataset.startswith('folder:') or ' fold ' in dataset or not is_built(
-      dataset, config.get('data_dir')):
-    return None
-  return set(column(dataset, config.get('train_split', 'train'), 'source',
-                    config.get('data_dir')))
-
-
-def predict_all(model, config: dict, dataset: str, data_dir: str | None, *,
-                batch_size: int = 32) -> Scored:
-  """The model's predictions on every split of a built dataset, images kept, with 'finding'."""
-  from covidlib import data
-  from covidlib import evaluate
-
-  builder = data._builder(dataset, data_dir)  # pylint: disable=protected-access
-  parts = []
-  for split in sorted(builder.info.splits.keys()):
-    ds = data.load_tfds(dataset, split, data_dir=data_dir, image_size=int(config['image_size']),
-                        channels=int(config.get('channels', 1)), batch_size=batch_size,
-                        with_metadata=True, cache=False)
-    part = as_scored(evaluate.predict_dataset(model, ds, keep_images=True))
-    part.metadata['finding'] = column(dataset, split, 'finding', data_dir)
-    parts.append(part)
-  return concat(parts)
-
-
-def resolve_unseen(spec: Sequence[str] | str, config: dict,
-                   data_dir: str | None) -> tuple[dict[str, str], list[str]]:
-  """{source: dataset} of normal sources to test as never seen in training; and notes.
-
-  spec: 'auto' (UNSEEN_CANDIDATES that are built and absent from the training split), or
-  entries 'DATASET:SOURCE'. A source that the training split holds is refused: it is not unseen.
-  """
-  notes = []
-  trained = training_sources(config)
-  if spec == 'auto' or spec == ['auto']:
-    if trained is None:
-      return {}, ['unseen sources: the training data is not a built TFDS dataset with sources']
-    chosen = {}
-    for source, candidates in UNSEEN_CANDIDATES.items():
-      if source in trained:
-        continue
-      built = [c for c in candidates if is_built(c, data_dir)]
-      if built:
-        chosen[source] = built[0]
-      else:
-        notes.append(f'unseen source {source}: none of {", ".join(candidates)} is built')
-    return chosen, notes
-  chosen = {}
-  for entry in spec:
-    dataset, sep, source = entry.rpartition(':')
-    if not sep or not dataset or not source:
-      raise errors.UsageError(f'unseen source {entry!r} must be DATASET:SOURCE, e.g. '
-                              'covid_xray/adult:nih')
-    if trained is not None and source in trained:
-      raise errors.UsageError(f'unseen source {entry!r}: source {source!r} is in the training '
-                              f'split of {config.get("dataset")}, so it is not unseen')
-    chosen[source] = dataset
-  return chosen, notes
-
-
-def load_unseen(model, config: dict, unseen: Sequence[str] | str, data_dir: str | None, *,
-                batch_size: int = 32) -> tuple[dict[str, tuple[Scored, str]], list[str]]:
-  """({source: (its normals, predicted with images kept, dataset)}, notes) for `unseen`.
-
-  unseen: as resolve_unseen takes it. Every split of the dataset holding a source is predicted;
-  its normal images of that source are kept.
-
-  Raises:
-    DataError: a chosen dataset holds no normal image of its source.
-  """
-  chosen, notes = resolve_unseen(unseen, config, data_dir)
-  normals = {}
-  for source, dataset in chosen.items():
-    scored = predict_all(model, config, dataset, data_dir, batch_size=batch_size)
-    scored = scored.select((_source(scored) == source) & (scored.labels == 0))
-    if not len(scored):
-      raise errors.DataError(f'{dataset}: no normal image of source {source!r}')
-    normals[source] = (scored, dataset)
-  return normals, notes
-
-
-def for_model_dir(model, config: dict, decision: md.Decision, evaluated: Scored, *,
-                  data_dir: str | None, other_dataset: str | None = 'auto',
-                  unseen: Sequence[str] | str = 'auto', held_out_reports: Sequence[str] = (),
-                  probe: bool = True, n_bootstrap: int = metrics.DEFAULT_BOOTSTRAP,
-                  seed: int = 0, batch_size: int = 32,
-                  unseen_normals: tuple[dict, list[str]] | None = None) -> dict:
-  """shortcut_report with its data found from a model_dir's config (see covidlib-evaluate).
-
-  unseen_normals: what load_unseen returned for `unseen`, when the caller has it already (the
-  shift section of covidlib-evaluate scores the same images); None loads them here.
-  """
-  from covidlib import crossval
-
-  notes = []
-  if other_dataset == 'auto':
-    other_dataset = OTHER_FINDINGS if is_built(OTHER_FINDINGS, data_dir) else None
-    if other_dataset is None:
-      notes.append(f'other findings: {OTHER_FINDINGS} is not built in the data_dir')
-  other = None
-  if other_dataset:
-    other = predict_all(model, config, other_dataset, data_dir, batch_size=batch_size)
-    if other.labels.any():
-      raise errors.DataError(f'{other_dataset}: other-findings data must hold label 0 (not '
-                             f'COVID-19) only; {int(other.labels.sum())} images have label 1')
-  if unseen_normals is None:
-    unseen_normals = load_unseen(model, config, unseen, data_dir, batch_size=batch_size)
-  normals_by_source, more_notes = unseen_normals
-  notes += more_notes
-  unseen_data = {source: (scored, f'{dataset}, every split, normals of source {source}')
-                 for source, (scored, dataset) in normals_by_source.items()}
-  held_out = []
-  for path in held_out_reports:
-    held_out += crossval.read_hold_out_report(path)['held_out']
-  report = shortcut_report(model, decision, evaluated, other=other,
-                           other_description=f'{other_dataset} ({OTHER_FINDINGS_NOTE})',
-                           unseen=unseen_data, held_out=held_out, probe=probe,
-                           n_bootstrap=n_bootstrap, seed=seed)
-  report['notes'] = notes
   return report
 
 

@@ -38,6 +38,8 @@ import json
 import struct
 import sys
 
+import numpy as np
+
 from covidlib import errors
 from covidlib import model_dir as model_dir_lib
 
@@ -45,6 +47,7 @@ PREFIX = 'covidlib_'
 LABELS = 'covidlib_labels'
 DECISION = 'covidlib_decision'
 INPUT = 'covidlib_input'
+SHIFT = 'covidlib_shift'  # shift.json of covidlib.shift: the out-of-distribution threshold.
 CLASS_NAMES = ('normal', 'covid')  # = covidlib.CLASS_NAMES; label 1 = COVID-19.
 
 # Field indices of the TFLite schema (tensorflow/compiler/mlir/lite/schema/schema.fbs).
@@ -194,9 +197,8 @@ def read_model_info(flatbuffer: bytes) -> ModelInfo:
 
 def embed_metadata(flatbuffer: bytes, entries: dict[str, bytes]) -> bytes:
   """Adds (or replaces) named entries of a .tflite flatbuffer's `metadata` table."""
-  import numpy as np
-  from ai_edge_litert import schema_py_generated as schema
-  from ai_edge_litert.tools import flatbuffer_utils
+  from ai_edge_litert import schema_py_generated as schema  # Optional (covidlib[litert]).
+  from ai_edge_litert.tools import flatbuffer_utils  # Optional, as above.
 
   model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
   model.metadata = [m for m in (model.metadata or []) if m.name.decode() not in entries]
@@ -242,3 +244,12 @@ def main(argv: list[str]) -> int:
 
 if __name__ == '__main__':
   sys.exit(main(sys.argv))
+
+
+def read_shift_threshold(flatbuffer: bytes) -> float | None:
+  """The embedded shift threshold (the covidlib_shift entry), or None if the file has none."""
+  raw = read_metadata(flatbuffer).get(SHIFT)
+  if raw is None:
+    return None
+  threshold = json.loads(raw).get('threshold')
+  return None if threshold is None else float(threshold)

@@ -17,6 +17,12 @@ distinct score (half of s for the lowest score; midway to 1 above the highest), 
 a hair under s is not flipped by rounding.
 Ties of the objective go to the higher sensitivity: a missed COVID-19 is the costlier error.
 
+With temperature scaling first (`choose_decision`): fit T on the split (covidlib.calibration),
+then choose the threshold there on the calibrated scores:
+
+    decision, account = threshold.choose_decision(y_val, p_val, 'youden', calibrate=True,
+                                                  split='validation')
+
 The result is stored with the model as `decision.json` (`covidlib.model_dir.save_decision`) and
 applied by `covidlib.predict` and the exports' decision outputs.
 """
@@ -27,8 +33,10 @@ import dataclasses
 
 import numpy as np
 
+from covidlib import calibration
 from covidlib import errors
 from covidlib import metrics
+from covidlib import model_dir as md
 
 VALID_FORMS = ('fixed:T (0 <= T <= 1, e.g. fixed:0.5)', 'youden',
                'sensitivity:X (0 < X <= 1, e.g. sensitivity:0.95)',
@@ -153,3 +161,24 @@ def choose_threshold(y_true, scores, policy: str | Policy) -> ThresholdChoice:
     best = int(ok[np.isclose(sens[ok], top, rtol=0, atol=1e-12)][-1])  # Ties: higher spec.
   return ThresholdChoice(float(thresholds[best]), str(policy), float(sens[best]),
                          float(spec[best]), int(y.size))
+
+
+def choose_decision(labels, scores, policy: str | None, calibrate: bool,
+                    split: str) -> tuple[md.Decision, dict]:
+  """Temperature (if `calibrate`), then the threshold by `policy` on the calibrated scores.
+
+  Returns the Decision and a JSON-ready account of how it was chosen.
+  """
+  policy = policy or 'fixed:0.5'
+  parse_policy(policy)  # A bad policy fails before any fitting.
+  account: dict = {'split': split, 'n': int(np.size(labels))}
+  temperature = 1.0
+  if calibrate:
+    fit = calibration.fit_temperature(labels, scores)
+    temperature = fit.temperature
+    account['temperature_fit'] = fit.as_dict()
+    scores = calibration.apply_temperature(scores, temperature)
+  choice = choose_threshold(labels, scores, policy)
+  account['threshold_choice'] = choice.as_dict()
+  return md.Decision(threshold=choice.threshold, policy=choice.policy,
+                     temperature=float(temperature), split=split), account

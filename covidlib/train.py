@@ -62,11 +62,14 @@ import numpy as np
 import tensorflow as tf
 
 from covidlib import augment
+from covidlib import data
 from covidlib import distribute
 from covidlib import errors
 from covidlib import model_dir as md
 from covidlib import models
+from covidlib import shift_fit
 from covidlib import standardize
+from covidlib_tfds import build as tfds_build
 
 STATE = 'state.json'
 BEST_WEIGHTS = 'best.weights.h5'
@@ -349,10 +352,8 @@ class NaNGuard(keras.callbacks.Callback):
 
 def _build_tfds_if_needed(config: dict) -> None:
   """Builds config['dataset'] from config['manual_dir'] unless it is built in data_dir."""
-  from covidlib_tfds import build  # Registers covid_xray; deferred: only this path needs it.
-
-  build.build(config['dataset'], manual_dir=config['manual_dir'], data_dir=config['data_dir'],
-              allow_missing=config['allow_missing'])
+  tfds_build.build(config['dataset'], manual_dir=config['manual_dir'],
+                   data_dir=config['data_dir'], allow_missing=config['allow_missing'])
 
 
 def load_datasets(config: dict) -> tuple[tf.data.Dataset, tf.data.Dataset | None]:
@@ -361,8 +362,6 @@ def load_datasets(config: dict) -> tuple[tf.data.Dataset, tf.data.Dataset | None
   With config['balance'] == 'source' the training dataset is infinite (source-balanced, see
   covidlib.data); train for `balanced_steps(config)` steps per epoch.
   """
-  from covidlib import data
-
   common = dict(image_size=config['image_size'], channels=config['channels'],
                 batch_size=config['batch_size'])
   splits = [config['train_split'], config['validation_split']]
@@ -405,8 +404,6 @@ def input_for_training(dataset: tf.data.Dataset | None) -> tf.data.Dataset | Non
 
 def _config_class_counts(config: dict) -> tuple[int, int]:
   """(normal, covid) in the training split a config names, without decoding images."""
-  from covidlib import data
-
   dataset, split = config['dataset'], config['train_split']
   if dataset.startswith('folder:'):
     _, labels = data.list_folder(os.path.join(dataset[len('folder:'):], split))
@@ -418,8 +415,6 @@ def _config_class_counts(config: dict) -> tuple[int, int]:
 
 def balanced_steps(config: dict) -> int:
   """Steps per epoch of a source-balanced training set: the split's size over the batch."""
-  from covidlib import data
-
   n = data.num_examples(config['dataset'], config['train_split'], config['data_dir'])
   return data.steps_per_epoch(n, config['batch_size'])
 
@@ -427,8 +422,6 @@ def balanced_steps(config: dict) -> int:
 def _balanced_class_counts(config: dict) -> tuple[int, int]:
   """(normal, covid) strata of the training split: under balance='source' each stratum is
   drawn equally often, so the classes appear in the ratio of their strata counts."""
-  from covidlib import data
-
   if config['manual_dir']:
     _build_tfds_if_needed(config)
   strata = data.stratum_counts(config['dataset'], config['train_split'], config['data_dir'])
@@ -629,8 +622,7 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
       _save_inference_model(inference_model, config, os.path.join(model_dir, md.MODEL))
       shutil.rmtree(checkpoints, ignore_errors=True)
       # The shift score (issue #10): logged, never raised; needs a validation split.
-      from covidlib import shift
-      shift.fit_after_training(model_dir, inference_model, config, train_data, validation_data)
+      shift_fit.fit_after_training(model_dir, inference_model, config, train_data, validation_data)
     return state['history']
   finally:
     keras.config.set_dtype_policy(previous_policy)

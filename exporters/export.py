@@ -37,9 +37,16 @@ import tempfile
 from typing import Sequence
 
 import numpy as np
+import tensorflow_datasets as tfds
 
+from covidlib import data
 from covidlib import errors
+from covidlib import evaluate
 from covidlib import model_dir as model_dir_lib
+from covidlib import preprocess
+from covidlib import scoring
+from covidlib import shift as shift_lib
+from covidlib.scored import Scored
 from exporters import model_card
 from exporters import parity
 from exporters import saved_model as saved_model_lib
@@ -144,20 +151,11 @@ def load_arrays(config: dict, split: str, *, dataset: str | None, data_dir: str 
 
   With `limit`, a seeded random subset of at most `limit` images, in split order.
   """
-  from covidlib import evaluate
-
-  ds, description = evaluate.load_split(config, split, dataset=dataset, data_dir=data_dir)
-  images, labels, metadata = [], [], {}
-  for element in ds:
-    images.append(np.asarray(element[0], np.float32))
-    labels.append(np.asarray(element[1]).reshape(-1).astype(np.int64))
-    if len(element) > 2:
-      for key, value in element[2].items():
-        metadata.setdefault(key, []).append(np.asarray(value).reshape(-1))
-  if not images:
-    raise errors.DataError(f'{description} holds no images')
-  images, labels = np.concatenate(images), np.concatenate(labels)
-  metadata = {k: np.concatenate(v) for k, v in metadata.items()}
+  ds, description = scoring.load_split(config, split, dataset=dataset, data_dir=data_dir)
+  try:
+    images, labels, metadata = scoring.read_dataset(ds)
+  except errors.DataError:
+    raise errors.DataError(f'{description} holds no images') from None
   if limit is not None and len(labels) > limit:
     keep = np.sort(np.random.RandomState(seed).choice(len(labels), limit, replace=False))
     images, labels = images[keep], labels[keep]
@@ -171,21 +169,11 @@ def load_raw_images(config: dict, split: str, *, dataset: str | None, data_dir: 
 
   For the parity of variants that take the image as it is (tflite_uint8_image).
   """
-  from covidlib import data
-  from covidlib import preprocess
-
-  dataset = dataset or config.get('dataset')
-  if not dataset:
-    raise errors.UsageError('no dataset given and the model_dir config names none')
-  if dataset.startswith('folder:'):
-    root = os.path.join(dataset[len('folder:'):], split)
-    if not os.path.isdir(root):
-      raise errors.UsageError(f'split folder {root!r} does not exist (dataset {dataset!r})')
+  dataset, root = scoring.split_location(config, split, dataset)
+  if root is not None:
     paths, labels = data.list_folder(root)
     return [preprocess.load_image(p) for p in paths], np.asarray(labels, np.int64)
-  import tensorflow_datasets as tfds
-
-  builder = data._builder(dataset, data_dir or config.get('data_dir'))  # pylint: disable=protected-access
+  builder = data.builder(dataset, data_dir or config.get('data_dir'))
   ds = builder.as_dataset(split=split, shuffle_files=False,
                           decoders={'image': tfds.decode.SkipDecoding()})
   images, labels = [], []
@@ -197,13 +185,9 @@ def load_raw_images(config: dict, split: str, *, dataset: str | None, data_dir: 
 
 def _evaluation_on_parity(model, decision, images, labels, metadata, description) -> dict:
   """covidlib.evaluate's report layout, computed on the parity split (model card fallback)."""
-  from covidlib import evaluate
-
-  scores = np.asarray(model.predict(images, batch_size=32, verbose=0), np.float64).reshape(-1)
-  text = {k: np.asarray([x.decode('utf-8', 'replace') if isinstance(x, bytes) else str(x)
-                         for x in v], dtype=object)
-          for k, v in metadata.items() if v.dtype.kind not in 'iuf'}
-  predictions = evaluate.Predictions(labels=labels, scores=scores, metadata=text)
+  scores = scoring.score_images(model, images, 32)
+  text = {k: v for k, v in metadata.items() if v.dtype.kind not in 'iuf'}
+  predictions = Scored(labels=labels, scores=scores, metadata=text)
   report = evaluate.evaluate_predictions(predictions, decision,
                                          group_by=evaluate.default_groups(predictions))
   report['data'] = {'description': description, 'n': int(labels.size)}
@@ -314,8 +298,6 @@ def _build(tmp, model_dir, model, config, decision, *, formats, int8_io, dataset
                                    tflite.decision_json(decision).encode())
   model_dir_lib.write_json(os.path.join(tmp, model_dir_lib.CONFIG), config)
   if _shift_model(model_dir) is not None:  # The shift threshold, beside decision.json.
-    from covidlib import shift as shift_lib
-
     model_dir_lib.write_bytes_atomic(os.path.join(tmp, shift_lib.SHIFT_JSON),
                                      shift_lib.info_json(_shift_model(model_dir)).encode())
 
@@ -353,8 +335,6 @@ def _build(tmp, model_dir, model, config, decision, *, formats, int8_io, dataset
 
 def _shift_model(model_dir: str):
   """The model_dir's shift score with a threshold (issue #10), or None."""
-  from covidlib import shift as shift_lib
-
   fitted = shift_lib.load(model_dir)
   return fitted if fitted is not None and fitted.threshold is not None else None
 

@@ -32,6 +32,7 @@ import time
 
 import numpy as np
 
+from covidlib import edge
 from covidlib import errors
 from covidlib import metrics
 from covidlib import model_dir as model_dir_lib
@@ -72,7 +73,6 @@ def measure_latency(path: str, image: np.ndarray, runs: int = 30) -> dict[str, f
       (tflite_uint8_image), one uint8 (H, W, 1) image, whose resize is then part of the time.
   """
   if image.dtype == np.uint8:
-    from covidlib import edge
     out = {}
     for threads in THREADS:
       model = edge.EdgePredictor(path, num_threads=threads)
@@ -84,7 +84,7 @@ def measure_latency(path: str, image: np.ndarray, runs: int = 30) -> dict[str, f
   if predict.detect_format(path) != predict.TFLITE:
     predictor = predict.Predictor(path)
     return {'default': _median_ms(lambda: predictor.predict_preprocessed(batch), runs)}
-  from ai_edge_litert.interpreter import Interpreter
+  from ai_edge_litert.interpreter import Interpreter  # Optional (covidlib[litert]).
 
   with open(path, 'rb') as f:
     content = f.read()

@@ -43,7 +43,9 @@ import tensorflow as tf
 
 import covidlib
 from covidlib import model_dir as model_dir_lib
+from covidlib import models
 from covidlib import preprocess
+from covidlib import shift as shift_lib
 from exporters import serving
 
 BYTES_INPUT = 'image_bytes'
@@ -70,9 +72,7 @@ def _outputs(probability: tf.Tensor, threshold: float) -> dict[str, tf.Tensor]:
 
 
 def _shift_outputs(features: tf.Tensor, shift_model) -> dict[str, tf.Tensor]:
-  from covidlib import shift as shift_lib
-
-  score = shift_lib.score_tf(shift_model, features)
+  score = serving.shift_score_tf(shift_model, features)
   threshold = tf.constant(shift_model.threshold, tf.float32)
   return {SHIFT_OUTPUT: score, 'in_distribution': score <= threshold,
           'shift_threshold': tf.fill(tf.shape(score), threshold)}
@@ -93,9 +93,7 @@ def build_archive(model: keras.Model, decision: model_dir_lib.Decision,
   archive = keras.export.ExportArchive()
   archive.track(calibrated)
   if shift_model is not None:
-    from covidlib import shift as shift_lib
-
-    with_features = shift_lib.feature_model(calibrated)
+    with_features = models.feature_model(calibrated)
     archive.track(with_features)
 
   def from_tensors(images):
@@ -153,8 +151,6 @@ def export_saved_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
   if model is None:
     model = model_dir_lib.load_model(model_dir)
   serving.check_geometry(model, config)
-  from covidlib import shift as shift_lib
-
   shift_model = shift_lib.load(model_dir)
   if shift_model is not None and shift_model.threshold is None:
     shift_model = None

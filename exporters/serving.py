@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from covidlib import errors
 
@@ -81,3 +82,18 @@ def serving_model(model: keras.Model, temperature: float = 1.0) -> keras.Model:
         f'layer {OUTPUT_LAYER!r} is a {type(layer).__name__}: temperature folding needs a '
         'Dense or Activation layer')
   return keras.Model(model.input, outputs, name=f'{model.name}_t{temperature:g}')
+
+
+def shift_score_tf(shift_model, features):
+  """covidlib.shift's score in TensorFlow ops (float32), for exports: (n, d) -> (n,).
+
+  min_c ||f W - m_c||^2, the second form of the score in covidlib/shift.py.
+  """
+  projection = tf.constant(shift_model.projection, tf.float32)
+  centers = tf.constant(shift_model.centers, tf.float32)
+  z = tf.matmul(tf.reshape(tf.cast(features, tf.float32), [-1, shift_model.feature_dim]),
+                projection)
+  difference = z[:, tf.newaxis, :] - centers[tf.newaxis]
+  # A product rather than tf.square: MUL has int8 kernels in every TFLite build.
+  distances = tf.reduce_sum(difference * difference, axis=-1)
+  return tf.reduce_min(distances, axis=-1)

@@ -47,6 +47,7 @@ The flag then survives where the value does not (tests/exporters/test_shift_expo
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from typing import Iterable
@@ -57,6 +58,9 @@ import tensorflow as tf
 
 from covidlib import errors
 from covidlib import model_dir as model_dir_lib
+from covidlib import models
+from covidlib import scoring
+from covidlib import shift as shift_lib
 from covidlib import tflite_metadata
 from exporters import saved_model as saved_model_lib
 from exporters import serving
@@ -66,7 +70,7 @@ LABELS_METADATA = tflite_metadata.LABELS
 DECISION_METADATA = tflite_metadata.DECISION
 OUTPUT = 'probability'
 INPUT = 'images'
-SHIFT_METADATA = 'covidlib_shift'
+SHIFT_METADATA = tflite_metadata.SHIFT
 SHIFT_OUTPUT = 'shift_score'
 SHIFT_ANCHORS = 2  # Out-of-distribution calibration images for int8 (see the module docstring).
 
@@ -83,9 +87,7 @@ def _probability_saved_model(source: keras.Model | str, out_dir: str,
     archive = keras.export.ExportArchive()
     archive.track(source)
     if shift_model is not None:
-      from covidlib import shift as shift_lib
-
-      with_features = shift_lib.feature_model(source)
+      with_features = models.feature_model(source)
       archive.track(with_features)
 
     def outputs(images):
@@ -93,7 +95,7 @@ def _probability_saved_model(source: keras.Model | str, out_dir: str,
         return {OUTPUT: tf.reshape(source(images, training=False), [-1])}
       probability, features = with_features(images, training=False)
       return {OUTPUT: tf.reshape(probability, [-1]),
-              SHIFT_OUTPUT: shift_lib.score_tf(shift_model, features)}
+              SHIFT_OUTPUT: serving.shift_score_tf(shift_model, features)}
     archive.add_endpoint(
         'serving_default', tf.function(outputs),
         input_signature=[tf.TensorSpec((None, image_size, image_size, channels), tf.float32,
@@ -238,16 +240,13 @@ def _with_shift_anchors(source, images: np.ndarray, threshold: float, shift_mode
     return images  # _representative reports the problem.
   candidates = 1.0 - images[:8 * SHIFT_ANCHORS]
   if isinstance(source, keras.Model):
-    from covidlib import shift as shift_lib
-
-    scores = shift_model.score(shift_lib.penultimate_features(source, candidates))
+    scores = shift_model.score(scoring.penultimate_features(source, candidates))
   else:
     signature = tf.saved_model.load(source).signatures[saved_model_lib.PREPROCESSED_SIGNATURE]
     scores = signature(images=tf.constant(candidates))[SHIFT_OUTPUT].numpy()
   order = np.argsort(-scores)[:SHIFT_ANCHORS]
   chosen = order[scores[order] > threshold]
   if not chosen.size:
-    import logging
     logging.getLogger(__name__).warning(
         'int8 shift score: no inverted calibration image scores above the threshold %g; far-out '
         'images may saturate below it', threshold)
@@ -256,8 +255,6 @@ def _with_shift_anchors(source, images: np.ndarray, threshold: float, shift_mode
 
 def _shift_entry(source, shift_model) -> bytes | None:
   """shift.json for the metadata: from the shift model, or the SavedModel's assets.extra."""
-  from covidlib import shift as shift_lib
-
   if shift_model is not None:
     if shift_model.threshold is None:
       raise errors.UsageError('the shift model has no threshold: choose one before exporting')
@@ -378,12 +375,4 @@ decision_json = tflite_metadata.decision_json
 embed_metadata = tflite_metadata.embed_metadata
 read_metadata = tflite_metadata.read_metadata
 read_decision = tflite_metadata.read_decision
-
-
-def read_shift_threshold(flatbuffer: bytes) -> float | None:
-  """The embedded shift threshold (covidlib_shift entry), or None if the file has none."""
-  raw = read_metadata(flatbuffer).get(SHIFT_METADATA)
-  if raw is None:
-    return None
-  threshold = json.loads(raw).get('threshold')
-  return None if threshold is None else float(threshold)
+read_shift_threshold = tflite_metadata.read_shift_threshold

@@ -28,6 +28,12 @@ from __future__ import annotations
 
 from absl import flags
 
+from covidlib import crossval
+from covidlib import errors
+from covidlib import hold_out
+from covidlib import model_dir as md
+from covidlib import threshold
+from covidlib import train
 from covidlib.cli import common
 from covidlib.cli import flag_util
 
@@ -76,17 +82,12 @@ _TRAIN_FLAGS = {'model': _MODEL, 'image_size': _IMAGE_SIZE, 'channels': _CHANNEL
 
 def main(argv: list[str]) -> None:
   common.reject_extra_args(argv)
-  from covidlib import crossval
-  from covidlib import errors
-  from covidlib import train
-
   if not _OUT.value:
     raise errors.UsageError('flag --out is required')
   overrides = {key: holder.value for key, holder in _TRAIN_FLAGS.items()
                if holder.value is not None}
   recipe = {}
   if _RECIPE.value:
-    from covidlib import model_dir as md
     recipe = md.load_config(md.check_model_dir(_RECIPE.value))
   dataset = _DATASET.value or recipe.get('dataset') or train.DEFAULT_CONFIG['dataset']
   data_dir = _DATA_DIR.value or recipe.get('data_dir')
@@ -95,7 +96,6 @@ def main(argv: list[str]) -> None:
   if _HOLD_OUT.value not in ('none', 'source'):
     raise errors.UsageError(f"--hold_out must be 'none' or 'source', got {_HOLD_OUT.value!r}")
   if _HOLD_OUT.value == 'source':
-    from covidlib import threshold
     threshold.parse_policy(_THRESHOLD_POLICY.value)
     pools = {split: crossval.load_pool(dataset, [split], data_dir=data_dir,
                                        image_size=config['image_size'],
@@ -113,7 +113,7 @@ def main(argv: list[str]) -> None:
       print(f'{e["source"]} left out: specificity {spec:.3f} on {e["n_normal"]} normals, '
             f'sensitivity ' + ('n/a' if sens is None else f'{sens:.3f}')
             + f' on {e["n_covid"]} COVID-19 at threshold {e["threshold"]:.4f}')
-    print(f'report: {_OUT.value}/{crossval.HOLD_OUT_MD}')
+    print(f'report: {_OUT.value}/{hold_out.HOLD_OUT_MD}')
     return
   pool = crossval.load_pool(dataset, _SPLITS.value, data_dir=data_dir,
                             image_size=config['image_size'], channels=config['channels'])

@@ -34,6 +34,8 @@ import os
 
 from absl import flags
 
+from covidlib import evaluate
+from covidlib import report
 from covidlib.cli import common
 from covidlib.cli import flag_util
 
@@ -96,10 +98,6 @@ _BATCH_SIZE = _DEFINE(flags.DEFINE_integer, 'batch_size', 32, 'Evaluation batch 
 
 def main(argv: list[str]) -> None:
   common.reject_extra_args(argv)
-  # Deferred: flag errors and --help answer before TensorFlow loads.
-  from covidlib import evaluate
-  from covidlib import report
-
   out = _OUT.value or os.path.join(
       _MODEL_DIR.value, 'eval_folder' if _FOLDER.value else f'eval_{_SPLIT.value}')
   result = evaluate.evaluate_model_dir(

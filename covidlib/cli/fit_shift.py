@@ -18,7 +18,9 @@ import os
 
 from absl import flags
 
+from covidlib import errors
 from covidlib import shift
+from covidlib import shift_fit
 from covidlib.cli import common
 from covidlib.cli import flag_util
 
@@ -36,15 +38,15 @@ _SHRINKAGE = _DEFINE(flags.DEFINE_string, 'shrinkage', 'ledoit_wolf',
 def main(argv):
   common.reject_extra_args(argv)
   if not _MODEL_DIR.value:
-    raise shift.errors.UsageError('flag --model_dir is required')
+    raise errors.UsageError('flag --model_dir is required')
   shrinkage = _SHRINKAGE.value
   if shrinkage != 'ledoit_wolf':
     try:
       shrinkage = float(shrinkage)
     except ValueError:
-      raise shift.errors.UsageError(
+      raise errors.UsageError(
           f"--shrinkage must be 'ledoit_wolf' or a number in [0, 1], got {shrinkage!r}") from None
-  fitted = shift.fit_model_dir(_MODEL_DIR.value, policy=_POLICY.value, shrinkage=shrinkage)
+  fitted = shift_fit.fit_model_dir(_MODEL_DIR.value, policy=_POLICY.value, shrinkage=shrinkage)
   print(f'shift score fitted: threshold {fitted.threshold:.6g} ({fitted.policy} of split '
         f'{fitted.split!r}), feature dim {fitted.feature_dim}, images per class '
         f'{list(fitted.n_per_class)}, shrinkage {fitted.shrinkage:.3g}; wrote '

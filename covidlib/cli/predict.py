@@ -33,7 +33,9 @@ from typing import Sequence
 from absl import flags
 
 from covidlib import errors
+from covidlib import explain
 from covidlib import predict
+from covidlib import preprocess
 from covidlib import results
 from covidlib.cli import common
 from covidlib.cli import flag_util
@@ -84,9 +86,6 @@ def warn_out_of_distribution(predictions: Sequence[predict.Prediction],
 def write_grad_cams(predictor: predict.Predictor, results: Sequence[predict.Prediction],
                     out_dir: str) -> list[str]:
   """One overlay PNG per readable file: <out_dir>/<index>_<file name>.png."""
-  from covidlib import explain
-  from covidlib import preprocess
-
   written = []
   for i, result in enumerate(results):
     if not result.ok:

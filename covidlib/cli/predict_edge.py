@@ -21,6 +21,7 @@ import argparse
 import sys
 from typing import NoReturn, Sequence
 
+from covidlib import edge
 from covidlib import errors
 from covidlib import results
 
@@ -82,8 +83,6 @@ def main(argv: Sequence[str]) -> int:
   if not args.model:
     raise errors.UsageError('flag --model is required')
   paths = results.expand_inputs(args.inputs)
-  from covidlib import edge  # After the flags: --help and usage errors stay instant.
-
   predictor = edge.EdgePredictor(args.model, num_threads=args.num_threads)
   predictions = predictor.predict_files(paths, workers=args.workers)
   sys.stdout.write(results.format_results(predictions, args.format, args.model))

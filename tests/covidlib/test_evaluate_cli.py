@@ -103,8 +103,9 @@ def test_choose_threshold_calibrate_and_report(workspace, parsed_flags, tmp_path
   assert 'report: ' in printed and 'decision written to' in printed
 
   names = sorted(os.listdir(out))
-  assert names == ['confusion_matrix.png', 'gradcam_grid.png', 'pr.png', 'reliability.png',
-                   'report.json', 'report.md', 'roc.png', 'training_curves.png']
+  assert names == ['confusion_matrix.png', 'gradcam_grid.png', 'pr.png', 'predictions.csv',
+                   'reliability.png', 'report.json', 'report.md', 'roc.png',
+                   'training_curves.png']
   report = json.loads((out / 'report.json').read_text())
 
   # The operating point, recomputed from independent predictions on the validation split.
@@ -171,7 +172,7 @@ def test_stored_decision_is_used_on_a_folder(workspace, parsed_flags, tmp_path):
   tn, fp, fn, tp = sk.confusion_matrix(y, predicted).ravel()
   assert report['metrics']['confusion']['matrix'] == [[tn, fp], [fn, tp]]
   assert 'gradcam' not in report
-  assert sorted(os.listdir(out)) == ['report.json', 'report.md']
+  assert sorted(os.listdir(out)) == ['predictions.csv', 'report.json', 'report.md']
   assert 'Plots skipped: plots turned off.' in (out / 'report.md').read_text()
 
 

@@ -15,6 +15,7 @@ from covidlib import model_dir as md
 from covidlib import shift
 from covidlib.cli import common
 from covidlib.cli import evaluate as cli
+from covidlib import shift_fit
 
 SIZE = 16
 
@@ -60,7 +61,7 @@ def workspace(tmp_path_factory):
       'model': 'brightness', 'image_size': SIZE, 'channels': 1,
       'dataset': f'folder:{root / "data"}', 'data_dir': None, 'batch_size': 8,
       'train_split': 'train', 'validation_split': 'validation'})
-  shift.fit_model_dir(model_dir, policy='quantile:0.99')
+  shift_fit.fit_model_dir(model_dir, policy='quantile:0.99')
   return root
 
 

@@ -22,6 +22,7 @@ from covidlib import preprocess
 from covidlib import shift
 from covidlib.cli import common
 from covidlib.cli import predict as cli
+from covidlib import scoring
 
 PROG = cli.PROG
 SIZE = 16
@@ -54,8 +55,8 @@ def setup(tmp_path_factory):
   def prep(images):
     return np.stack([preprocess.preprocess(i[..., None], SIZE, 1).numpy() for i in images])
   train = prep(_films(40, 0))
-  fitted = shift.fit_shift(shift.penultimate_features(model, train), np.arange(40) % 2)
-  validation = shift.penultimate_features(model, prep(_films(30, 1)))
+  fitted = shift.fit_shift(scoring.penultimate_features(model, train), np.arange(40) % 2)
+  validation = scoring.penultimate_features(model, prep(_films(30, 1)))
   shift.save(shift.choose_threshold(fitted, fitted.score(validation), 'quantile:0.99'), run)
   images = root / 'images'
   images.mkdir()

@@ -12,6 +12,8 @@ from covidlib import errors
 from covidlib import evaluate
 from covidlib import model_dir as md
 from covidlib import report
+from covidlib import scored
+from covidlib import scoring
 
 
 def _predictions(n=40, seed=0, images=True):
@@ -23,7 +25,7 @@ def _predictions(n=40, seed=0, images=True):
   meta = {'filename': np.array([f'f{i}.png' for i in range(n)], dtype=object),
           'source': source, 'view': np.array(['PA', 'AP'] * (n // 2), dtype=object)}
   x = rs.rand(n, 16, 16, 1).astype(np.float32) if images else None
-  return evaluate.Predictions(labels=labels, scores=scores, metadata=meta, images=x)
+  return scored.Scored(labels=labels, scores=scores, metadata=meta, images=x)
 
 
 def _evaluation(predictions, decision, heatmaps=True):
@@ -75,16 +77,16 @@ def test_predict_dataset_collects_labels_scores_and_metadata():
   def model(images, training=False):
     return tf.reduce_mean(images, axis=(1, 2))
 
-  out = evaluate.predict_dataset(model, ds, keep_images=True)
+  out = scoring.score_dataset(model, ds, keep_images=True)
   np.testing.assert_array_equal(out.labels, [1, 0, 1, 1, 0])
   np.testing.assert_allclose(out.scores, x.mean(axis=(1, 2, 3)), rtol=1e-6)
   assert list(out.metadata['filename']) == ['a', 'b', 'c', 'd', 'e']
   np.testing.assert_array_equal(out.metadata['age'], [30, -1, 40, 50, 2])
   assert out.images.shape == (5, 8, 8, 1)
   with pytest.raises(errors.UsageError, match='must be batched'):
-    evaluate.predict_dataset(model, tf.data.Dataset.from_tensor_slices((x, y)))
+    scoring.score_dataset(model, tf.data.Dataset.from_tensor_slices((x, y)))
   with pytest.raises(errors.DataError, match='holds no examples'):
-    evaluate.predict_dataset(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(2).take(0))
+    scoring.score_dataset(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(2).take(0))
 
 
 def test_write_report_files_json_and_markdown(tmp_path):
@@ -95,7 +97,7 @@ def test_write_report_files_json_and_markdown(tmp_path):
                                        'auc': [0.6, 0.8]})
   assert sorted(os.listdir(tmp_path)) == sorted([
       'confusion_matrix.png', 'roc.png', 'pr.png', 'reliability.png', 'training_curves.png',
-      'gradcam_grid.png', 'report.json', 'report.md'])
+      'gradcam_grid.png', 'report.json', 'report.md', 'predictions.csv'])
   data = json.loads((tmp_path / 'report.json').read_text())
   assert data['files']['roc'] == 'roc.png'
   assert data['history'] == {'epochs': 2, 'last': {'auc': 0.8, 'loss': 0.5, 'val_loss': 0.7}}
@@ -123,7 +125,8 @@ def test_without_matplotlib_plots_are_skipped_and_said(tmp_path, monkeypatch):
   monkeypatch.setitem(sys.modules, 'matplotlib', None)  # `import matplotlib` now fails.
   evaluation = _evaluation(_predictions(), md.Decision())
   report.write_report(str(tmp_path), evaluation)
-  assert sorted(os.listdir(tmp_path)) == ['gradcam_grid.png', 'report.json', 'report.md']
+  assert sorted(os.listdir(tmp_path)) == ['gradcam_grid.png', 'predictions.csv', 'report.json',
+                                         'report.md']
   text = (tmp_path / 'report.md').read_text()
   assert 'Plots skipped: matplotlib is not installed' in text
   assert 'matplotlib is not installed' in json.loads(

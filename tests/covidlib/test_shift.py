@@ -16,6 +16,9 @@ from absl.testing import flagsaver
 from covidlib import errors
 from covidlib import model_dir as md
 from covidlib import shift
+from covidlib import scoring
+from covidlib import shift_fit
+from exporters import serving
 
 
 def _features(seed=0, n=60, d=5):
@@ -62,7 +65,7 @@ def test_score_tf_matches_numpy():
   features, labels = _features()
   model = shift.fit_shift(features, labels)
   queries = np.random.RandomState(2).normal(size=(9, 5)).astype(np.float32)
-  np.testing.assert_allclose(shift.score_tf(model, tf.constant(queries)).numpy(),
+  np.testing.assert_allclose(serving.shift_score_tf(model, tf.constant(queries)).numpy(),
                              model.score(queries), rtol=1e-4)
 
 
@@ -182,7 +185,7 @@ def test_training_writes_the_shift_files(tmp_path):
   assert fitted.n_per_class == (8, 8) and fitted.split == 'validation'
   model = md.load_model(tmp_path)
   x = np.concatenate([x for x, _ in _tiny_data(1)])
-  scores = fitted.score(shift.penultimate_features(model, x))
+  scores = fitted.score(scoring.penultimate_features(model, x))
   assert np.mean(fitted.in_distribution(scores)) >= 15 / 16
 
 
@@ -233,6 +236,6 @@ def test_mixed_precision_training_fits_on_the_float32_model(tmp_path):
   """bfloat16 features differ from the float32 model.keras that serving runs: fit on that."""
   _train(tmp_path, model='seed_cnn', mixed_precision='mixed_bfloat16')
   stored = shift.load(tmp_path)
-  features, labels = shift.features_and_labels(md.load_model(tmp_path), _tiny_data(0))
+  features, labels = shift_fit.features_and_labels(md.load_model(tmp_path), _tiny_data(0))
   np.testing.assert_allclose(stored.class_means,
                              shift.fit_shift(features, labels).class_means, rtol=1e-5, atol=1e-6)

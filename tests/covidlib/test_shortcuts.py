@@ -12,14 +12,17 @@ import pytest
 from sklearn import metrics as sk
 
 from covidlib import crossval
+from covidlib import hold_out
 from covidlib import model_dir as md
-from covidlib import shortcuts
 from covidlib import report as report_lib
+from covidlib import scored
+from covidlib import scoring
+from covidlib import shortcuts
 
 
 def _scored(labels, scores, sources, patients=None, images=None):
   n = len(labels)
-  return shortcuts.Scored(
+  return scored.Scored(
       np.asarray(labels, np.int64), np.asarray(scores, np.float64),
       {'source': np.asarray(sources, object),
        'patient_id': np.asarray(patients if patients is not None else [''] * n, object),
@@ -107,7 +110,7 @@ def _tiny_model(size=16):
 def test_penultimate_features_are_the_logit_layer_input():
   model = _tiny_model()
   images = np.random.RandomState(0).rand(5, 16, 16, 1).astype(np.float32)
-  features = shortcuts.penultimate_features(model, images, batch_size=2)
+  features = scoring.penultimate_features(model, images, batch_size=2)
   reference = keras.Model(model.input, model.get_layer('pool').output)(images)
   np.testing.assert_allclose(features, np.asarray(reference), rtol=1e-5, atol=1e-6)
 
@@ -124,7 +127,9 @@ def test_shortcut_report_renders_in_report_markdown():
   unseen = _scored([0] * 12, rs.rand(12), ['kaggle_pediatric'] * 12,
                    [f'k{i}' for i in range(12)], rs.rand(12, 16, 16, 1).astype(np.float32))
   decision = md.Decision(threshold=0.5, policy='fixed:0.5', temperature=1.0, split='validation')
-  section = shortcuts.shortcut_report(model, decision, evaluated, other=other,
+  for part in (evaluated, other, unseen):  # What the scoring pass gives with the scores.
+    part.features = scoring.penultimate_features(model, part.images)
+  section = shortcuts.shortcut_report(decision, evaluated, other=other,
                                       other_description='other',
                                       unseen={'kaggle_pediatric': (unseen, 'pediatric')},
                                       n_bootstrap=50)
@@ -187,7 +192,7 @@ def test_hold_out_sources_leaves_each_normal_source_out(tmp_path):
     saved = md.read_json(tmp_path / f'holdout_{source}' / md.CONFIG)
     assert saved['dataset'] == f'toy without source {source}'
   assert (tmp_path / crossval.HOLD_OUT_MD).exists()
-  assert crossval.read_hold_out_report(str(tmp_path))['held_out'] == json.loads(
+  assert hold_out.read(str(tmp_path))['held_out'] == json.loads(
       json.dumps(report['held_out']))
   # With one normal source only, leaving it out is reported as impossible, not dropped.
   only_nih = {s: crossval._subset(p, crossval._source_array(p) != 'kaggle_pediatric', p.description)

@@ -9,6 +9,7 @@ import pytest
 from covidlib import errors
 from covidlib import evaluate
 from covidlib import model_dir as model_dir_lib
+from covidlib import scored
 from exporters import model_card
 
 CONFIG = {'model': 'compact_resnet', 'image_size': 224, 'channels': 1,
@@ -24,8 +25,7 @@ def evaluation():
   labels = np.array([0] * 30 + [1] * 30)
   scores = np.clip(labels * 0.4 + rs.uniform(0, 0.6, 60), 0, 1)
   sources = np.array(['kaggle_pediatric'] * 30 + ['ieee8023'] * 30, dtype=object)
-  predictions = evaluate.Predictions(labels=labels, scores=scores,
-                                     metadata={'source': sources})
+  predictions = scored.Scored(labels=labels, scores=scores, metadata={'source': sources})
   report = evaluate.evaluate_predictions(predictions, DECISION, group_by=['source'],
                                          n_bootstrap=100)
   report['data'] = {'description': 'covid_xray/patient_split split test', 'n': 60}
@@ -75,14 +75,14 @@ def test_card_shows_the_shortcut_figures(evaluation):
   from covidlib import shortcuts
 
   rs = np.random.RandomState(3)
-  evaluated = shortcuts.Scored(np.array([1] * 20 + [0] * 20), rs.rand(40),
-                               {'source': np.array(['ieee8023'] * 20 + ['nih'] * 20, object)})
-  other = shortcuts.Scored(np.zeros(10, np.int64), rs.rand(10),
-                           {'source': np.array(['ieee8023'] * 10, object)})
-  pediatric = shortcuts.Scored(np.zeros(12, np.int64), rs.rand(12),
-                               {'source': np.array(['kaggle_pediatric'] * 12, object)})
+  evaluated = scored.Scored(np.array([1] * 20 + [0] * 20), rs.rand(40),
+                            {'source': np.array(['ieee8023'] * 20 + ['nih'] * 20, object)})
+  other = scored.Scored(np.zeros(10, np.int64), rs.rand(10),
+                        {'source': np.array(['ieee8023'] * 10, object)})
+  pediatric = scored.Scored(np.zeros(12, np.int64), rs.rand(12),
+                            {'source': np.array(['kaggle_pediatric'] * 12, object)})
   section = shortcuts.shortcut_report(
-      None, DECISION, evaluated, other=other, other_description='covid_xray/other_findings',
+      DECISION, evaluated, other=other, other_description='covid_xray/other_findings',
       unseen={'kaggle_pediatric': (pediatric, 'pediatric normals')}, probe=False,
       n_bootstrap=50)
   card = model_card.render_model_card(CONFIG, DECISION,

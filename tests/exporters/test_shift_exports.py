@@ -21,6 +21,7 @@ import pytest
 from covidlib import model_dir as model_dir_lib
 from covidlib import predict
 from covidlib import shift
+from covidlib import scoring
 
 RTOL = {'model_dir': 0.0, 'saved_model': 1e-3, 'tflite_fp32': 1e-3, 'tflite_fp16': 0.25,
         'tflite_dynamic': 0.25}
@@ -49,12 +50,12 @@ def shift_exports(tmp_path_factory, tiny_model, calibration_images, decision, he
 
   root = tmp_path_factory.mktemp('shift_exports')
   run = helpers.write_model_dir(root / 'run', tiny_model, decision)
-  features = shift.penultimate_features(tiny_model, calibration_images)
+  features = scoring.penultimate_features(tiny_model, calibration_images)
   labels = np.arange(len(features)) % 2
   fitted = shift.fit_shift(features, labels)
   validation = helpers.preprocessed(helpers.xray_like(30, seed=7))
   fitted = shift.choose_threshold(
-      fitted, fitted.score(shift.penultimate_features(tiny_model, validation)), 'quantile:0.9')
+      fitted, fitted.score(scoring.penultimate_features(tiny_model, validation)), 'quantile:0.9')
   shift.save(fitted, run)
   paths = {'model_dir': run,
            'saved_model': saved_model.export_saved_model(run, root / 'saved_model',
@@ -73,7 +74,7 @@ def test_model_dir_score_matches_the_numpy_reference(shift_exports, tiny_model):
   fitted, paths, validation = shift_exports
   predictor = predict.Predictor(paths['model_dir'])
   p, scores = predictor.predict_preprocessed_with_shift(validation)
-  want = fitted.score(shift.penultimate_features(tiny_model, validation))
+  want = fitted.score(scoring.penultimate_features(tiny_model, validation))
   np.testing.assert_allclose(scores, want, rtol=1e-6)
   np.testing.assert_array_equal(p, predictor.predict_preprocessed(validation))
   assert predictor.shift_threshold == fitted.threshold

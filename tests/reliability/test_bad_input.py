@@ -434,12 +434,12 @@ def test_folder_of_every_case_names_each_bad_file(case_folder, tmp_path):
 
 def test_evaluation_of_a_folder_names_each_bad_file(case_folder, tmp_path, tiny_model_dir):
   """covidlib-evaluate --folder reads through the same loader: refused, every bad file named."""
-  from covidlib import evaluate
+  from covidlib import scoring
   from covidlib import model_dir as md
 
   (tmp_path / 'normal').symlink_to(case_folder, target_is_directory=True)
   with pytest.raises(errors.DataError) as raised:
-    evaluate.load_split(md.load_config(tiny_model_dir), 'test', folder=str(tmp_path))
+    scoring.load_split(md.load_config(tiny_model_dir), 'test', folder=str(tmp_path))
   bad = sorted(os.path.basename(e.path) for e in raised.value.invalid_images)
   assert bad == sorted(CASES[n].filename for n in INVALID)
 
