@@ -99,7 +99,7 @@ def within_source(evaluated: Scored, other: Scored | None = None, *,
   """
   out = {}
   sources = _source(evaluated)
-  for source in sorted(set(sources)):
+  for source in sorted(set(sources) - {''}):  # Images of no named source: no comparison.
     part = evaluated.select(sources == source)
     n_covid = int(part.labels.sum())
     if 0 < n_covid < len(part):

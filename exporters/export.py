@@ -328,9 +328,23 @@ def _build(tmp, model_dir, model, config, decision, *, formats, int8_io, dataset
   card = model_card.render_model_card(config, decision, evaluation=evaluation,
                                       evaluation_source=source, parity=report, files=files,
                                       params=int(model.count_params()),
-                                      shift_info=None if fitted is None else fitted.info())
+                                      shift_info=None if fitted is None else fitted.info(),
+                                      training_strata=training_strata(config))
   model_dir_lib.write_bytes_atomic(os.path.join(tmp, model_card.FILENAME), card.encode())
   return report
+
+
+def training_strata(config: dict) -> dict | None:
+  """{(source, label): images} of the training split a config names, for the model card; None
+  when the dataset is a folder, is not built here or has no `source` feature."""
+  dataset = str(config.get('dataset') or '')
+  if not dataset or dataset.startswith('folder:') or ' fold ' in dataset or ' without ' in dataset:
+    return None
+  try:
+    return data.stratum_counts(dataset, config.get('train_split') or 'train',
+                               config.get('data_dir'))
+  except errors.CovidlibError:
+    return None
 
 
 def _shift_model(model_dir: str):

@@ -82,6 +82,58 @@ CONFOUNDS = """\
   figures by more than the differences between model variants."""
 
 
+OWN_DATA_USE = """\
+**Research use only. Not a medical device. Not for diagnosis, triage, screening or any decision
+about a patient** until it has been validated, at the site where it would be used, on films it
+never learned from. Out of scope: images other than frontal chest X-rays; sites, scanners and
+populations absent from the training data (its figures say nothing about them)."""
+
+
+def is_public_data(config: dict) -> bool:
+  """True for covidlib's covid_xray dataset, whose sources, licences and confounds are known."""
+  return str(config.get('dataset') or '').startswith('covid_xray')
+
+
+def _own_data_lines(config: dict, strata: dict | None) -> list[str]:
+  """The training data of a user's own dataset: its sites and classes as the dataset holds
+  them (strata: {(site, label): images} of the training split), never covid_xray's text."""
+  if not strata:
+    return ['The sources of this dataset are not recorded in it (a folder of images, or a '
+            'dataset that is not built here): add its sources and licences here.', '']
+  lines = ['Training split, by site (the dataset\'s `source`) and label, as built:', '',
+           '| site | label 0 | label 1 |', '|---|---|---|']
+  for site in sorted({s for s, _ in strata}):
+    lines.append(f'| {site or "(none given)"} | {strata.get((site, 0), 0)} | '
+                 f'{strata.get((site, 1), 0)} |')
+  lines += ['', 'Add the data\'s provenance and licences here.', '']
+  return lines
+
+
+def _own_data_limits(config: dict, strata: dict | None, evaluation: dict | None) -> str:
+  """Limitations from what was given and measured, for a user's own dataset."""
+  sites = sorted({s for s, _ in strata}) if strata else []
+  one_class = sorted({s for s, _ in strata if (s, 0) not in strata or (s, 1) not in strata}) \
+      if strata else []
+  n = sum(strata.values()) if strata else None
+  lines = [f'- **Sites.** Trained on `{config.get("dataset", "?")}`'
+           + (f', {len(sites)} site(s): {", ".join(s or "(none given)" for s in sites)}.'
+              if sites else '.')
+           + ' The figures describe those sites only. A model trained at one site can fail at '
+           'the next without warning (covidlib measured a same-site pneumonia model that scored '
+           'ROC-AUC 0.93 at its own site and 0.13 at another hospital): validate on local films '
+           'before any use elsewhere.']
+  if one_class:
+    lines.append(f'- **Sites holding one class only:** {", ".join(one_class)}. There the site '
+                 'alone predicts the label, a shortcut the model can learn instead of the finding.')
+  if n is not None and n < 1000:
+    lines.append(f'- **Small data.** {n} training images: intervals are wide, and another seed or '
+                 'split moves the figures.')
+  if evaluation is None:
+    lines.append('- **Not evaluated** by covidlib-evaluate: no figure above comes from held-out '
+                 'films of this dataset.')
+  return '\n'.join(lines)
+
+
 def find_evaluation_report(model_dir: str) -> str | None:
   """The newest report.json written by covidlib-evaluate in model_dir or one folder below."""
   candidates = [os.path.join(model_dir, 'report.json')]
@@ -103,7 +155,7 @@ def _figure(figure: dict | None) -> str:
   return metrics_lib.format_figure(figure, undefined='n/a', reason=True)
 
 
-def _metrics_section(evaluation: dict | None, source: str) -> list[str]:
+def _metrics_section(evaluation: dict | None, source: str, public: bool = True) -> list[str]:
   if evaluation is None:
     return ['No metrics: no evaluation report in the model_dir and no parity data at export.', '']
   metrics = evaluation['metrics']
@@ -122,7 +174,10 @@ def _metrics_section(evaluation: dict | None, source: str) -> list[str]:
   lines.append('')
   groups = evaluation.get('groups') or {}
   lines += ['### Per-source metrics', '']
-  if 'source' not in groups:
+  if 'source' not in groups and not public:
+    lines += ['Not available: the evaluated images name no site (no `site` column in the '
+              'labels CSV, or a folder of images).', '']
+  elif 'source' not in groups:
     lines += ['Not available: the evaluation data carries no `source` feature (a folder of '
               'images rather than the covid_xray TFDS dataset).', '']
   else:
@@ -133,8 +188,13 @@ def _metrics_section(evaluation: dict | None, source: str) -> list[str]:
       lines.append(f'| {value} | {g["n"]} | {g["n_covid"]} / {g["n_normal"]} | '
                    f'{_figure(f.get("accuracy"))} | {_figure(f.get("sensitivity"))} | '
                    f'{_figure(f.get("specificity"))} |')
-    lines += ['', 'Each source holds one class only, so these figures measure each class within '
-              'its source; they cannot separate disease from source (see Known confounds).', '']
+    if public:
+      lines += ['', 'Each source holds one class only, so these figures measure each class '
+                'within its source; they cannot separate disease from source (see Known '
+                'confounds).', '']
+    else:
+      lines += ['', 'A site holding both classes compares like with like; a site holding one '
+                'class measures that class alone.', '']
   return lines
 
 
@@ -164,10 +224,14 @@ def _quantization_section(parity: dict | None) -> list[str]:
 def render_model_card(config: dict, decision: model_dir_lib.Decision, *,
                       evaluation: dict | None, evaluation_source: str,
                       parity: dict | None, files: list[str],
-                      params: int | None = None, shift_info: dict | None = None) -> str:
+                      params: int | None = None, shift_info: dict | None = None,
+                      training_strata: dict | None = None) -> str:
   """The model card's Markdown. `evaluation` has covidlib-evaluate's report.json layout;
-  `shift_info` is the model_dir's shift.json (None: the model carries no shift score)."""
+  `shift_info` is the model_dir's shift.json (None: the model carries no shift score);
+  `training_strata` is {(source, label): images} of the training split (covidlib.data.
+  stratum_counts), used to describe a user's own dataset (covid_xray's text is fixed)."""
   name = config.get('model', '?')
+  public = is_public_data(config)
   size, channels = config.get('image_size', '?'), config.get('channels', 1)
   lines = [
       f'# Model card: {name} (covidlib {covidlib.__version__})', '',
@@ -184,33 +248,34 @@ def render_model_card(config: dict, decision: model_dir_lib.Decision, *,
       f'`{decision.policy}`, temperature {decision.temperature:.4g}'
       f'{f", chosen on split `{decision.split}`" if decision.split else " (default)"}.',
       f'- Files: {", ".join(f"`{f}`" for f in files)}.', '',
-      '## Intended use', '', INTENDED_USE, '',
+      '## Intended use', '', INTENDED_USE if public else OWN_DATA_USE, '',
       '## Training data', '', f'Dataset: `{config.get("dataset", "?")}`.', '',
-      *([] if str(config.get('dataset', '')).startswith('covid_xray') else [
-          'The sources below are those of covidlib\'s `covid_xray` dataset; this model was '
-          'trained on another one: add its sources and licences here.', '']),
-      DATA_SOURCES, '',
+      *([DATA_SOURCES, ''] if public else _own_data_lines(config, training_strata)),
       '## Training configuration', '', '| Key | Value |', '|---|---|',
   ]
   for key in sorted(config):
     value = json.dumps(config[key], sort_keys=True)
     lines.append(f'| {key} | `{value}` |')
   lines += ['', '## Metrics', '']
-  lines += _metrics_section(evaluation, evaluation_source)
+  lines += _metrics_section(evaluation, evaluation_source, public)
   lines += shortcuts.render_markdown((evaluation or {}).get('shortcuts'), heading='##')
-  lines += out_of_distribution_section(shift_info, (evaluation or {}).get('shift'))
-  lines += ['## Known confounds and limitations', '', CONFOUNDS, '',
+  lines += out_of_distribution_section(shift_info, (evaluation or {}).get('shift'), public)
+  limits = CONFOUNDS if public else _own_data_limits(config, training_strata, evaluation)
+  lines += ['## Known confounds and limitations', '', limits, '',
             '## Quantization deltas', '']
   lines += _quantization_section(parity)
   lines += ['## Citation', '',
-            'Cohen J. P. et al., COVID-19 Image Data Collection, arXiv:2006.11988 (2020). '
-            'Kermany D. et al., Cell 172(5):1122-1131 (2018). DeGrave A. J. et al., Nature '
-            'Machine Intelligence 3:610-619 (2021). Trehan D., "Detecting COVID-19 using Deep '
-            'Learning" (2020).', '']
+            ('Cohen J. P. et al., COVID-19 Image Data Collection, arXiv:2006.11988 (2020). '
+             'Kermany D. et al., Cell 172(5):1122-1131 (2018). ' if public else
+             'Cite the owners of the training data. ')
+            + 'DeGrave A. J. et al., Nature Machine Intelligence 3:610-619 (2021)'
+            + ('. Trehan D., "Detecting COVID-19 using Deep Learning" (2020).' if public
+               else ' (shortcut learning across sites).'), '']
   return '\n'.join(lines)
 
 
-def out_of_distribution_section(shift_info: dict | None, evaluated: dict | None) -> list[str]:
+def out_of_distribution_section(shift_info: dict | None, evaluated: dict | None,
+                                public: bool = True) -> list[str]:
   """"Out of distribution", in plain words: what the flag means and what it does not promise."""
   lines = ['## Out of distribution', '']
   if not shift_info:
@@ -234,9 +299,9 @@ def out_of_distribution_section(shift_info: dict | None, evaluated: dict | None)
       'model can be confidently wrong on images that look familiar.',
       '- The score knows only the feature distribution of the training images. A change the '
       'features do not register goes unnoticed; in particular, images from a new hospital '
-      'that resemble the training images of the *other* class are often not flagged (a model '
-      'trained on pediatric normals and adult COVID-19 sees adult normals as close to its '
-      'adult COVID-19 images).',
+      'that resemble the training images of the *other* class are often not flagged'
+      + (' (a model trained on pediatric normals and adult COVID-19 sees adult normals as '
+         'close to its adult COVID-19 images).' if public else '.'),
       '- The flag rate on new data is an estimate from validation images: expect about '
       f'{_share_above(shift_info["policy"])} of ordinary images like the training ones to be '
       'flagged.', '']

@@ -245,3 +245,24 @@ def test_hold_out_a_site_holding_both_classes(tmp_path):
   assert entry['n_normal'] == 12 and entry['n_covid_in_source'] == 12
   assert entry['n_covid'] == 2 * 3  # Test COVID-19 images of the other sites.
   assert 0.0 <= entry['sensitivity_in_source']['value'] <= 1.0
+
+
+def test_within_source_skips_images_of_no_named_source():
+  """Images without a source make no 'within source' row (it would repeat the overall AUC)."""
+  rs = np.random.RandomState(4)
+  evaluated = _scored([1, 0] * 10, rs.rand(20), [''] * 10 + ['a'] * 10)
+  assert list(shortcuts.within_source(evaluated, n_bootstrap=0)) == ['a']
+
+
+def test_automatic_extra_data_only_for_models_of_public_data(tmp_path):
+  """'auto' unseen sources and other findings are covid_xray's: for a user's own dataset
+  nothing is chosen and nothing is noted (no 'Not measured: unseen source nih')."""
+  from covidlib import evaluate
+
+  own = {'dataset': 'labelled_xrays/mysite', 'data_dir': str(tmp_path), 'train_split': 'train'}
+  assert evaluate.resolve_unseen('auto', own, str(tmp_path)) == ({}, [])
+  assert evaluate.trained_on_public_data({'dataset': 'covid_xray/adult'})
+  assert not evaluate.trained_on_public_data(own)
+  public = {'dataset': 'covid_xray/adult', 'data_dir': str(tmp_path), 'train_split': 'train'}
+  chosen, notes = evaluate.resolve_unseen('auto', public, str(tmp_path))
+  assert chosen == {} and notes  # Not built here: said, not silent.

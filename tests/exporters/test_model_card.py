@@ -98,3 +98,26 @@ def test_card_shows_the_shortcut_figures(evaluation):
   bare = model_card.render_model_card(CONFIG, DECISION, evaluation=evaluation,
                                       evaluation_source='r', parity=None, files=[])
   assert 'Not measured (covidlib-evaluate --shortcuts was off' in bare
+
+
+def test_card_of_own_data_describes_that_data_only(evaluation):
+  """A labelled_xrays model: its sites and classes from the dataset, no covid_xray text."""
+  config = {**CONFIG, 'dataset': 'labelled_xrays/mysite'}
+  strata = {('north', 0): 40, ('north', 1): 35, ('south', 0): 20}
+  own = {**evaluation, 'groups': {}}  # The evaluated films name no site.
+  card = model_card.render_model_card(config, DECISION, evaluation=own, evaluation_source='r',
+                                      parity=None, files=[], training_strata=strata)
+  for public_text in ('ieee8023', 'Kermany', 'NIH', 'The seed split leaks', '445 of 448',
+                      'Each class from its own sources', 'add its sources and licences',
+                      'pediatric normals'):
+    assert public_text not in card, public_text
+  assert '| north | 40 | 35 |' in card and '| south | 20 | 0 |' in card
+  assert 'Sites holding one class only:** south' in card
+  assert '2 site(s): north, south' in card
+  assert '95 training images' in card  # 40 + 35 + 20, under 1,000: the small-data line.
+  assert 'the evaluated images name no site' in card
+  assert model_card.OWN_DATA_USE in card
+  # Without strata (a folder, or not built here) it asks for the sources instead.
+  card = model_card.render_model_card(config, DECISION, evaluation=None, evaluation_source='r',
+                                      parity=None, files=[])
+  assert 'add its sources and licences here' in card and 'Not evaluated' in card
