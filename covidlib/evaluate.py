@@ -45,6 +45,7 @@ from typing import Sequence
 import numpy as np
 import tensorflow as tf
 
+from covidlib import CLASS_NAMES
 from covidlib import calibration
 from covidlib import data
 from covidlib import errors
@@ -393,6 +394,8 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
       'model': config.get('model'),
       'image_size': config.get('image_size'),
       'channels': config.get('channels', 1),
+      **({} if md.class_names(config) == CLASS_NAMES else
+         {'class_names': list(md.class_names(config))}),  # A user's own two classes.
       'data': {'description': source_note.get('eval_data', 'data passed in'),
                'split': None if folder else split, 'n': len(predictions),
                'n_covid': int(predictions.labels.sum()),
@@ -413,7 +416,7 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
     heatmaps, grid, report['gradcam'] = gradcam_section(
         model, predictions, scores, decision.threshold,
         {g: predictions.metadata[g] for g in group_by if g in predictions.metadata},
-        layer=gradcam_layer, batch_size=batch_size)
+        layer=gradcam_layer, batch_size=batch_size, class_names=md.class_names(config))
 
   # ------------------------------------------------------------ Shortcuts.
   unseen_normals = None  # Normals of unseen sources: scored once, for both sections.
@@ -450,7 +453,8 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
 
 def gradcam_section(model, predictions: Scored, scores: np.ndarray, threshold: float,
                     groups: dict[str, np.ndarray], *, layer: str | None = None,
-                    batch_size: int = 32) -> tuple[np.ndarray, list[int], dict]:
+                    batch_size: int = 32, class_names: Sequence[str] = CLASS_NAMES
+                    ) -> tuple[np.ndarray, list[int], dict]:
   """(heatmaps of the first MAX_GRADCAM images, the grid's indices, report['gradcam'])."""
   grid, selection = select_for_grid(predictions.labels, scores, threshold)
   count = min(len(predictions), MAX_GRADCAM)
@@ -467,7 +471,7 @@ def gradcam_section(model, predictions: Scored, scores: np.ndarray, threshold: f
       'selection': selection,
       'grid_items': [{
           'filename': None if filenames is None else str(filenames[i]),
-          'label': ('normal', 'covid')[int(predictions.labels[i])],
+          'label': class_names[int(predictions.labels[i])],
           'p_covid': float(scores[i]),
           'lung_focus': explain.lung_focus_score(heatmaps[i]),
       } for i in grid],

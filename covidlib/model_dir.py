@@ -24,6 +24,7 @@ import os
 import tempfile
 from typing import Any, Iterator
 
+from covidlib import CLASS_NAMES
 from covidlib import errors
 
 CONFIG = 'config.json'
@@ -105,6 +106,20 @@ def check_model_dir(model_dir: str | os.PathLike) -> str:
 
 def load_config(model_dir: str | os.PathLike) -> dict:
   return read_json(os.path.join(check_model_dir(model_dir), CONFIG))
+
+
+def class_names(config: dict | None) -> tuple[str, str]:
+  """(name of label 0, name of label 1) of a model_dir's config.json: the names its dataset
+  gave (a user's own, e.g. ('normal', 'pneumonia')), else covidlib's ('normal', 'covid')."""
+  names = (config or {}).get('class_names') or CLASS_NAMES
+  if len(names) != 2 or not all(isinstance(n, str) and n for n in names):
+    raise errors.DataError(f'config.json: class_names must be two names, got {names!r}')
+  return tuple(names)
+
+
+def display_name(name: str) -> str:
+  """How reports write a class: 'covid' is COVID-19; a user's own names stay as given."""
+  return 'COVID-19' if name == 'covid' else name
 
 
 def load_decision(model_dir: str | os.PathLike) -> Decision:

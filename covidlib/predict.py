@@ -129,6 +129,7 @@ class Predictor:
     if on_shift not in ON_SHIFT:
       raise errors.UsageError(f'on_shift must be one of {", ".join(ON_SHIFT)}, got {on_shift!r}')
     self.on_shift = on_shift
+    self.class_names: tuple[str, ...] = results.CLASS_NAMES  # Label 0, label 1.
     self.shift_threshold: float | None = None
     self._run_shift = None  # images -> (P, shift scores), set by _load_shift when available.
     self.path = os.fspath(path)
@@ -149,6 +150,9 @@ class Predictor:
     self.model = model_dir_lib.load_model(self.path)
     folder = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
     self.decision = model_dir_lib.load_decision(folder)
+    if os.path.isfile(os.path.join(folder, model_dir_lib.CONFIG)):
+      self.class_names = model_dir_lib.class_names(
+          model_dir_lib.read_json(os.path.join(folder, model_dir_lib.CONFIG)))
     self.image_size, self.channels = _geometry(tuple(self.model.input_shape), self.path)
 
     def run(images):
@@ -350,12 +354,13 @@ class Predictor:
     probability = float(probability)
     label = int(probability >= self.decision.threshold)
     if shift_score is None:
-      return Prediction(path, probability, label, float(self.decision.threshold))
+      return Prediction(path, probability, label, float(self.decision.threshold),
+                        class_names=self.class_names)
     inside = bool(shift_score <= self.shift_threshold)
     abstain = not inside and self.on_shift == 'abstain'
     return Prediction(path, probability, None if abstain else label,
                       float(self.decision.threshold), shift_score=float(shift_score),
-                      in_distribution=inside, abstained=abstain)
+                      in_distribution=inside, abstained=abstain, class_names=self.class_names)
 
   def predict_array(self, image: np.ndarray, name: str = '<array>') -> Prediction:
     """Predicts one uint8 gray image, (H, W) or (H, W, 1)."""

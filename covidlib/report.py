@@ -35,7 +35,6 @@ import os
 import numpy as np
 from sklearn import metrics as sk
 
-from covidlib import CLASS_NAMES
 from covidlib import explain
 from covidlib import metrics
 from covidlib import model_dir as md
@@ -89,11 +88,14 @@ def render_markdown(report: dict, plots: dict) -> str:
   m = report['metrics']
   d = report['decision']
   data = report['data']
+  neg, pos = (md.display_name(n) for n in md.class_names(report))
+  names = {**NAMES, 'sensitivity': f'Sensitivity ({pos} recall)',
+           'specificity': f'Specificity ({neg} recall)'}
   out = [f'# Evaluation: {report["model"]} on {data["description"]}', '',
          f'> **{report["caveat"]}**', '',
-         f'{data["n"]} images: {data["n_covid"]} COVID-19, {data["n_normal"]} normal. '
+         f'{data["n"]} images: {data["n_covid"]} {pos}, {data["n_normal"]} {neg}. '
          f'Model: `{report["model_dir"]}` ({report["model"]}, {report["image_size"]} px, '
-         f'{report["channels"]} channel(s)). Label = P(COVID-19) >= {d["threshold"]:.4f} '
+         f'{report["channels"]} channel(s)). Label = P({pos}) >= {d["threshold"]:.4f} '
          f'(policy `{d["policy"]}`), P = sigmoid(logit / {d["temperature"]:.3f}).', '',
          '## Metrics with 95% intervals', '',
          '| Figure | Value | 95% interval | Counts | Method |',
@@ -106,25 +108,25 @@ def render_markdown(report: dict, plots: dict) -> str:
     if method == 'bootstrap':
       boot = report['bootstrap']
       method = f'bootstrap ({boot["n"]}, stratified, seed {boot["seed"]})'
-    out.append(f'| {NAMES.get(name, name)} | {value} | {_interval(figure)} | {counts} | '
+    out.append(f'| {names.get(name, name)} | {value} | {_interval(figure)} | {counts} | '
                f'{method} |')
   c = m['confusion']
   out += ['', f'ECE uses {report["calibration"]["n_bins"]} equal-width bins. Wilson intervals for '
           'proportions; percentile bootstrap for the rest.', '',
           '## Confusion matrix', '',
-          '| | predicted normal | predicted COVID-19 |', '|---|---|---|',
-          f'| **true normal** | {c["tn"]} (TN) | {c["fp"]} (FP) |',
-          f'| **true COVID-19** | {c["fn"]} (FN) | {c["tp"]} (TP) |', '']
+          f'| | predicted {neg} | predicted {pos} |', '|---|---|---|',
+          f'| **true {neg}** | {c["tn"]} (TN) | {c["fp"]} (FP) |',
+          f'| **true {pos}** | {c["fn"]} (FN) | {c["tp"]} (TP) |', '']
   for feature, by_value in report['groups'].items():
     out += [f'## By {feature}', '',
-            f'| {feature} | n | COVID-19 / normal | accuracy | sensitivity | specificity | '
+            f'| {feature} | n | {pos} / {neg} | accuracy | sensitivity | specificity | '
             'ROC-AUC |', '|---|---|---|---|---|---|---|']
     for value, g in by_value.items():
       f = g['figures']
       out.append(f'| {value} | {g["n"]} | {g["n_covid"]} / {g["n_normal"]} | '
                  f'{_cell(f["accuracy"])} | {_cell(f["sensitivity"])} | '
                  f'{_cell(f["specificity"])} | {_cell(f["roc_auc"])} |')
-    out += ['', '— = undefined in that group (e.g. sensitivity where it holds no COVID-19 '
+    out += ['', f'— = undefined in that group (e.g. sensitivity where it holds no {pos} '
             'image, ROC-AUC with one class only). A group holding one class only measures '
             'that class alone.', '']
   if 'shortcuts' in report:
@@ -173,7 +175,7 @@ def render_markdown(report: dict, plots: dict) -> str:
     lung = cam['lung_focus']
     out += [f'Grid of {cam["selection"]}: `{plots.get("gradcam_grid", GRID)}` '
             f'(layer `{cam["layer"]}`, heat for {cam["target"]}).', '',
-            '| file | true label | P(COVID-19) | lung focus |', '|---|---|---|---|']
+            f'| file | true label | P({pos}) | lung focus |', '|---|---|---|---|']
     for item in cam['grid_items']:
       out.append(f'| {item["filename"] or "—"} | {item["label"]} | {item["p_covid"]:.3f} | '
                  f'{_fmt(item["lung_focus"], 2)} |')
@@ -182,7 +184,7 @@ def render_markdown(report: dict, plots: dict) -> str:
             f' over {lung["all"]["n"]} images'
             + (f' ({lung["empty_maps"]} more had an all-zero map: no positive evidence for '
                'their predicted class, so no score)' if lung.get('empty_maps') else '')
-            + f'; normal {_fmt(lung["by_label"]["normal"]["mean"], 2)}, COVID-19 '
+            + f'; {neg} {_fmt(lung["by_label"]["normal"]["mean"], 2)}, {pos} '
             f'{_fmt(lung["by_label"]["covid"]["mean"], 2)}.']
     for key, by_value in lung.items():
       if key.startswith('by_') and key != 'by_label':
@@ -370,6 +372,7 @@ def predictions_csv(evaluation) -> str:
   scored = evaluation.predictions
   threshold = evaluation.decision.threshold
   shift_scores = evaluation.shift_scores
+  names = md.class_names(evaluation.report)
   files, sources = scored.column('filename'), scored.column('source')
   patients, views = scored.column('patient_id'), scored.column('view')
   buffer = io.StringIO()
@@ -383,7 +386,7 @@ def predictions_csv(evaluation) -> str:
       shift_cells = [f'{shift_scores[i]:.6g}',
                      str(bool(shift_scores[i] <= evaluation.shift_threshold)).lower()]
     writer.writerow([files[i], _patient_hash(sources[i], patients[i]), sources[i], views[i],
-                     int(scored.labels[i]), f'{p:.6f}', CLASS_NAMES[int(p >= threshold)],
+                     int(scored.labels[i]), f'{p:.6f}', names[int(p >= threshold)],
                      *shift_cells])
   return buffer.getvalue()
 

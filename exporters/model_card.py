@@ -155,17 +155,22 @@ def _figure(figure: dict | None) -> str:
   return metrics_lib.format_figure(figure, undefined='n/a', reason=True)
 
 
-def _metrics_section(evaluation: dict | None, source: str, public: bool = True) -> list[str]:
+def _metrics_section(evaluation: dict | None, source: str, public: bool = True,
+                     names: tuple[str, str] = ('normal', 'COVID-19')) -> list[str]:
   if evaluation is None:
     return ['No metrics: no evaluation report in the model_dir and no parity data at export.', '']
+  neg, pos = names
   metrics = evaluation['metrics']
   data = evaluation.get('data', {})
   lines = [f'Source: {source}. Data: {data.get("description", "?")}: {metrics["n"]} images '
-           f'({metrics["n_covid"]} COVID-19, {metrics["n_normal"]} normal), threshold '
+           f'({metrics["n_covid"]} {pos}, {metrics["n_normal"]} {neg}), threshold '
            f'{metrics["threshold"]:.4g}. 95% intervals: Wilson for proportions, stratified '
            'bootstrap otherwise.', '',
            '| Figure | Value [95% interval] |', '|---|---|']
+  titles = {'sensitivity': f'Sensitivity ({pos} recall)',
+            'specificity': f'Specificity ({neg} recall)'}
   for key, name in _FIGURES:
+    name = titles.get(key, name)
     if key in metrics['figures']:
       lines.append(f'| {name} | {_figure(metrics["figures"][key])} |')
   c = metrics.get('confusion')
@@ -181,7 +186,7 @@ def _metrics_section(evaluation: dict | None, source: str, public: bool = True) 
     lines += ['Not available: the evaluation data carries no `source` feature (a folder of '
               'images rather than the covid_xray TFDS dataset).', '']
   else:
-    lines += ['| Source | n | COVID-19 / normal | Accuracy | Sensitivity | Specificity |',
+    lines += [f'| Source | n | {pos} / {neg} | Accuracy | Sensitivity | Specificity |',
               '|---|---|---|---|---|---|']
     for value, g in groups['source'].items():
       f = g['figures']
@@ -232,6 +237,7 @@ def render_model_card(config: dict, decision: model_dir_lib.Decision, *,
   stratum_counts), used to describe a user's own dataset (covid_xray's text is fixed)."""
   name = config.get('model', '?')
   public = is_public_data(config)
+  names = tuple(model_dir_lib.display_name(n) for n in model_dir_lib.class_names(config))
   size, channels = config.get('image_size', '?'), config.get('channels', 1)
   lines = [
       f'# Model card: {name} (covidlib {covidlib.__version__})', '',
@@ -243,7 +249,8 @@ def render_model_card(config: dict, decision: model_dir_lib.Decision, *,
       f'({channels} channel{"s" if channels != 1 else ""}), scaled to [0, 1], by '
       '`covidlib.preprocess` (inside the SavedModel `serving_default` signature; done by the '
       'caller for `serving_preprocessed` and TFLite).',
-      '- Output: P(COVID-19) after temperature scaling; label 1 = COVID-19, 0 = normal.',
+      f'- Output: P({names[1]}) after temperature scaling; label 1 = {names[1]}, 0 = '
+      f'{names[0]}.',
       f'- Operating point (decision.json): threshold {decision.threshold:.4g}, policy '
       f'`{decision.policy}`, temperature {decision.temperature:.4g}'
       f'{f", chosen on split `{decision.split}`" if decision.split else " (default)"}.',
@@ -257,7 +264,7 @@ def render_model_card(config: dict, decision: model_dir_lib.Decision, *,
     value = json.dumps(config[key], sort_keys=True)
     lines.append(f'| {key} | `{value}` |')
   lines += ['', '## Metrics', '']
-  lines += _metrics_section(evaluation, evaluation_source, public)
+  lines += _metrics_section(evaluation, evaluation_source, public, names)
   lines += shortcuts.render_markdown((evaluation or {}).get('shortcuts'), heading='##')
   lines += out_of_distribution_section(shift_info, (evaluation or {}).get('shift'), public)
   limits = CONFOUNDS if public else _own_data_limits(config, training_strata, evaluation)

@@ -214,3 +214,18 @@ def test_saved_model_without_assets_takes_the_threshold_from_its_graph(exports, 
   shutil.rmtree(copy / 'assets.extra')
   decision = predict.Predictor(copy).decision
   assert decision.threshold == pytest.approx(0.45) and 'SavedModel graph' in decision.policy
+
+
+def test_a_model_dir_with_its_own_class_names_predicts_them(exports, image_files, tmp_path):
+  """config.json's class_names (a user's own dataset) name each Prediction's class."""
+  import shutil
+  run = tmp_path / 'run'
+  shutil.copytree(exports['model_dir'], run)
+  config = model_dir_lib.read_json(run / 'config.json')
+  model_dir_lib.write_json(run / 'config.json', {**config, 'class_names': ['normal', 'pneumonia']})
+  own = predict.Predictor(str(run)).predict_files(image_files[:4])
+  stock = predict.Predictor(exports['model_dir']).predict_files(image_files[:4])
+  for mine, theirs in zip(own, stock):
+    assert mine.probability == theirs.probability and mine.label == theirs.label
+    assert mine.class_name == ('normal', 'pneumonia')[mine.label]
+    assert theirs.class_name == ('normal', 'covid')[theirs.label]

@@ -1,5 +1,6 @@
 """covidlib.report and the array-level parts of covidlib.evaluate, without a trained model."""
 
+import csv
 import json
 import os
 import sys
@@ -173,3 +174,24 @@ def test_all_zero_heatmaps_are_counted_not_scored():
   evaluation.report['gradcam']['lung_focus'] = lung
   text = report.render_markdown(evaluation.report, {})
   assert 'over 5 images (3 more had an all-zero map' in text
+
+
+def test_a_users_own_class_names_name_everything(tmp_path):
+  """report.json's class_names (a labelled_xrays dataset's, e.g. normal / pneumonia) replace
+  COVID-19 in report.md and predictions.csv; without them the names are covidlib's."""
+  pred = _predictions()
+  evaluation = _evaluation(pred, md.Decision(threshold=0.5))
+  evaluation.report['class_names'] = ['normal', 'pneumonia']
+  report.write_report(str(tmp_path), evaluation, plots=False)
+  text = (tmp_path / 'report.md').read_text()
+  assert 'COVID-19' not in text.split('## Shortcuts')[0].split('## Grad-CAM')[0]
+  assert 'Sensitivity (pneumonia recall)' in text and 'predicted pneumonia' in text
+  with open(tmp_path / report.PREDICTIONS_CSV) as f:
+    rows = list(csv.DictReader(f))
+  assert {r['decision'] for r in rows} == {'normal', 'pneumonia'}
+  assert all(r['decision'] == ('pneumonia' if float(r['probability']) >= 0.5 else 'normal')
+             for r in rows)
+  assert md.class_names({}) == ('normal', 'covid')
+  assert md.display_name('covid') == 'COVID-19' and md.display_name('pneumonia') == 'pneumonia'
+  with pytest.raises(errors.DataError, match='class_names must be two names'):
+    md.class_names({'class_names': ['a', 'b', 'c']})
