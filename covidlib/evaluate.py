@@ -47,6 +47,7 @@ import tensorflow as tf
 
 from covidlib import CLASS_NAMES
 from covidlib import calibration
+from covidlib import confounds as confounds_lib
 from covidlib import data
 from covidlib import errors
 from covidlib import explain
@@ -322,7 +323,8 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
                        n_bootstrap: int = metrics.DEFAULT_BOOTSTRAP, seed: int = 0,
                        n_bins: int = metrics.DEFAULT_BINS, gradcam: bool = True,
                        gradcam_layer: str | None = None, batch_size: int = 32,
-                       shortcut_options: dict | None = None) -> Evaluation:
+                       shortcut_options: dict | None = None,
+                       confounds: Sequence[str] = ()) -> Evaluation:
   """Evaluates a model_dir on a split (or a folder, or datasets passed in).
 
   Args:
@@ -341,6 +343,8 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
     shortcut_options: add the `shortcuts` section (shortcut_section keyword arguments plus
       'unseen', e.g. {'other_dataset': 'auto', 'unseen': 'auto', 'held_out_reports': []});
       None leaves it out.
+    confounds: metadata features (e.g. ['view']) for the `confounds` section: the ROC-AUC of
+      each feature alone and the model's within each value (covidlib.confounds).
 
   Raises:
     UsageError: a bad model_dir, policy, split or grouping feature.
@@ -351,7 +355,7 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
   model = md.load_model(model_dir)
   if threshold_policy is not None:
     threshold_lib.parse_policy(threshold_policy)
-  unknown = [g for g in (group_by or ()) if g not in METADATA_KEYS]
+  unknown = [g for g in (*(group_by or ()), *confounds) if g not in METADATA_KEYS]
   if unknown:
     raise errors.UsageError(f'cannot group by {unknown}: valid features are '
                             f'{", ".join(METADATA_KEYS)}')
@@ -409,6 +413,10 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
                                      n_bootstrap=n_bootstrap, seed=seed, n_bins=n_bins))
   scores = (calibration.apply_temperature(predictions.scores, decision.temperature)
             if decision.temperature != 1.0 else predictions.scores)
+  if confounds:
+    report['confounds'] = confounds_lib.confound_section(
+        predictions.labels, scores, {c: predictions.column(c) for c in confounds},
+        n_bootstrap=n_bootstrap, seed=seed)
 
   # ------------------------------------------------------------ Grad-CAM.
   heatmaps, grid = None, []

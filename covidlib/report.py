@@ -35,6 +35,7 @@ import os
 import numpy as np
 from sklearn import metrics as sk
 
+from covidlib import confounds
 from covidlib import explain
 from covidlib import metrics
 from covidlib import model_dir as md
@@ -129,6 +130,7 @@ def render_markdown(report: dict, plots: dict) -> str:
     out += ['', f'— = undefined in that group (e.g. sensitivity where it holds no {pos} '
             'image, ROC-AUC with one class only). A group holding one class only measures '
             'that class alone.', '']
+  out += confounds.render_markdown(report.get('confounds'), pos)
   if 'shortcuts' in report:
     out += shortcuts.render_markdown(report['shortcuts'])
   if 'shift' in report:

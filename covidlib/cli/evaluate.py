@@ -93,6 +93,10 @@ _HELD_OUT = _DEFINE(flags.DEFINE_list, 'held_out_report', [],
                     'Folders or hold_out.json files of covidlib-crossval --hold_out=source.')
 _PROBE = _DEFINE(flags.DEFINE_boolean, 'source_probe', True,
                  'Fit the source probe on the penultimate features.')
+_CONFOUNDS = _DEFINE(
+    flags.DEFINE_list, 'confounds', [],
+    'Metadata features (e.g. view) for the Confounds section: ROC-AUC of the feature alone and '
+    "the model's ROC-AUC within each of its values.")
 _BATCH_SIZE = _DEFINE(flags.DEFINE_integer, 'batch_size', 32, 'Evaluation batch size.',
                       lower_bound=1)
 
@@ -110,7 +114,8 @@ def main(argv: list[str]) -> None:
       shortcut_options=None if not _SHORTCUTS.value else {
           'other_dataset': _OTHER_FINDINGS.value or None,
           'unseen': 'auto' if _UNSEEN.value == ['auto'] else [u for u in _UNSEEN.value if u],
-          'held_out_reports': _HELD_OUT.value, 'probe': _PROBE.value})
+          'held_out_reports': _HELD_OUT.value, 'probe': _PROBE.value},
+      confounds=[c for c in _CONFOUNDS.value if c])
   paths = report.write_report(out, result, history=report.load_history(_MODEL_DIR.value),
                               plots=_PLOTS.value)
   figures = result.report['metrics']['figures']

@@ -205,6 +205,27 @@ def test_predictions_csv_has_a_row_per_image(workspace):
   assert set(counts.values()) == {2}
 
 
+def test_confounds_section_from_the_same_pass(workspace):
+  """--confounds=view: within each view, the model's ROC-AUC on exactly the rows of
+  predictions.csv with that view (an independent recount with scikit-learn)."""
+  from sklearn.metrics import roc_auc_score
+
+  root, paths = workspace
+  out = os.path.join(root, 'eval_confounds')
+  result = evaluate.evaluate_model_dir(paths['model_dir'], split='test', n_bootstrap=0,
+                                       gradcam=False, batch_size=8, confounds=['view'])
+  report.write_report(out, result, plots=False)
+  with open(os.path.join(out, report.PREDICTIONS_CSV), newline='') as f:
+    rows = list(csv.DictReader(f))
+  section = result.report['confounds']['view']
+  for view in ('AP', 'PA'):
+    mine = [r for r in rows if r['view'] == view]
+    want = roc_auc_score([int(r['label']) for r in mine], [float(r['probability']) for r in mine])
+    assert section['within'][view]['roc_auc']['value'] == pytest.approx(want, abs=1e-6)
+  with open(os.path.join(out, report.REPORT_MD)) as f:
+    assert '## Confounds' in f.read()
+
+
 if __name__ == '__main__':  # Writes the reference files: python test_evaluate_golden.py OUT
   target = os.path.abspath(sys.argv[1])
   import tempfile
