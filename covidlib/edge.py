@@ -25,12 +25,19 @@ TensorFlow runs them; see `_jpeg_rgb`); DICOM goes
 through `covidlib.dicom`, which is numpy and pydicom only. The labels, threshold and temperature
 come from the file's metadata (`covidlib.tflite_metadata`), else a decision.json beside it.
 
+Out of distribution (`covidlib.shift`): a variant exported with a shift score, uint8_image
+included, has a second output `shift_score`, found by its signature name, and the threshold in
+its covidlib_shift metadata entry; each Prediction then has `shift_score` and `in_distribution`
+(score <= threshold), computed in the same invocation as the probability. Both are None for a
+model without a shift score (or without its threshold), as in `covidlib.predict`.
+
 Batches overlap decoding and inference: files are read and preprocessed by a thread pool (Pillow
 and numpy release the GIL) while the interpreter runs on the calling thread, in input order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from typing import Iterable
@@ -51,6 +58,7 @@ Prediction = results.Prediction
 DEFAULT_MAX_PIXELS = 64 * 1024 * 1024
 _LUMA = np.asarray((0.2989, 0.5870, 0.1140), np.float32)
 UINT8_IMAGE = 'uint8_image'
+SHIFT_OUTPUT = 'shift_score'  # = exporters.tflite.SHIFT_OUTPUT.
 
 
 # ------------------------------------------------------------------ Decoding (Pillow).
@@ -290,11 +298,41 @@ def dequantize(y: np.ndarray, detail: dict) -> np.ndarray:
   return ((y.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
 
+def split_outputs(interpreter, outputs: list[dict]) -> tuple[list[dict], dict | None]:
+  """(the other outputs, the `shift_score` output or None), by the signature's output names."""
+  if len(outputs) < 2:
+    return outputs, None
+  try:
+    named = interpreter.get_signature_runner().get_output_details()
+  except (ValueError, KeyError, RuntimeError):
+    return outputs, None
+  if SHIFT_OUTPUT not in named:
+    return outputs, None
+  index = named[SHIFT_OUTPUT]['index']
+  shift_output = next((o for o in outputs if o['index'] == index), None)
+  return [o for o in outputs if o['index'] != index], shift_output
+
+
+def _shift_threshold(info: tflite_metadata.ModelInfo, path: str) -> float | None:
+  """The covidlib_shift entry's threshold, or None without one."""
+  entry = info.extra.get('shift')
+  threshold = entry.get('threshold') if isinstance(entry, dict) else None
+  if threshold is None:
+    return None
+  try:
+    return float(threshold)
+  except (TypeError, ValueError):
+    raise errors.ModelLoadError(
+        f'{path}: malformed covidlib metadata in the TFLite file (shift threshold '
+        f'{threshold!r} is not a number)') from None
+
+
 class EdgePredictor:
   """A .tflite model, its stored operating point, and TensorFlow-free preprocessing.
 
   Attributes:
-    path, kind (UINT8_IMAGE or 'preprocessed'), image_size, channels, decision, labels.
+    path, kind (UINT8_IMAGE or 'preprocessed'), image_size, channels, decision, labels,
+    shift_threshold (None for a model without a shift score).
   """
 
   def __init__(self, path: str | os.PathLike, *, num_threads: int | None = None,
@@ -342,12 +380,16 @@ class EdgePredictor:
     self.decision = info.decision or model_dir_lib.load_decision(
         os.path.dirname(os.path.abspath(self.path)))
     inputs = self.interpreter.get_input_details()
-    outputs = self.interpreter.get_output_details()
+    outputs, shift_output = split_outputs(self.interpreter,
+                                          self.interpreter.get_output_details())
     if len(inputs) != 1 or len(outputs) != 1:
       raise errors.ModelLoadError(
           f'{self.path}: expected one input and one output, found {len(inputs)} and '
           f'{len(outputs)}: not a covidlib TFLite export')
     self._input, self._output = inputs[0], outputs[0]
+    threshold = _shift_threshold(info, self.path)
+    self._shift_output = shift_output if threshold is not None else None
+    self.shift_threshold = threshold if shift_output is not None else None
     signature = tuple(int(d) for d in self._input.get('shape_signature', self._input['shape']))
     if (info.input or {}).get('kind') == UINT8_IMAGE:
       if self._input['dtype'] != np.uint8 or len(signature) != 4 or signature[3] != 1:
@@ -373,8 +415,17 @@ class EdgePredictor:
       return np.ascontiguousarray(gray.reshape(1, gray.shape[0], gray.shape[1], 1), np.uint8)
     return quantize(preprocess(gray, self.image_size, self.channels)[np.newaxis], self._input)
 
+  @property
+  def has_shift(self) -> bool:
+    """True when the model returns a shift score and carries its threshold."""
+    return self.shift_threshold is not None
+
   def run(self, prepared: np.ndarray) -> float:
     """P(COVID-19) for one `prepare`d input (not thread-safe: one interpreter)."""
+    return self.run_with_shift(prepared)[0]
+
+  def run_with_shift(self, prepared: np.ndarray) -> tuple[float, float | None]:
+    """(P(COVID-19), shift score or None) for one `prepare`d input, in one invocation."""
     interpreter = self.interpreter
     if self.kind == UINT8_IMAGE and prepared.shape[1:3] != self._shape:
       interpreter.resize_tensor_input(self._input['index'], list(prepared.shape), strict=False)
@@ -382,11 +433,20 @@ class EdgePredictor:
       self._shape = prepared.shape[1:3]
     interpreter.set_tensor(self._input['index'], prepared)
     interpreter.invoke()
-    return float(dequantize(interpreter.get_tensor(self._output['index']),
-                             self._output).reshape(-1)[0])
+    probability = float(dequantize(interpreter.get_tensor(self._output['index']),
+                                   self._output).reshape(-1)[0])
+    if self._shift_output is None:
+      return probability, None
+    return probability, float(dequantize(interpreter.get_tensor(self._shift_output['index']),
+                                         self._shift_output).reshape(-1)[0])
 
-  def _result(self, path: str, probability: float) -> Prediction:
-    return results.prediction(path, probability, self.decision.threshold, self.labels)
+  def _result(self, path: str, probability: float, shift_score: float | None = None
+              ) -> Prediction:
+    result = results.prediction(path, probability, self.decision.threshold, self.labels)
+    if shift_score is None:
+      return result
+    return dataclasses.replace(result, shift_score=float(shift_score),
+                               in_distribution=bool(shift_score <= self.shift_threshold))
 
   def predict_array(self, image: np.ndarray, name: str = '<array>') -> Prediction:
     """Predicts one uint8 gray image, (H, W) or (H, W, 1)."""
@@ -398,7 +458,7 @@ class EdgePredictor:
           f'{image.shape}')
     if image.ndim == 2:
       image = image[..., np.newaxis]
-    return self._result(name, self.run(self.prepare(image)))
+    return self._result(name, *self.run_with_shift(self.prepare(image)))
 
   def predict_files(self, paths: Iterable[str | os.PathLike], workers: int | None = None
                     ) -> list[Prediction]:
@@ -418,5 +478,5 @@ class EdgePredictor:
       if error is not None:
         out.append(Prediction(path, None, None, float(self.decision.threshold), error.reason))
       else:
-        out.append(self._result(path, self.run(prepared)))
+        out.append(self._result(path, *self.run_with_shift(prepared)))
     return out

@@ -216,6 +216,7 @@ class Predictor:
       self._edge = edge.EdgePredictor(self.path, num_threads=num_threads,
                                       max_pixels=self.max_pixels)
       self.image_size, self.channels = self._edge.image_size, self._edge.channels
+      self.shift_threshold = self._edge.shift_threshold
       return
     inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
     outputs, self._shift_output = _tflite_split_outputs(interpreter, outputs)
@@ -282,7 +283,7 @@ class Predictor:
 
   @property
   def has_shift(self) -> bool:
-    return self._run_shift is not None
+    return self._run_shift is not None or (self._edge is not None and self._edge.has_shift)
 
   def _load_shift(self) -> None:
     """Sets shift_threshold and _run_shift when the model carries a shift score."""
@@ -372,15 +373,18 @@ class Predictor:
           f'{image.shape}')
     if image.ndim == 2:
       image = image[..., np.newaxis]
-    if self._edge is not None:  # The uint8_image variant has no shift output.
-      return self._result(name, self._predict_batch([self._preprocess(image)])[0])
-    p, scores = self.predict_preprocessed_with_shift(self._preprocess(image)[np.newaxis])
+    p, scores = self._predict_batch([self._preprocess(image)])
     return self._result(name, p[0], None if scores is None else scores[0])
 
-  def _predict_batch(self, images: list[np.ndarray]) -> np.ndarray:
+  def _predict_batch(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
+    """P(COVID-19) and the shift scores (None without a shift score) of `_preprocess`ed images."""
     if self._edge is not None:  # Images of their own sizes: one at a time.
-      return np.asarray([self._edge.run(self._edge.prepare(x)) for x in images], np.float32)
-    return self.predict_preprocessed(np.stack(images))
+      pairs = [self._edge.run_with_shift(self._edge.prepare(x)) for x in images]
+      scores = np.asarray([s for _, s in pairs], np.float64) if self._edge.has_shift else None
+      return np.asarray([p for p, _ in pairs], np.float32), scores
+    if not self.has_shift:
+      return self.predict_preprocessed(np.stack(images)), None
+    return self.predict_preprocessed_with_shift(np.stack(images))
 
   def predict_files(self, paths: Iterable[str | os.PathLike], batch_size: int = 16,
                     workers: int | None = None) -> list[Prediction]:
@@ -397,11 +401,7 @@ class Predictor:
 
     def flush():
       if pending:
-        if self._edge is not None or not self.has_shift:
-          probabilities, scores = self._predict_batch([x for _, x in pending]), None
-        else:
-          probabilities, scores = self.predict_preprocessed_with_shift(
-              np.stack([x for _, x in pending]))
+        probabilities, scores = self._predict_batch([x for _, x in pending])
         for k, ((i, _), p) in enumerate(zip(pending, probabilities)):
           out[i] = self._result(paths[i], p, None if scores is None else scores[k])
         pending.clear()

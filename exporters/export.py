@@ -280,7 +280,8 @@ def _build(tmp, model_dir, model, config, decision, *, formats, int8_io, dataset
     quant_type = fmt[len('tflite_'):]
     log.info('converting %s', fmt)
     if fmt == 'tflite_uint8_image':
-      data = tflite.convert_tflite_uint8_image(model, UINT8_IMAGE_QUANT_TYPE, decision)
+      data = tflite.convert_tflite_uint8_image(model, UINT8_IMAGE_QUANT_TYPE, decision,
+                                               shift_model=_shift_model(model_dir))
       path = os.path.join(tmp, tflite_filename(fmt))
       model_dir_lib.write_bytes_atomic(path, data)
       variants[fmt] = path

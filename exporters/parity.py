@@ -15,7 +15,8 @@ interpreter at 1 and 2 threads for .tflite, the `serving_preprocessed` signature
 SavedModel, a direct Keras call for the reference).
 
 The tflite_uint8_image variant takes the decoded image as it is: it is run on the split's images
-at their original sizes (`raw`), against the Keras model on the same images.
+at their original sizes (`raw`), against the Keras model on the same images (its shift score
+too).
 Shift score (issue #10): when the Keras model carries one, each variant's `shift_score` is
 compared with the Keras one on the same images: the share of images whose out-of-distribution
 flag agrees, and the relative difference of the scores (median and max). Informational, no
@@ -166,17 +167,20 @@ def parity_report(model_path: str, variants: dict[str, str], images: np.ndarray,
           f'variant {name!r} has threshold {predictor.decision.threshold}, the Keras model '
           f'{threshold}: they were not exported from the same model_dir')
     v_labels, v_ref, v_keras, latency_image = labels, p_ref, keras_figures, images[0]
+    v_shift_ref = shift_ref
     if predictor.takes_uint8_image:
       if raw is None or not len(raw[0]):
         raise errors.UsageError(f'variant {name!r} takes decoded images: parity needs `raw`')
       raw_images, v_labels = raw[0], np.asarray(raw[1]).reshape(-1).astype(np.int64)
       if raw_reference is None:
-        raw_reference = np.array([reference.predict_array(x).probability for x in raw_images])
+        raw_reference, raw_shift_ref = _probabilities_and_scores(reference, raw_images)
         raw_figures = _figures(v_labels, raw_reference, threshold, n_bootstrap, seed)
       v_ref, v_keras, latency_image = raw_reference, raw_figures, raw_images[0]
-      p = np.array([predictor.predict_array(x).probability for x in raw_images], np.float64)
+      v_shift_ref = raw_shift_ref
+      p, scores = _probabilities_and_scores(predictor, raw_images)
     else:
-      p = predictor.predict_preprocessed(images).astype(np.float64)
+      p, scores = predictor.predict_preprocessed_with_shift(images)
+      p = p.astype(np.float64)
     figures = _figures(v_labels, p, threshold, n_bootstrap, seed)
     agreement = float(np.mean((p >= threshold) == (v_ref >= threshold)))
     auc, auc_ref = figures['roc_auc']['value'], v_keras['roc_auc']['value']
@@ -209,7 +213,8 @@ def parity_report(model_path: str, variants: dict[str, str], images: np.ndarray,
       entry['n'] = int(len(v_labels))
     entry['targets'] = checks
     if shift_ref is not None:
-      entry['shift'] = _shift_parity(predictor, images, shift_ref, reference.shift_threshold)
+      entry['shift'] = _shift_parity(scores, predictor.shift_threshold, v_shift_ref,
+                                     reference.shift_threshold)
     models[name] = entry
   verdicts = [c['pass'] for m in models.values() for c in m.get('targets', {}).values()]
   return {
@@ -224,14 +229,22 @@ def parity_report(model_path: str, variants: dict[str, str], images: np.ndarray,
   }
 
 
-def _shift_parity(predictor, images: np.ndarray, reference: np.ndarray, threshold: float
-                  ) -> dict:
-  """A variant's shift scores against the Keras ones: flag agreement and relative differences."""
+def _probabilities_and_scores(predictor, images) -> tuple[np.ndarray, np.ndarray | None]:
+  """P and shift scores (None without a shift score) of decoded uint8 images, one at a time."""
+  results = [predictor.predict_array(x) for x in images]
+  p = np.array([r.probability for r in results], np.float64)
   if not predictor.has_shift:
+    return p, None
+  return p, np.array([r.shift_score for r in results], np.float64)
+
+
+def _shift_parity(scores: np.ndarray | None, threshold: float | None, reference: np.ndarray,
+                  reference_threshold: float) -> dict:
+  """A variant's shift scores against the Keras ones: flag agreement and relative differences."""
+  if scores is None:
     return {'missing': 'the variant has no shift_score output'}
-  _, scores = predictor.predict_preprocessed_with_shift(images)
   relative = np.abs(scores - reference) / np.maximum(np.abs(reference), 1e-9)
-  flags, flags_ref = scores > predictor.shift_threshold, reference > threshold
+  flags, flags_ref = scores > threshold, reference > reference_threshold
   return {'flag_agreement': float(np.mean(flags == flags_ref)),
           'share_flagged': float(np.mean(flags)),
           'median_rel_diff': float(np.median(relative)), 'max_rel_diff': float(relative.max())}

@@ -34,8 +34,10 @@ The exporter also writes labels.txt and decision.json next to the .tflite files.
 Shift score (`covidlib.shift`): when given one (or converting a SavedModel that returns one),
 every variant has a second output `shift_score` (float32 (1,); int8 with int8_io), the squared
 Mahalanobis distance computed from the penultimate features with ordinary ops (FULLY_CONNECTED,
-SUB, MUL, SUM, MIN), in the same invocation as `probability`. Find the outputs by name with the
-interpreter's signature runner (`get_signature_runner().get_output_details()`). The int8
+SUB, MUL, SUM, MIN), in the same invocation as `probability`; the uint8_image variant computes it
+on the image after its in-graph resize and scaling, i.e. on the same tensor as the others. Find the outputs by name with the
+interpreter's signature runner (`get_signature_runner().get_output_details()`); `probability`
+is output 0 for apps that read outputs by position. The int8
 variant's score is quantized on the calibration images' range, and large scores saturate at
 its top. The training images alone all score below the threshold (the density was fitted on
 them), so a far-out image would saturate below it and pass as in distribution; the converter
@@ -85,17 +87,7 @@ def _probability_saved_model(source: keras.Model | str, out_dir: str,
   if isinstance(source, keras.Model):
     image_size, channels = serving.model_geometry(source)
     archive = keras.export.ExportArchive()
-    archive.track(source)
-    if shift_model is not None:
-      with_features = models.feature_model(source)
-      archive.track(with_features)
-
-    def outputs(images):
-      if shift_model is None:
-        return {OUTPUT: tf.reshape(source(images, training=False), [-1])}
-      probability, features = with_features(images, training=False)
-      return {OUTPUT: tf.reshape(probability, [-1]),
-              SHIFT_OUTPUT: serving.shift_score_tf(shift_model, features)}
+    outputs = _outputs(source, shift_model, archive)
     archive.add_endpoint(
         'serving_default', tf.function(outputs),
         input_signature=[tf.TensorSpec((None, image_size, image_size, channels), tf.float32,
@@ -124,6 +116,22 @@ def _probability_saved_model(source: keras.Model | str, out_dir: str,
       input_signature=[tf.TensorSpec(spec.shape, tf.float32, name=INPUT)])
   tf.saved_model.save(module, out_dir, signatures={'serving_default': module.serve})
   return int(spec.shape[1]), int(spec.shape[3])
+
+
+def _outputs(source: keras.Model, shift_model, archive):
+  """images float32 (N, S, S, C) -> {'probability': (N,)} (and 'shift_score' (N,) with a shift
+  model), in one forward pass; tracks the Keras models it calls in `archive`."""
+  archive.track(source)
+  if shift_model is None:
+    return lambda images: {OUTPUT: tf.reshape(source(images, training=False), [-1])}
+  with_features = models.feature_model(source)
+  archive.track(with_features)
+
+  def outputs(images):
+    probability, features = with_features(images, training=False)
+    return {OUTPUT: tf.reshape(probability, [-1]),
+            SHIFT_OUTPUT: serving.shift_score_tf(shift_model, features)}
+  return outputs
 
 
 def _saved_model_decision(saved_model_dir: str) -> model_dir_lib.Decision:
@@ -231,7 +239,29 @@ def convert_tflite(source: keras.Model | str | os.PathLike, quant_type: str,
   entries = dict(tflite_metadata.covidlib_entries(decision))
   if shift_entry is not None:
     entries[SHIFT_METADATA] = shift_entry
+    flatbuffer = _probability_first(flatbuffer)
   return embed_metadata(flatbuffer, entries)
+
+
+def _probability_first(flatbuffer: bytes) -> bytes:
+  """The flatbuffer with `probability` as output 0 of its subgraph.
+
+  With a second output the converter may put `shift_score` first; apps that read outputs by
+  position (Android `Interpreter.run`, iOS `output(at: 0)`) must still get P(COVID-19). The
+  signature maps names to tensors, not to positions, so it stays as it is.
+  """
+  from ai_edge_litert.tools import flatbuffer_utils  # Optional (covidlib[litert]), as metadata.
+
+  model = flatbuffer_utils.read_model_from_bytearray(bytearray(flatbuffer))
+  names = {(m.name.decode() if isinstance(m.name, bytes) else m.name): m.tensorIndex
+           for m in model.signatureDefs[0].outputs}
+  subgraph = model.subgraphs[model.signatureDefs[0].subgraphIndex or 0]
+  outputs = [int(i) for i in subgraph.outputs]
+  index = names.get(OUTPUT)
+  if index is None or index not in outputs or outputs[0] == index:
+    return flatbuffer
+  subgraph.outputs = [index] + [i for i in outputs if i != index]
+  return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
 def _with_shift_anchors(source, images: np.ndarray, threshold: float, shift_model) -> np.ndarray:
@@ -303,9 +333,10 @@ def preprocess_in_graph(image: tf.Tensor, image_size: int, channels: int) -> tf.
   return tf.concat([x] * channels, axis=-1) if channels > 1 else x
 
 
-def uint8_image_input(image_size: int, channels: int) -> dict:
-  """The `covidlib_input` metadata of the uint8_image variant (what an app must hand over)."""
-  return {
+def uint8_image_input(image_size: int, channels: int, shift: bool = False) -> dict:
+  """The `covidlib_input` metadata of the uint8_image variant (what an app must hand over);
+  with `shift`, it also names the second output, `shift_score`."""
+  described = {
       'kind': 'uint8_image', 'signature': 'serving_default', 'name': UINT8_IMAGE_INPUT,
       'dtype': 'uint8',
       'shape': [1, -1, -1, 1], 'layout': 'NHWC', 'image_size': image_size,
@@ -317,10 +348,17 @@ def uint8_image_input(image_size: int, channels: int) -> dict:
       'output': {'name': OUTPUT, 'dtype': 'float32', 'shape': [1],
                  'meaning': 'calibrated P(COVID-19); label = probability >= threshold'},
   }
+  if shift:
+    described['shift_output'] = {
+        'name': SHIFT_OUTPUT, 'dtype': 'float32', 'shape': [1],
+        'meaning': 'out-of-distribution score of the preprocessed image (covidlib.shift); '
+                   f'in_distribution = shift_score <= the threshold of {SHIFT_METADATA}'}
+  return described
 
 
 def convert_tflite_uint8_image(model: keras.Model, quant_type: str = 'dynamic',
-                               decision: model_dir_lib.Decision | None = None) -> bytes:
+                               decision: model_dir_lib.Decision | None = None,
+                               shift_model=None) -> bytes:
   """A .tflite that takes the decoded gray image as it is: uint8 (1, H, W, 1), any H and W.
 
   Scaling and the antialiased resize of `covidlib.preprocess` run inside the graph, so an app
@@ -332,13 +370,18 @@ def convert_tflite_uint8_image(model: keras.Model, quant_type: str = 'dynamic',
     model: the inference model (float32 (S, S, C) in [0, 1] -> sigmoid 'probability').
     quant_type: one of UINT8_IMAGE_QUANT_TYPES.
     decision: the operating point; its temperature is folded into the model.
+    shift_model: a covidlib.shift.ShiftModel with a threshold, to add the `shift_score`
+      output (computed on the image after the in-graph resize and scaling, as every other
+      variant computes it on its input) and the covidlib_shift metadata entry; None: neither.
 
   Returns:
     The .tflite flatbuffer with labels, decision and the input description embedded
-    (`covidlib.tflite_metadata`: covidlib_input kind 'uint8_image').
+    (`covidlib.tflite_metadata`: covidlib_input kind 'uint8_image'), and covidlib_shift with a
+    shift model.
 
   Raises:
-    UsageError: another quant_type, or a model that is not a covidlib inference model.
+    UsageError: another quant_type, a model that is not a covidlib inference model, or a
+      shift model without a threshold.
   """
   if quant_type not in UINT8_IMAGE_QUANT_TYPES:
     raise errors.UsageError(
@@ -350,14 +393,14 @@ def convert_tflite_uint8_image(model: keras.Model, quant_type: str = 'dynamic',
   decision = decision or model_dir_lib.Decision()
   image_size, channels = serving.model_geometry(model)
   source = serving.serving_model(model, decision.temperature)
-
-  def serve(image):
-    x = preprocess_in_graph(image, image_size, channels)
-    return {OUTPUT: tf.reshape(source(x, training=False), [-1])}
+  shift_entry = _shift_entry(source, shift_model)
 
   with tempfile.TemporaryDirectory(prefix='covidlib_tflite_') as tmp:
     archive = keras.export.ExportArchive()
-    archive.track(source)
+    outputs = _outputs(source, shift_model, archive)
+
+    def serve(image):
+      return outputs(preprocess_in_graph(image, image_size, channels))
     archive.add_endpoint(
         'serving_default', tf.function(serve),
         input_signature=[tf.TensorSpec((1, None, None, 1), tf.uint8, name=UINT8_IMAGE_INPUT)])
@@ -366,8 +409,12 @@ def convert_tflite_uint8_image(model: keras.Model, quant_type: str = 'dynamic',
     if quant_type == 'dynamic':
       converter.optimizations = [tf.lite.Optimize.DEFAULT]
     flatbuffer = converter.convert()
-  return embed_metadata(flatbuffer, tflite_metadata.covidlib_entries(
-      decision, uint8_image_input(image_size, channels)))
+  entries = tflite_metadata.covidlib_entries(
+      decision, uint8_image_input(image_size, channels, shift=shift_entry is not None))
+  if shift_entry is not None:
+    entries[SHIFT_METADATA] = shift_entry
+    flatbuffer = _probability_first(flatbuffer)
+  return embed_metadata(flatbuffer, entries)
 
 
 # The metadata format has one TensorFlow-free definition, shared with the edge route.

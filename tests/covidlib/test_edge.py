@@ -418,6 +418,26 @@ def test_binary_rows_errors_and_exit_statuses(exports, image_files, tmp_path, ca
     assert out == '' and err.startswith(f'{cli.PROG}: error: {message}') and err.count('\n') == 1
 
 
+def test_without_a_shift_score_the_shift_columns_stay_blank(exports, image_files, capsys):
+  """A model exported without a shift score: one output, no covidlib_shift, blank cells."""
+  from ai_edge_litert.interpreter import Interpreter
+  content = open(exports['uint8_image'], 'rb').read()
+  assert tflite_metadata.SHIFT not in tflite_metadata.read_metadata(content)
+  assert 'shift_output' not in tflite_metadata.read_model_info(content).input
+  assert len(Interpreter(model_content=content).get_output_details()) == 1
+  for variant in ('fp32', 'uint8_image'):  # The last one's results are checked below.
+    ours = edge.EdgePredictor(exports[variant])
+    assert not ours.has_shift and ours.shift_threshold is None
+    got = ours.predict_files(image_files[:2])
+    assert all(r.ok and r.shift_score is None and r.in_distribution is None for r in got)
+  argv = [cli.PROG, f'--model={exports["uint8_image"]}', '--format=csv', *image_files[:2]]
+  assert cli.call_main(argv) == 0
+  header, *rows = capsys.readouterr().out.splitlines()
+  assert header.endswith(',shift_score,in_distribution,decision') and len(rows) == 2
+  for row, result in zip(rows, got):
+    assert row.endswith(f',,,{result.class_name}')  # error, shift_score, in_distribution blank.
+
+
 @pytest.mark.slow
 def test_console_script_runs_without_importing_tensorflow(exports, image_files):
   code = ('import sys; sys.argv = ["covidlib-predict-edge", "--format=csv", '

@@ -10,6 +10,9 @@ Tolerances (relative, on the squared Mahalanobis distance), from what each varia
                               of images.
   tflite_int8                 8-bit activations and a saturating output: flags only (>= 80%
                               on in-distribution images, and every far-out image flagged).
+The uint8_image variants (fp32, dynamic) take the decoded image and score it after their
+in-graph resize; they are held to the fp32 and dynamic tolerances against the Keras model on
+the same images through covidlib.preprocess, and run through the TensorFlow-free edge route.
 """
 
 import json
@@ -17,7 +20,9 @@ import os
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from covidlib import edge
 from covidlib import model_dir as model_dir_lib
 from covidlib import predict
 from covidlib import shift
@@ -26,6 +31,9 @@ from covidlib import scoring
 RTOL = {'model_dir': 0.0, 'saved_model': 1e-3, 'tflite_fp32': 1e-3, 'tflite_fp16': 0.25,
         'tflite_dynamic': 0.25}
 FLAG_AGREEMENT = {'tflite_fp16': 0.9, 'tflite_dynamic': 0.9, 'tflite_int8': 0.8}
+UINT8_IMAGE = {'tflite_uint8_image': 'fp32', 'tflite_uint8_image_dynamic': 'dynamic'}
+UINT8_RTOL = {'tflite_uint8_image': RTOL['tflite_fp32'],
+              'tflite_uint8_image_dynamic': RTOL['tflite_dynamic']}
 
 
 def _far_out(n, size=16):
@@ -41,6 +49,32 @@ def _far_out(n, size=16):
       image = (np.arange(size)[None, :] % 4 < 2).repeat(size, 0).astype(np.float32)
     out.append(image[..., None])
   return np.stack(out)
+
+
+def _validation_raw(helpers):
+  """The decoded images behind the fixture's `validation` (same seed), at their own sizes."""
+  return helpers.xray_like(30, seed=7)
+
+
+def _far_out_gray(n):
+  """_far_out as decoded uint8 images: at the model's size, so the resize is the identity."""
+  return [np.round(x[..., 0] * 255).astype(np.uint8) for x in _far_out(n)]
+
+
+@pytest.fixture(scope='module')
+def uint8_exports(shift_exports, tiny_model, decision, tmp_path_factory):
+  """The uint8_image variants with the fixture's shift score: name -> path."""
+  from exporters import tflite
+
+  fitted = shift_exports[0]
+  root = tmp_path_factory.mktemp('uint8_shift')
+  paths = {}
+  for name, quant_type in UINT8_IMAGE.items():
+    path = root / f'model_{name}.tflite'
+    path.write_bytes(tflite.convert_tflite_uint8_image(tiny_model, quant_type, decision,
+                                                       shift_model=fitted))
+    paths[name] = str(path)
+  return paths
 
 
 @pytest.fixture(scope='module')
@@ -174,19 +208,122 @@ def test_bad_on_shift(shift_exports):
     predict.Predictor(shift_exports[1]['model_dir'], on_shift='x')
 
 
-def test_parity_report_has_the_shift_table(shift_exports, tmp_path):
+def test_parity_report_has_the_shift_table(shift_exports, uint8_exports, helpers):
   from exporters import parity
 
   fitted, paths, validation = shift_exports
   variants = {k: v for k, v in paths.items() if k != 'model_dir'}
-  report = parity.parity_report(paths['model_dir'], variants, validation,
-                                np.arange(len(validation)) % 2, latency_runs=0, n_bootstrap=0)
+  variants.update(uint8_exports)
+  labels = np.arange(len(validation)) % 2
+  raw = ([x[..., None] for x in _validation_raw(helpers)], labels)
+  report = parity.parity_report(paths['model_dir'], variants, validation, labels,
+                                latency_runs=0, n_bootstrap=0, raw=raw)
   assert report['shift']['threshold'] == pytest.approx(fitted.threshold)
   for name in variants:
-    assert report['models'][name]['shift']['flag_agreement'] >= FLAG_AGREEMENT.get(name, 1.0)
+    want = FLAG_AGREEMENT.get(name, FLAG_AGREEMENT['tflite_dynamic'] if 'dynamic' in name else 1)
+    assert report['models'][name]['shift']['flag_agreement'] >= want
   assert report['models']['saved_model']['shift']['max_rel_diff'] < 1e-3
+  assert report['models']['tflite_uint8_image']['shift']['max_rel_diff'] < UINT8_RTOL[
+      'tflite_uint8_image'] + 1e-3
   text = parity.render_markdown(report)
-  assert '## Shift score' in text and '| tflite_int8 |' in text.split('## Shift score')[1]
+  table = text.split('## Shift score')[1]
+  assert '| tflite_int8 |' in table and '| tflite_uint8_image |' in table
+  assert 'no shift_score output' not in table
+
+
+# ------------------------------------------------------------------ The uint8_image variant.
+
+@pytest.mark.parametrize('name', sorted(UINT8_IMAGE))
+def test_uint8_image_scores_match_keras_on_the_preprocessed_images(
+    shift_exports, uint8_exports, tiny_model, helpers, name):
+  fitted, _, _ = shift_exports
+  raw = _validation_raw(helpers)[:12] + _far_out_gray(3)
+  assert len({x.shape for x in raw}) > 5  # Resized in the graph from assorted sizes.
+  reference = fitted.score(scoring.penultimate_features(tiny_model, helpers.preprocessed(raw)))
+  ours = edge.EdgePredictor(uint8_exports[name])
+  assert ours.kind == edge.UINT8_IMAGE and ours.has_shift
+  assert ours.shift_threshold == pytest.approx(fitted.threshold, rel=1e-6)
+  got = [ours.predict_array(x) for x in raw]
+  scores = np.array([r.shift_score for r in got])
+  np.testing.assert_allclose(scores, reference, rtol=UINT8_RTOL[name], atol=1e-3)
+  assert [r.in_distribution for r in got] == [bool(s <= ours.shift_threshold) for s in scores]
+  agree = np.mean((scores <= fitted.threshold) == (reference <= fitted.threshold))
+  assert agree >= FLAG_AGREEMENT.get(name.replace('uint8_image_', ''), 1.0)
+  # The full route runs the same file through covidlib.edge: the same scores.
+  full = predict.Predictor(uint8_exports[name])
+  assert full.has_shift and full.shift_threshold == ours.shift_threshold
+  np.testing.assert_allclose([full.predict_array(x).shift_score for x in raw], scores, rtol=1e-6)
+
+
+@pytest.mark.parametrize('name', sorted(UINT8_IMAGE) + ['tflite_fp32', 'tflite_int8'])
+def test_edge_route_flags_far_out_images(shift_exports, uint8_exports, helpers, name):
+  fitted, paths, _ = shift_exports
+  gray = _far_out_gray(6) + [255 - _far_out_gray(1)[0]]  # Checkerboards, noise, stripes.
+  keras_route = predict.Predictor(paths['model_dir'])
+  assert all(keras_route.predict_array(x).in_distribution is False for x in gray)
+  ours = edge.EdgePredictor({**paths, **uint8_exports}[name])
+  got = [ours.predict_array(x) for x in gray]
+  assert all(r.in_distribution is False and r.shift_score > fitted.threshold for r in got)
+  assert all(r.label in (0, 1) for r in got)  # Flagged, still labelled (no abstention here).
+  inside = [ours.predict_array(x) for x in _validation_raw(helpers)]
+  reference = [keras_route.predict_array(x).in_distribution for x in _validation_raw(helpers)]
+  agree = np.mean([r.in_distribution == want for r, want in zip(inside, reference)])
+  assert agree >= FLAG_AGREEMENT.get(name.replace('uint8_image_', ''), 0.9)
+
+
+def test_uint8_image_metadata_and_second_output(shift_exports, uint8_exports):
+  from ai_edge_litert.interpreter import Interpreter
+
+  from covidlib import tflite_metadata
+
+  fitted, _, _ = shift_exports
+  content = open(uint8_exports['tflite_uint8_image'], 'rb').read()
+  assert tflite_metadata.read_shift_threshold(content) == fitted.threshold
+  info = tflite_metadata.read_model_info(content)
+  assert info.input['shift_output']['name'] == 'shift_score'
+  assert info.extra['shift'] == json.loads(shift.info_json(fitted))
+  runner = Interpreter(model_content=content).get_signature_runner()
+  assert sorted(runner.get_output_details()) == ['probability', 'shift_score']
+  assert list(runner.get_input_details()) == ['image']
+
+
+@pytest.mark.parametrize('name', sorted(UINT8_IMAGE) + [f'tflite_{q}' for q in (
+    'fp32', 'dynamic', 'fp16', 'int8')])
+def test_probability_is_output_0_for_apps_that_read_by_position(shift_exports, uint8_exports,
+                                                                name):
+  from ai_edge_litert.interpreter import Interpreter
+
+  content = open({**shift_exports[1], **uint8_exports}[name], 'rb').read()
+  interpreter = Interpreter(model_content=content)
+  named = interpreter.get_signature_runner().get_output_details()
+  positions = [o['index'] for o in interpreter.get_output_details()]
+  assert positions == [named['probability']['index'], named['shift_score']['index']]
+
+
+def test_predict_edge_csv_has_the_shift_columns(shift_exports, uint8_exports, helpers, tmp_path,
+                                                capsys):
+  from covidlib.cli import predict_edge as cli
+
+  fitted, paths, _ = shift_exports
+  inside, far = _validation_raw(helpers)[0], _far_out_gray(1)[0]
+  Image.fromarray(inside).save(tmp_path / 'a.png')
+  Image.fromarray(far).save(tmp_path / 'b.png')
+  keras_route = predict.Predictor(paths['model_dir'])
+  want = {'a.png': keras_route.predict_array(inside), 'b.png': keras_route.predict_array(far)}
+  assert want['b.png'].in_distribution is False
+  argv = [cli.PROG, f'--model={uint8_exports["tflite_uint8_image"]}', '--format=csv',
+          str(tmp_path / 'a.png'), str(tmp_path / 'b.png')]
+  assert cli.call_main(argv) == 0
+  header, *rows = capsys.readouterr().out.splitlines()
+  columns = header.split(',')
+  assert columns[-3:] == ['shift_score', 'in_distribution', 'decision']
+  assert len(rows) == 2
+  for row in rows:
+    cells = dict(zip(columns, row.split(',')))
+    reference = want[os.path.basename(cells['path'])]
+    assert float(cells['shift_score']) == pytest.approx(reference.shift_score, rel=1e-3)
+    assert cells['in_distribution'] == str(reference.in_distribution).lower()
+    assert cells['decision'] == cells['class_name'] == reference.class_name
 
 
 def test_model_card_explains_out_of_distribution(shift_exports, decision):
@@ -220,3 +357,15 @@ def test_a_shift_file_of_another_model_is_refused(tmp_path, tiny_model, helpers)
   with pytest.raises(errors.ModelLoadError, match='shift.npz: fitted on 5 features, the model '
                      'has 64'):
     predict.Predictor(run)
+
+
+def test_export_writes_the_uint8_image_variant_with_the_shift_score(shift_exports, tmp_path):
+  from covidlib import tflite_metadata
+  from exporters import export
+
+  fitted, paths, _ = shift_exports
+  export.export_model_dir(paths['model_dir'], str(tmp_path / 'out'),
+                          formats=['tflite_uint8_image'], parity_split=None, latency_runs=0)
+  path = tmp_path / 'out' / 'model_uint8_image.tflite'
+  assert tflite_metadata.read_shift_threshold(path.read_bytes()) == fitted.threshold
+  assert edge.EdgePredictor(path).has_shift
