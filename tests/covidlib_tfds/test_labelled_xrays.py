@@ -12,6 +12,7 @@ writes and prints. `DummyDataTest` runs TFDS's own builder checks on the shipped
 
 import io
 import os
+import re
 import subprocess
 import sys
 
@@ -55,9 +56,11 @@ BAD = {  # name -> what the reason says.
     'bad/missing.png': 'no such file',
     'bad/unlabelled.png': 'unlabelled',
     'bad/maybe.png': "label 'perhaps' is not covid, normal, 1 or 0",
-    'bad/stray.png': 'does not list (unlabelled)',
     'labels.csv line 33': 'leaves the CSV\'s folder',
 }
+# An image file in the folder that the CSV does not list: left out, counted (unlisted='skip'),
+# or bad (unlisted='fail').
+UNLISTED = {'bad/stray.png': 'does not list (unlabelled)'}
 
 
 class DummyDataTest(tfds.testing.DatasetBuilderTestCase):
@@ -199,6 +202,13 @@ def test_the_bad_line_number_is_right(folder):
   assert lines[32].startswith('../outside.png')  # 'labels.csv line 33' in BAD.
 
 
+def _listing(message: str) -> str:
+  """The file an error message says lists every bad file."""
+  match = re.search(r'All of them are listed in (\S+bad_files\.txt)\.', message)
+  assert match, message
+  return match.group(1)
+
+
 def test_build_fails_naming_every_bad_file(folder, tmp_path):
   root, _ = folder
   with pytest.raises(errors.DataError) as error:
@@ -207,8 +217,19 @@ def test_build_fails_naming_every_bad_file(folder, tmp_path):
   assert message.startswith(f'{len(BAD)} bad file(s)')
   for name, reason in BAD.items():
     assert f'{name}: ' in message and reason in message, name
+  assert 'stray.png' not in message  # Unlisted: left out, not bad (unlisted='skip').
   assert '--skip_bad' in message
   assert not list(tmp_path.rglob('*.tfrecord*'))
+  listed = open(_listing(message), encoding='utf-8').read().splitlines()
+  assert len(listed) == len(BAD)
+  assert all(any(line.startswith(f'{n}: ') and r in line for line in listed)
+             for n, r in BAD.items())
+  # unlisted='fail' makes the unlisted file bad too (the behaviour before issue 16).
+  with pytest.raises(errors.DataError) as error:
+    _build(root / 'labels.csv', tmp_path, unlisted='fail')
+  message = str(error.value)
+  assert message.startswith(f'{len(BAD) + 1} bad file(s)')
+  assert all(f'{n}: ' in message and r in message for n, r in {**BAD, **UNLISTED}.items())
 
 
 def test_splits_hold_every_good_file_once_and_no_patient_twice(folder, built):
@@ -262,6 +283,9 @@ def test_bad_files_are_recorded_by_name(built):
   assert len(recorded) == len(BAD)
   for name, reason in BAD.items():
     assert any(r.startswith(f'{name}: ') and reason in r for r in recorded), name
+  assert builder.info.metadata['unlisted_files'] == 1
+  assert builder.info.metadata['unlisted_first'] == list(UNLISTED)
+  assert builder.info.metadata['class_names'] == ['normal', 'covid']
   assert builder.info.metadata['excluded_files'] == []
   assert builder.info.metadata['images_without_patient_id'] == 0
 
@@ -309,7 +333,8 @@ def test_no_identifying_text_in_any_output(folder, tmp_path):
        '--test_fraction=0.2'],
       cwd=REPO, env=env, capture_output=True, timeout=300)
   assert result.returncode == 0, result.stderr.decode()[-3000:]
-  assert b'bad files left out (--skip_bad): 7' in result.stdout
+  assert b'bad files left out (--skip_bad): 6' in result.stdout
+  assert b'unlisted image files left out: 1' in result.stdout
   outputs = {'stdout': result.stdout, 'stderr': result.stderr}
   for path in data_dir.rglob('*'):
     if path.is_file():
@@ -347,8 +372,10 @@ def test_a_path_naming_the_patient_fails_unless_file_names_are_hashed(tmp_path):
     _build(root / 'labels.csv', tmp_path / 'a')
   builder = _build(root / 'labels.csv', tmp_path / 'b', hash_filenames=True, skip_bad=True)
   assert builder.info.metadata['split_from'] == 'csv'
-  [stray] = builder.info.metadata['bad_files']  # Named by its hashed name.
-  assert stray.startswith(privacy.hashed_filename(SALT, 'PIDZQ0042/stray.png') + ': ')
+  assert builder.info.metadata['bad_files'] == []
+  # The unlisted file is named by its hashed name.
+  assert builder.info.metadata['unlisted_first'] == [
+      privacy.hashed_filename(SALT, 'PIDZQ0042/stray.png')]
   assert {s: i.num_examples for s, i in builder.info.splits.items()} == {
       'train': 3, 'validation': 1, 'test': 1}
   # The CSV's split puts patient PIDZQ0042 on three sides: kept, and counted.
@@ -395,7 +422,10 @@ def test_labels_csv_rules(tmp_path):
   rows, bad, columns = labels.read_labels(csv)
   assert columns == ['path', 'label', 'age', 'split']
   assert [(r.path, r.label, r.split, r.age, r.line) for r in rows] == [
-      ('a/b.png', 'covid', 'train', 45, 2), ('c.png', 'normal', 'test', -1, 3)]
+      ('a/b.png', 'Covid', 'train', 45, 2), ('c.png', '0', 'test', -1, 3)]  # Labels as written.
+  classes, rows, other = labels.resolve_classes(rows)
+  assert classes == ('normal', 'covid') and other == []
+  assert [r.label for r in rows] == ['covid', 'normal']
   assert [str(b) for b in bad] == [
       "d.png: split 'holdout' is not one of train, validation, test (labels.csv line 4)",
       "e.png: age 'old' is not a whole number of years (labels.csv line 5)",
@@ -457,8 +487,16 @@ def test_binary_errors_are_one_line(folder, tmp_path, monkeypatch, capsys):
   monkeypatch.setenv(privacy.SALT_ENV, SALT)
   assert _run_build(csv, '--name=x', f'--data_dir={tmp_path}') == 1
   lines = _error_lines(capsys.readouterr().err)
-  assert len(lines) == 1 and lines[0].startswith('covidlib_tfds.build: error: 7 bad file(s)')
+  assert len(lines) == 1 and lines[0].startswith('covidlib_tfds.build: error: 6 bad file(s)')
   assert all(name in lines[0] for name in BAD)
+  assert _run_build(csv, '--name=x', f'--data_dir={tmp_path}', '--unlisted=fail') == 1
+  lines = _error_lines(capsys.readouterr().err)
+  assert len(lines) == 1 and lines[0].startswith('covidlib_tfds.build: error: 7 bad file(s)')
+  with pytest.raises(SystemExit) as exit_:  # A bad flag value: absl's one line, exit 2.
+    _run_build(csv, '--name=x', f'--data_dir={tmp_path}', '--unlisted=maybe')
+  assert exit_.value.code == 2
+  assert _error_lines(capsys.readouterr().err)[0].startswith(
+      'covidlib_tfds.build: error: flag --unlisted=maybe')
 
 
 @pytest.mark.slow
