@@ -15,9 +15,9 @@ paths leaving that folder ('..') are refused, so that no local path reaches the 
 `positive` says which is label 1. `split`, where given, is `train`, `validation` or `test`. `age`
 is whole years.
 
-Nothing is dropped silently: each row that cannot be used (no or bad label, bad path, split or
-age, a path listed twice) becomes a `BadFile` naming the file (or the CSV line, when the path is
-missing) and the reason. The values of `patient_id` are never part of a message.
+Nothing is dropped silently: each row that cannot be used (no label, bad path, split or age, a
+path listed twice; from `resolve_classes`, a label of neither class) becomes a `BadFile` naming
+the file (or the CSV line, when the path is missing) and the reason. The values of `patient_id` are never part of a message.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ OPTIONAL = ('patient_id', 'site', 'view', 'age', 'sex', 'split', 'finding')
 SPLITS = ('train', 'validation', 'test')
 LABELS = {'covid': 'covid', '1': 'covid', 'normal': 'normal', '0': 'normal'}
 DEFAULT_CLASSES = ('normal', 'covid')  # index = label: [negative, positive].
-# Files in the CSV's folder that count as images (and must therefore be listed in the CSV);
+# Files in the CSV's folder that count as images (and so are unlisted when the CSV lacks them);
 # files with no suffix count when they hold a DICOM header (DICOM exports often have none).
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.dcm', '.dicom', '.dic')
 _MAX_SHOWN = 24  # Characters of a bad value quoted in a message.

@@ -6,7 +6,7 @@ for its columns; paths relative to the CSV's folder):
     export COVIDLIB_SALT='a long secret; keep it, later builds need it for the same pseudonyms'
     python -m covidlib_tfds.build --labels_csv=exports/labels.csv --name=site_2025 \
         --data_dir=tfds_data [--val_fraction=0.15 --test_fraction=0.15] [--frontal_only] \
-        [--skip_bad] [--hash_filenames]
+        [--skip_bad] [--hash_filenames] [--unlisted=skip|fail] [--positive=pneumonia]
 
 Then load it like any TFDS dataset, without the CSV (TFDS reads the built config from data_dir):
 
@@ -18,14 +18,25 @@ The same build in Python: `tfds.builder('labelled_xrays/site_2025', data_dir=...
 salt=..., skip_bad=True).download_and_prepare()` (builder arguments below).
 
 What the build does, streaming (one image in memory at a time, per worker thread):
-1. Reads the CSV; lists every image file under the CSV's folder that it does not list.
+1. Reads the CSV and finds its two classes (below); lists every image file under the CSV's
+   folder that it does not list.
 2. Reads and decodes every listed file once (DICOM through covidlib.dicom: modality LUT, VOI
    LUT / window, 12/16 bits, MONOCHROME1), keeping only a perceptual hash and a few header
    fields: PatientID where the CSV row has no patient_id, ViewPosition where it has no view,
    PatientAge / PatientSex where it has no age / sex. No other header element is read.
-3. Splits by patient (site + patient id) and near-duplicate image, as covid_xray/patient_split
-   does (covidlib_tfds.splitting), unless the CSV has a `split` column, which is then used as is.
+3. Splits by patient (site + patient id) and near-duplicate image (covidlib_tfds.splitting,
+   balance_groups=True: each split gets its share of the images, of each class's images and of
+   the patients, within about one patient's images, whatever the patients' sizes), unless the
+   CSV has a `split` column, which is then used as is.
 4. Decodes each file again to write it: gray uint8 PNG, longest side capped at MAX_SIDE.
+
+Classes: the CSV's `label` holds two names. covid and normal (or 1 and 0, any case) need nothing
+more: label 1 is covid, and rows with another label are bad rows. Any other two names (e.g.
+pneumonia and normal) need `positive` (--positive=pneumonia), the one that becomes label 1.
+More than two names fail the build, each named with its row count. The names are recorded in
+`info.metadata['class_names']`, [negative, positive] (index = label; the spelling of the first
+row), read back by `covidlib.data.class_names`; the `label` feature's own names stay
+normal/covid (one feature definition with covid_xray): the metadata says what 0 and 1 mean.
 
 Example features: as covid_xray's (image, label, image/filename, patient_id, source, view, age)
 plus finding and sex. `source` is the CSV's site ('' without one), so covidlib-evaluate's
@@ -33,9 +44,15 @@ per-source tables are per site and a site can be held out like any source. `pati
 salted hash (covidlib_tfds/privacy.py). `image/filename` is the CSV's relative path, or with
 hash_filenames a hash of it. Ages above 89 are stored as 90 (HIPAA Safe Harbor), -1 unknown.
 
-Bad input: files that are missing, unreadable or undecodable, image files the CSV does not
-list, and CSV rows with no or a bad label, path, split or age. The build fails with a DataError
-naming every one of them, unless skip_bad=True: then it goes on without them, logs each as a
+Image files in the CSV's folder that it does not list (a folder only partly labelled) are left
+out: counted in one log line that names the first 5, and recorded in
+`info.metadata['unlisted_files']` (the count) and `['unlisted_first']` (the first 10 names).
+With unlisted='fail' (--unlisted=fail) they are bad files instead.
+Bad input: files the CSV lists that are missing, unreadable or undecodable, and CSV rows with no
+or a bad label, path, split or age. The build fails with one DataError line giving their count
+and the first 20 (name: reason), and writes all of them, one a line, to bad_files.txt in a new
+private temporary folder (mode 0700, not beside the dataset: the CSV's paths may name patients)
+that the message names; unless skip_bad=True: then it goes on without them, logs each as a
 warning, and lists them in `info.metadata['bad_files']` ('<name>: <reason>').
 A file path that shows its patient's id or DICOM name fails the build (CSV line numbers named)
 unless hash_filenames=True. Images with no patient id at all (neither in the CSV nor in a
@@ -43,13 +60,20 @@ DICOM header) are split as their own patients; they are counted in the log and i
 `info.metadata['images_without_patient_id']`. With frontal_only, views other than PA/AP are left out and listed in
 `info.metadata['excluded_files']`; files of unknown view are kept (and counted in the log).
 
-A config already built in data_dir is reused, not rebuilt: after changing the files or the CSV,
-build again with --overwrite (or under a new name).
+A build records what it was made from in `info.metadata['inputs']` (`input_fingerprint`: the
+CSV's sha256, a digest of every file's path, size and mtime, a slow hash of the salt, the
+arguments below). A config already built in data_dir is reused only when a new build from a
+labels CSV has the same inputs; other inputs (an edited CSV, files added or touched, another
+salt or argument) fail in one line naming what changed: build again with --overwrite
+(download_mode=REUSE_CACHE_IF_EXISTS), or under a new name.
 
-Builder arguments (build time only; none is stored in the dataset):
+Builder arguments (build time only; none is stored in the dataset but in the fingerprint):
   labels_csv: the labels CSV.
   salt: the pseudonym salt (default: $COVIDLIB_SALT); required.
   skip_bad: build without the bad files instead of failing.
+  unlisted: 'skip' (default) leaves out image files the CSV does not list; 'fail' counts them
+    as bad files.
+  positive: the label of class 1, needed unless the labels are covid/normal or 1/0.
   val_fraction, test_fraction: shares of the patient split (default 0.15 each; 0 leaves the
     split out). Ignored when the CSV has a split column.
   frontal_only: keep PA and AP views only.
