@@ -17,7 +17,8 @@ is whole years.
 
 Nothing is dropped silently: each row that cannot be used (no label, bad path, split or age, a
 path listed twice; from `resolve_classes`, a label of neither class) becomes a `BadFile` naming
-the file (or the CSV line, when the path is missing) and the reason. The values of `patient_id` are never part of a message.
+the file (or the CSV line, when the path is missing) and the reason. The values of `patient_id`
+are never part of a message.
 """
 
 from __future__ import annotations

@@ -57,8 +57,9 @@ warning, and lists them in `info.metadata['bad_files']` ('<name>: <reason>').
 A file path that shows its patient's id or DICOM name fails the build (CSV line numbers named)
 unless hash_filenames=True. Images with no patient id at all (neither in the CSV nor in a
 DICOM header) are split as their own patients; they are counted in the log and in
-`info.metadata['images_without_patient_id']`. With frontal_only, views other than PA/AP are left out and listed in
-`info.metadata['excluded_files']`; files of unknown view are kept (and counted in the log).
+`info.metadata['images_without_patient_id']`. With frontal_only, views other than PA/AP are
+left out and listed in `info.metadata['excluded_files']`; files of unknown view are kept (and
+counted in the log).
 
 A build records what it was made from in `info.metadata['inputs']` (`input_fingerprint`: the
 CSV's sha256, a digest of every file's path, size and mtime, a slow hash of the salt, the

@@ -632,7 +632,8 @@ def test_own_class_names_need_positive(tmp_path, capsys, monkeypatch):
                            r'covid and normal: .* --positive=NAME'):
     _build(csv, tmp_path / 'a')
   with pytest.raises(errors.UsageError, match=r"--positive=flu: no row of labels.csv has that "
-                                              r"label; its labels are 'normal' \(5 rows\), 'Pneumonia'"):
+                                              r"label; its labels are 'normal' \(5 rows\), "
+                                              r"'Pneumonia'"):
     _build(csv, tmp_path / 'a', positive='flu')
   builder = _build(csv, tmp_path / 'b', positive='pneumonia', val_fraction=0.2,
                    test_fraction=0.2)
@@ -654,9 +655,9 @@ def test_own_class_names_need_positive(tmp_path, capsys, monkeypatch):
 
 def test_more_than_two_class_names_is_an_error_naming_them(tmp_path):
   csv = _small_folder(tmp_path / 'export', labels_=('pneumonia', 'normal', 'effusion'))
-  with pytest.raises(errors.DataError, match=r"labels.csv has 3 label names, 'pneumonia' \(4 rows\), "
-                                             r"'effusion' \(3 rows\), 'normal' \(3 rows\); "
-                                             'labelled_xrays takes two'):
+  with pytest.raises(errors.DataError,
+                     match=r"labels.csv has 3 label names, 'pneumonia' \(4 rows\), "
+                           r"'effusion' \(3 rows\), 'normal' \(3 rows\); labelled_xrays takes two"):
     _build(csv, tmp_path / 'a', positive='pneumonia')
   with pytest.raises(errors.UsageError, match='--positive=NAME .*; labelled_xrays takes two'):
     _build(csv, tmp_path / 'a')
