@@ -207,6 +207,20 @@ def training_sources(config: dict) -> set[str] | None:
                     config.get('data_dir')))
 
 
+def class_names(dataset: str, data_dir: str | os.PathLike | None = None) -> tuple[str, str]:
+  """(negative, positive) class names of a built dataset: index = label.
+
+  A labelled_xrays build records its own (e.g. ('normal', 'pneumonia')) in
+  `info.metadata['class_names']`; datasets without them get CLASS_NAMES, ('normal', 'covid').
+  """
+  metadata = builder(dataset, data_dir).info.metadata or {}
+  names = metadata.get('class_names')
+  if (isinstance(names, (list, tuple)) and len(names) == 2
+      and all(isinstance(n, str) and n for n in names)):
+    return names[0], names[1]
+  return CLASS_NAMES[0], CLASS_NAMES[1]
+
+
 def num_examples(dataset: str, split: str, data_dir: str | os.PathLike | None = None) -> int:
   """Number of examples in a split of a built TFDS dataset, from its metadata."""
   b = builder(dataset, data_dir)

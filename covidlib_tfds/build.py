@@ -29,10 +29,16 @@ Your own labelled X-rays (DICOM/PNG/JPEG and a labels CSV) become `labelled_xray
 
     COVIDLIB_SALT=... python -m covidlib_tfds.build --labels_csv=exports/labels.csv \
         --name=site_2025 --data_dir=DIR [--val_fraction=0.15 --test_fraction=0.15] \
-        [--frontal_only] [--skip_bad] [--hash_filenames]
+        [--frontal_only] [--skip_bad] [--hash_filenames] [--unlisted=skip|fail] \
+        [--positive=pneumonia]
 
-Bad files (missing, undecodable, unlabelled, not in the CSV) fail the build, every one named,
-unless --skip_bad; see covidlib_tfds/labelled_xrays/labelled_xrays_dataset_builder.py.
+Image files in the CSV's folder that it does not list are left out, counted and the first few
+named (--unlisted=fail: they are bad files instead). Bad files (missing, undecodable, unlabelled
+rows) fail the build, counted, the first 20 named, all of them written to a file the message
+names, unless --skip_bad. --positive names the label of class 1 when the CSV's two labels are
+not covid and normal (e.g. pneumonia and normal). Building a NAME already built from other
+inputs (CSV, files, salt, flags) fails: --overwrite, or a new --name. See
+covidlib_tfds/labelled_xrays/labelled_xrays_dataset_builder.py.
 """
 
 from __future__ import annotations
@@ -93,6 +99,13 @@ _SKIP_BAD = flags.DEFINE_bool('skip_bad', False, 'With --labels_csv: build witho
                               flag_values=FLAGS)
 _HASH_FILENAMES = flags.DEFINE_bool('hash_filenames', False, 'With --labels_csv: store hashed '
                                     'file names, not the CSV\'s paths.', flag_values=FLAGS)
+_UNLISTED = flags.DEFINE_enum('unlisted', 'skip', list(labelled_xrays.UNLISTED),
+                              'With --labels_csv: image files in the CSV\'s folder that it does '
+                              'not list are left out and counted (skip), or are bad files (fail).',
+                              flag_values=FLAGS)
+_POSITIVE = flags.DEFINE_string('positive', None, 'With --labels_csv: the label of the positive '
+                                'class (label 1), e.g. pneumonia; needed unless the labels are '
+                                'covid/normal or 1/0.', flag_values=FLAGS)
 
 
 def build(name: str, *, manual_dir: str | None, data_dir: str | None, allow_missing: bool,
@@ -114,7 +127,8 @@ def build_labelled(labels_csv: str, name: str, *, data_dir: str | None, salt: st
                    val_fraction: float = labelled_xrays.DEFAULT_FRACTION,
                    test_fraction: float = labelled_xrays.DEFAULT_FRACTION,
                    frontal_only: bool = False, skip_bad: bool = False,
-                   hash_filenames: bool = False,
+                   hash_filenames: bool = False, unlisted: str = 'skip',
+                   positive: str | None = None,
                    overwrite: bool = False) -> tfds.core.DatasetBuilder:
   """Prepares labelled_xrays/`name` from a labels CSV and returns its builder."""
   if not name:
@@ -123,7 +137,8 @@ def build_labelled(labels_csv: str, name: str, *, data_dir: str | None, salt: st
                                       test_fraction=test_fraction, frontal_only=frontal_only,
                                       hash_filenames=hash_filenames)
   builder = labelled_xrays.Builder(config=config, data_dir=data_dir, labels_csv=labels_csv,
-                                   salt=salt, skip_bad=skip_bad)
+                                   salt=salt, skip_bad=skip_bad, unlisted=unlisted,
+                                   positive=positive)
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
@@ -136,12 +151,19 @@ def _main_labelled() -> int:
         _LABELS_CSV.value, _NAME.value, data_dir=_DATA_DIR.value, salt=_SALT.value,
         val_fraction=_VAL_FRACTION.value, test_fraction=_TEST_FRACTION.value,
         frontal_only=_FRONTAL_ONLY.value, skip_bad=_SKIP_BAD.value,
-        hash_filenames=_HASH_FILENAMES.value, overwrite=_OVERWRITE.value)
+        hash_filenames=_HASH_FILENAMES.value, unlisted=_UNLISTED.value,
+        positive=_POSITIVE.value, overwrite=_OVERWRITE.value)
   except errors.CovidlibError as e:
     print(f'{_BINARY}: error: {" ".join(str(e).split())}', file=sys.stderr)
     return 2 if isinstance(e, errors.UsageError) else 1
   sizes = ', '.join(f'{s} {info.num_examples}' for s, info in builder.info.splits.items())
   print(f'labelled_xrays/{_NAME.value}:{builder.version} in {builder.data_dir}: {sizes}')
+  metadata = builder.info.metadata
+  negative, positive = metadata.get('class_names', ['normal', 'covid'])
+  print(f'classes: {negative} (label 0), {positive} (label 1)')
+  unlisted, first = metadata.get('unlisted_files', 0), metadata.get('unlisted_first', [])
+  print(f'unlisted image files left out: {unlisted}' + ''.join(f'\n  {m}' for m in first)
+        + (f'\n  ... ({unlisted - len(first)} more)' if unlisted > len(first) else ''))
   shown = [('bad_files', 'bad files left out (--skip_bad)')]
   if _FRONTAL_ONLY.value:
     shown.append(('excluded_files', 'views left out (--frontal_only)'))
@@ -157,7 +179,7 @@ def main(argv: list[str]) -> int:
     return 2
   # Each way of building has its own flags; one given to the other is a mistake, not ignored.
   labelled_only = ('name', 'salt', 'val_fraction', 'test_fraction', 'frontal_only', 'skip_bad',
-                   'hash_filenames')
+                   'hash_filenames', 'unlisted', 'positive')
   archive_only = ('dataset', 'config', 'manual_dir', 'allow_missing')
   given = [f for f in (archive_only if _LABELS_CSV.value else labelled_only) if FLAGS[f].present]
   if given:

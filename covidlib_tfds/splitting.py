@@ -4,6 +4,8 @@
     groups = splitting.group_images(patient_keys, hashes)     # one group id per image
     names = splitting.split_groups(groups, labels, {'train': .6, 'validation': .2, 'test': .2},
                                    seed=2020)                 # one split name per image
+    names = splitting.split_groups(groups, labels, fractions, seed=2020,
+                                   balance_groups=True)       # patients per split balanced too
 
 Two images share a group when they belong to the same patient (same non-empty patient key) or
 their perceptual hashes are near-duplicates; groups that share an image are merged (union-find),
@@ -12,7 +14,16 @@ so a chain of copies A~B~C ends up in one group even when A and C are far apart.
 The splitter assigns whole groups: largest first (ties in an order shuffled with `seed`), each to
 the split where it most reduces the squared distance between the split's class counts and size
 and their targets (fraction x class total, fraction x all images). Classes and split sizes
-therefore stay balanced as far as the group sizes allow.
+therefore stay balanced as far as the group sizes allow. Largest first favours no class, but it
+does favour group sizes: the big groups fill the largest split (train) before the others get
+any, so the smaller splits end up with single-image patients only.
+
+With `balance_groups=True` (labelled_xrays) the number of groups (patients) per split is a
+target too, and groups are placed in a seeded random order, each where it most reduces the
+squared distance to the targets of the groups placed so far (share x running totals). Every
+split then gets groups of every size, and its images, its groups and each class's images stay
+within about one largest group of share x total at every step, hence at the end. covid_xray
+keeps the largest-first order, so that its published splits do not move.
 The same inputs and seed always give the same split.
 """
 
@@ -68,8 +79,14 @@ def group_images(patient_keys: Sequence[str], hashes: Sequence[int],
   return [sets.find(i) for i in range(len(hashes))]
 
 
+# Weight of the group-count column in the squared error of balance_groups=True: a split one
+# group off its target counts as much as one 2 images off (measured: images, groups and classes
+# within one largest group of their targets over skewed group sizes, tests/.../test_splitting).
+_GROUP_WEIGHT = 4.0
+
+
 def split_groups(groups: Sequence[int], labels: Sequence[int], fractions: Mapping[str, float],
-                 seed: int) -> list[str]:
+                 seed: int, balance_groups: bool = False) -> list[str]:
   """Assigns whole groups to splits; returns the split name of each image.
 
   Args:
@@ -77,7 +94,9 @@ def split_groups(groups: Sequence[int], labels: Sequence[int], fractions: Mappin
     labels: class index per image (0 normal, 1 covid; any small ints work).
     fractions: split name -> share of the images, e.g. {'train': .6, 'validation': .2,
       'test': .2}. Must be positive and sum to 1. Ties go to the split listed first.
-    seed: fixes the order of equally sized groups.
+    seed: fixes the order of equally sized groups (with balance_groups, of all groups).
+    balance_groups: also give each split its share of the groups (patients), and place groups
+      in a random order instead of largest first, so that no group size is favoured.
   """
   if len(groups) != len(labels):
     raise ValueError(f'{len(groups)} group ids but {len(labels)} labels')
@@ -102,6 +121,9 @@ def split_groups(groups: Sequence[int], labels: Sequence[int], fractions: Mappin
   counts = np.concatenate([counts, counts.sum(axis=1, keepdims=True)], axis=1)
   targets = shares[:, None] * counts.sum(axis=0)[None, :]  # (splits, classes + 1)
 
+  if balance_groups:
+    return _place_in_random_order(counts, group_ids, groups, names, shares, seed)
+
   # Largest groups first: they are the hardest to place. Equal sizes in a seeded random order.
   order = np.random.RandomState(seed).permutation(len(group_ids))
   order = sorted(order, key=lambda row: -counts[row, -1])
@@ -110,6 +132,31 @@ def split_groups(groups: Sequence[int], labels: Sequence[int], fractions: Mappin
   for row in order:
     # Change of the squared error sum_c (filled - target)^2 if the group went to each split.
     gain = (counts[row] * (2 * (filled - targets) + counts[row])).sum(axis=1)
+    best = int(np.argmin(gain))
+    filled[best] += counts[row]
+    assignment[group_ids[row]] = names[best]
+  return [assignment[g] for g in groups]
+
+
+def _place_in_random_order(counts: np.ndarray, group_ids: list[int], groups: Sequence[int],
+                           names: list[str], shares: np.ndarray, seed: int) -> list[str]:
+  """balance_groups=True: groups in a seeded random order, against running targets.
+
+  `counts` holds one row per group: its images of each class, then its size. A last column of
+  ones counts groups. Each group goes where it most lowers the weighted squared error
+  sum_c w_c (filled - share x placed)^2, `placed` including the group itself.
+  """
+  counts = np.concatenate([counts, np.ones((len(counts), 1))], axis=1)
+  weights = np.ones(counts.shape[1])
+  weights[-1] = _GROUP_WEIGHT
+  order = np.random.RandomState(seed).permutation(len(group_ids))
+  filled = np.zeros((len(names), counts.shape[1]))
+  placed = np.zeros(counts.shape[1])
+  assignment = {}
+  for row in order:
+    placed += counts[row]
+    targets = shares[:, None] * placed[None, :]
+    gain = (weights * counts[row] * (2 * (filled - targets) + counts[row])).sum(axis=1)
     best = int(np.argmin(gain))
     filled[best] += counts[row]
     assignment[group_ids[row]] = names[best]

@@ -6,7 +6,7 @@ for its columns; paths relative to the CSV's folder):
     export COVIDLIB_SALT='a long secret; keep it, later builds need it for the same pseudonyms'
     python -m covidlib_tfds.build --labels_csv=exports/labels.csv --name=site_2025 \
         --data_dir=tfds_data [--val_fraction=0.15 --test_fraction=0.15] [--frontal_only] \
-        [--skip_bad] [--hash_filenames]
+        [--skip_bad] [--hash_filenames] [--unlisted=skip|fail] [--positive=pneumonia]
 
 Then load it like any TFDS dataset, without the CSV (TFDS reads the built config from data_dir):
 
@@ -18,14 +18,25 @@ The same build in Python: `tfds.builder('labelled_xrays/site_2025', data_dir=...
 salt=..., skip_bad=True).download_and_prepare()` (builder arguments below).
 
 What the build does, streaming (one image in memory at a time, per worker thread):
-1. Reads the CSV; lists every image file under the CSV's folder that it does not list.
+1. Reads the CSV and finds its two classes (below); lists every image file under the CSV's
+   folder that it does not list.
 2. Reads and decodes every listed file once (DICOM through covidlib.dicom: modality LUT, VOI
    LUT / window, 12/16 bits, MONOCHROME1), keeping only a perceptual hash and a few header
    fields: PatientID where the CSV row has no patient_id, ViewPosition where it has no view,
    PatientAge / PatientSex where it has no age / sex. No other header element is read.
-3. Splits by patient (site + patient id) and near-duplicate image, as covid_xray/patient_split
-   does (covidlib_tfds.splitting), unless the CSV has a `split` column, which is then used as is.
+3. Splits by patient (site + patient id) and near-duplicate image (covidlib_tfds.splitting,
+   balance_groups=True: each split gets its share of the images, of each class's images and of
+   the patients, within about one patient's images, whatever the patients' sizes), unless the
+   CSV has a `split` column, which is then used as is.
 4. Decodes each file again to write it: gray uint8 PNG, longest side capped at MAX_SIDE.
+
+Classes: the CSV's `label` holds two names. covid and normal (or 1 and 0, any case) need nothing
+more: label 1 is covid, and rows with another label are bad rows. Any other two names (e.g.
+pneumonia and normal) need `positive` (--positive=pneumonia), the one that becomes label 1.
+More than two names fail the build, each named with its row count. The names are recorded in
+`info.metadata['class_names']`, [negative, positive] (index = label; the spelling of the first
+row), read back by `covidlib.data.class_names`; the `label` feature's own names stay
+normal/covid (one feature definition with covid_xray): the metadata says what 0 and 1 mean.
 
 Example features: as covid_xray's (image, label, image/filename, patient_id, source, view, age)
 plus finding and sex. `source` is the CSV's site ('' without one), so covidlib-evaluate's
@@ -33,23 +44,37 @@ per-source tables are per site and a site can be held out like any source. `pati
 salted hash (covidlib_tfds/privacy.py). `image/filename` is the CSV's relative path, or with
 hash_filenames a hash of it. Ages above 89 are stored as 90 (HIPAA Safe Harbor), -1 unknown.
 
-Bad input: files that are missing, unreadable or undecodable, image files the CSV does not
-list, and CSV rows with no or a bad label, path, split or age. The build fails with a DataError
-naming every one of them, unless skip_bad=True: then it goes on without them, logs each as a
+Image files in the CSV's folder that it does not list (a folder only partly labelled) are left
+out: counted in one log line that names the first 5, and recorded in
+`info.metadata['unlisted_files']` (the count) and `['unlisted_first']` (the first 10 names).
+With unlisted='fail' (--unlisted=fail) they are bad files instead.
+Bad input: files the CSV lists that are missing, unreadable or undecodable, and CSV rows with no
+or a bad label, path, split or age. The build fails with one DataError line giving their count
+and the first 20 (name: reason), and writes all of them, one a line, to bad_files.txt in a new
+private temporary folder (mode 0700, not beside the dataset: the CSV's paths may name patients)
+that the message names; unless skip_bad=True: then it goes on without them, logs each as a
 warning, and lists them in `info.metadata['bad_files']` ('<name>: <reason>').
 A file path that shows its patient's id or DICOM name fails the build (CSV line numbers named)
 unless hash_filenames=True. Images with no patient id at all (neither in the CSV nor in a
 DICOM header) are split as their own patients; they are counted in the log and in
-`info.metadata['images_without_patient_id']`. With frontal_only, views other than PA/AP are left out and listed in
-`info.metadata['excluded_files']`; files of unknown view are kept (and counted in the log).
+`info.metadata['images_without_patient_id']`. With frontal_only, views other than PA/AP are
+left out and listed in `info.metadata['excluded_files']`; files of unknown view are kept (and
+counted in the log).
 
-A config already built in data_dir is reused, not rebuilt: after changing the files or the CSV,
-build again with --overwrite (or under a new name).
+A build records what it was made from in `info.metadata['inputs']` (`input_fingerprint`: the
+CSV's sha256, a digest of every file's path, size and mtime, a slow hash of the salt, the
+arguments below). A config already built in data_dir is reused only when a new build from a
+labels CSV has the same inputs; other inputs (an edited CSV, files added or touched, another
+salt or argument) fail in one line naming what changed: build again with --overwrite
+(download_mode=REUSE_CACHE_IF_EXISTS), or under a new name.
 
-Builder arguments (build time only; none is stored in the dataset):
+Builder arguments (build time only; none is stored in the dataset but in the fingerprint):
   labels_csv: the labels CSV.
   salt: the pseudonym salt (default: $COVIDLIB_SALT); required.
   skip_bad: build without the bad files instead of failing.
+  unlisted: 'skip' (default) leaves out image files the CSV does not list; 'fail' counts them
+    as bad files.
+  positive: the label of class 1, needed unless the labels are covid/normal or 1/0.
   val_fraction, test_fraction: shares of the patient split (default 0.15 each; 0 leaves the
     split out). Ignored when the CSV has a split column.
   frontal_only: keep PA and AP views only.
@@ -62,9 +87,11 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import hashlib
 import io
 import os
 import re
+import tempfile
 import threading
 from typing import Callable, Iterable, Iterator
 
@@ -91,6 +118,10 @@ _SPLIT_SEED = 2020
 _WORKERS = min(4, os.cpu_count() or 1)
 _DICOM_SUFFIXES = ('.dcm', '.dicom', '.dic')
 _CONFIG_NAME = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]*$')
+UNLISTED = ('skip', 'fail')  # What to do with image files in the folder the CSV does not list.
+_SHOWN = 20  # Bad files named in an error message (all of them go to a file).
+_LOGGED = 5  # Unlisted files named in the log.
+_RECORDED = 10  # Unlisted files named in info.metadata.
 
 
 @dataclasses.dataclass
@@ -107,7 +138,7 @@ class _Image:
   """One usable file after the first pass. `group_key` holds the raw id: memory only."""
   path: str  # Relative to the CSV's folder.
   filename: str  # What image/filename stores (the path, or its hash).
-  label: str
+  label: int  # Index into the class names: 1 = the positive class.
   split: str
   patient_id: str  # The pseudonym.
   group_key: str  # site NUL raw patient id, '' if unknown; for splitting only.
@@ -137,7 +168,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                labels_csv: epath.PathLike | None = None, salt: str | None = None,
                skip_bad: bool = False, val_fraction: float = DEFAULT_FRACTION,
                test_fraction: float = DEFAULT_FRACTION, frontal_only: bool = False,
-               hash_filenames: bool = False, **kwargs):
+               hash_filenames: bool = False, unlisted: str = 'skip',
+               positive: str | None = None, **kwargs):
     if config is None:
       raise errors.UsageError('labelled_xrays needs a config name: labelled_xrays/<name>, the '
                               'name given when it was built')
@@ -148,12 +180,19 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                         ('hash_filenames', config.hash_filenames)):
       if not isinstance(value, bool):
         raise errors.UsageError(f'{name} must be True or False, got {value!r}')
+    if unlisted not in UNLISTED:
+      raise errors.UsageError(f'unlisted must be one of {", ".join(UNLISTED)}, got {unlisted!r}')
+    if positive is not None and (not isinstance(positive, str) or not positive.strip()):
+      raise errors.UsageError(f'positive must be a label of the CSV, got {positive!r}')
     self._labels_csv = epath.Path(labels_csv) if labels_csv else None
     self._salt = salt
     self._skip_bad = skip_bad
+    self._unlisted = unlisted
+    self._positive = positive
     super().__init__(config=config, **kwargs)
     # For pickling only (TFDS re-creates builders from it); never written anywhere.
-    self._original_state.update(labels_csv=labels_csv, salt=salt, skip_bad=skip_bad)
+    self._original_state.update(labels_csv=labels_csv, salt=salt, skip_bad=skip_bad,
+                                unlisted=unlisted, positive=positive)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
@@ -161,6 +200,52 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         supervised_keys=('image', 'label'),
         metadata=tfds.core.MetadataDict(),
     )
+
+  def download_and_prepare(self, *, download_dir=None, download_config=None, **kwargs) -> None:
+    """TFDS's, but a build from a labels CSV reuses a built config only if its inputs match.
+
+    Raises:
+      UsageError: the config is built in data_dir from other inputs (CSV, files, salt or
+        arguments; see `input_fingerprint`), and the download mode does not overwrite it.
+    """
+    mode = tfds.download.GenerateMode(
+        (download_config or tfds.download.DownloadConfig()).download_mode)
+    if (self._labels_csv is not None and not mode.overwrite_dataset
+        and mode != tfds.download.GenerateMode.UPDATE_DATASET_INFO and self.data_path.exists()):
+      self._check_same_inputs()
+    super().download_and_prepare(download_dir=download_dir, download_config=download_config,
+                                 **kwargs)
+
+  def _arguments(self) -> dict:
+    """The build arguments that shape the dataset, as recorded in its fingerprint."""
+    config = self.builder_config
+    return {'val_fraction': config.val_fraction, 'test_fraction': config.test_fraction,
+            'frontal_only': config.frontal_only, 'hash_filenames': config.hash_filenames,
+            'skip_bad': self._skip_bad, 'unlisted': self._unlisted,
+            'positive': _positive_key(self._positive)}
+
+  def _check_same_inputs(self) -> None:
+    name = f'labelled_xrays/{self.builder_config.name}'
+    csv_path = self._labels_csv
+    if not csv_path.is_file():
+      raise errors.UsageError(f'labels CSV {csv_path} does not exist or is not a file')
+    current = input_fingerprint(csv_path, privacy.resolve_salt(self._salt), self._arguments())
+    stored = self.info.metadata.get('inputs')
+    if stored == current:
+      return
+    if not isinstance(stored, dict):
+      what = 'it holds no record of its inputs (built by an older covidlib)'
+    else:
+      changed = [label for key, label in (
+          ('labels_csv_sha256', 'the labels CSV'), ('files_sha256', 'the files in its folder'),
+          ('salt_check', 'the salt')) if stored.get(key) != current[key]]
+      old_args = stored.get('arguments', {})
+      changed += [f'{k} {old_args.get(k)!r} -> {v!r}' for k, v in current['arguments'].items()
+                  if old_args.get(k) != v]
+      what = 'changed: ' + ', '.join(changed or ['its record'])
+    raise errors.UsageError(
+        f'{name} is already built in {self.data_dir_root} from other inputs ({what}); rebuild '
+        'it with --overwrite (download_mode=REUSE_CACHE_IF_EXISTS), or build under a new --name')
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # Everything is local.
@@ -174,13 +259,30 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     csv_path = self._labels_csv
     root = csv_path.parent
     rows, bad, columns = labels_lib.read_labels(csv_path)
+    fingerprint = input_fingerprint(csv_path, salt, self._arguments())
     mentioned = {r.path for r in rows} | {b.name for b in bad}
-    bad += labels_lib.unlisted_files(root, mentioned, skip={csv_path.name})
+    class_names, rows, other_labels = labels_lib.resolve_classes(rows, self._positive,
+                                                                 csv_path.name)
+    bad += other_labels
+    self.info.metadata['class_names'] = list(class_names)
+    logging.info('%s: classes %s (label 0), %s (label 1)', csv_path.name, *class_names)
+    unlisted = labels_lib.unlisted_files(root, mentioned, skip={csv_path.name})
+    stored_unlisted = [_stored_name(u.name, salt, config.hash_filenames) for u in unlisted]
+    if self._unlisted == 'fail':
+      bad += unlisted
+      stored_unlisted = []
+    elif unlisted:
+      logging.warning('%d image file(s) in the folder of %s are not listed in it (no label): '
+                      'left out (unlisted=fail, --unlisted=fail, to fail on them); the first: %s',
+                      len(unlisted), csv_path.name, ', '.join(stored_unlisted[:_LOGGED]))
+    self.info.metadata['unlisted_files'] = len(stored_unlisted)
+    self.info.metadata['unlisted_first'] = stored_unlisted[:_RECORDED]
     logging.info('%s: %d rows to read (%s)', csv_path.name, len(rows), ', '.join(columns))
 
     images = []
     progress = tfds.core.utils.tqdm(
-        bounded_map(lambda row: _inspect(root, row, salt, config.hash_filenames), rows),
+        bounded_map(lambda row: _inspect(root, row, salt, config.hash_filenames, class_names),
+                    rows),
         total=len(rows), desc='Reading and checking files', unit=' files', leave=False)
     for result in progress:
       (bad if isinstance(result, labels_lib.BadFile) else images).append(result)
@@ -190,13 +292,17 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     if revealing and not config.hash_filenames:
       raise errors.DataError(
           f'{len(revealing)} file path(s) show the patient\'s id or name, which image/filename '
-          f'would store: {csv_path.name} line(s) {", ".join(map(str, revealing))}. Rename the '
+          f'would store: {csv_path.name} line(s) {_first(revealing, _SHOWN)}. Rename the '
           'files, or store hashed file names: --hash_filenames (hash_filenames=True)')
 
     if bad and not self._skip_bad:
+      listing = _write_bad_list(config.name, bad)
+      shown = '; '.join(map(str, bad[:_SHOWN]))
+      more = f'; ... (the first {_SHOWN} shown)' if len(bad) > _SHOWN else ''
       raise errors.DataError(
-          f'{len(bad)} bad file(s) (of {len(images) + len(bad)} in {csv_path.name} and its '
-          f'folder): {"; ".join(map(str, bad))}. Fix them, or build without them: --skip_bad '
+          f'{len(bad)} bad file(s) (of {len(images) + len(bad)} in {csv_path.name}'
+          f'{" and its folder" if self._unlisted == "fail" else ""}): {shown}{more}. All of '
+          f'them are listed in {listing}. Fix them, or build without them: --skip_bad '
           '(skip_bad=True); they are then listed in info.metadata["bad_files"]')
     for b in bad:
       logging.warning('Left out (skip_bad=True): %s', b)
@@ -235,9 +341,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       images = _split_by_patient(images, fractions)
       names = list(fractions)
     for name in names:
-      counts = collections.Counter(i.label for i in images if i.split == name)
-      logging.info('labelled_xrays/%s %s: %d images (%s)', config.name, name,
-                   sum(counts.values()), ', '.join(f'{k} {v}' for k, v in sorted(counts.items())))
+      counts = collections.Counter(class_names[i.label] for i in images if i.split == name)
+      patients = len({i.group_key or i.path for i in images if i.split == name})
+      logging.info('labelled_xrays/%s %s: %d images of %d patients (%s)', config.name, name,
+                   sum(counts.values()), patients,
+                   ', '.join(f'{k} {v}' for k, v in sorted(counts.items())))
+    # Last: a build that failed above records nothing, and the inputs are those read at start.
+    self.info.metadata['inputs'] = fingerprint
     return {name: self._generate_examples(root, [i for i in images if i.split == name])
             for name in names}
 
@@ -309,6 +419,48 @@ def bounded_map(fn: Callable, items: Iterable, workers: int = _WORKERS) -> Itera
         yield pending.popleft().result()
     while pending:
       yield pending.popleft().result()
+
+
+def _positive_key(positive: str | None) -> str:
+  """The positive class as recorded: '' for the default (covid), else its lowercase name."""
+  key = labels_lib.class_key(positive) if positive else ''
+  return '' if key == 'covid' else key
+
+
+def _first(items: list, n: int) -> str:
+  """'a, b, c' for the first n items, with '... (N more)' after them."""
+  shown = ', '.join(map(str, items[:n]))
+  return shown + (f', ... ({len(items) - n} more)' if len(items) > n else '')
+
+
+def input_fingerprint(csv_path: epath.PathLike, salt: str, arguments: dict) -> dict:
+  """What a build is made from, as recorded in `info.metadata['inputs']`; no name, no secret.
+
+  {'labels_csv_sha256': sha256 of the CSV's bytes, 'files_sha256': sha256 of the relative path,
+  size and mtime of every file in the CSV's folder (names starting with '.' and the CSV itself
+  left out), 'files': how many, 'salt_check': a slow salted hash of the salt (PBKDF2, so that
+  the record does not make guessing a weak salt any easier than the pseudonyms already do),
+  'arguments': `arguments`}.
+  """
+  csv_path = epath.Path(csv_path)
+  files, count = labels_lib.folder_fingerprint(csv_path.parent, skip={csv_path.name})
+  salt_check = hashlib.pbkdf2_hmac('sha256', salt.encode('utf-8'),
+                                   b'covidlib labelled_xrays salt check', 100_000)
+  return {'labels_csv_sha256': hashlib.sha256(csv_path.read_bytes()).hexdigest(),
+          'files_sha256': files, 'files': count,
+          'salt_check': salt_check.hex()[:32], 'arguments': dict(arguments)}
+
+
+def _write_bad_list(name: str, bad: list[labels_lib.BadFile]) -> str:
+  """Writes every bad file, one a line, to a new private temporary folder; returns the path.
+
+  Not beside the dataset: the names are the CSV's paths, which may name patients (the dataset
+  stores hashed names with hash_filenames). Written to a temporary name and renamed: atomic.
+  """
+  folder = epath.Path(tempfile.mkdtemp(prefix=f'labelled_xrays-{name}-'))  # Mode 0700.
+  partial = folder / 'bad_files.txt.partial'
+  partial.write_text(''.join(f'{b}\n' for b in bad), encoding='utf-8')
+  return os.fspath(partial.rename(folder / 'bad_files.txt'))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,8 +556,8 @@ def read_image(root: epath.Path, path: str) -> tuple[np.ndarray, dict]:
   return preprocess.resize_longest_side(image, MAX_SIDE).numpy(), header
 
 
-def _inspect(root: epath.Path, row: labels_lib.Row, salt: str,
-             hash_filenames: bool) -> _Image | labels_lib.BadFile:
+def _inspect(root: epath.Path, row: labels_lib.Row, salt: str, hash_filenames: bool,
+             class_names: tuple[str, str]) -> _Image | labels_lib.BadFile:
   """First pass over one file: decode it, keep its hash and metadata, drop its pixels."""
   try:
     image, header = read_image(root, row.path)
@@ -416,7 +568,7 @@ def _inspect(root: epath.Path, row: labels_lib.Row, salt: str,
   return _Image(
       path=row.path,
       filename=_stored_name(row.path, salt, hash_filenames),
-      label=row.label,
+      label=class_names.index(row.label),
       split=row.split,
       patient_id=privacy.pseudonym(salt, row.site, patient),
       group_key=f'{row.site}\0{patient}' if patient else '',
@@ -440,8 +592,8 @@ def _stored_name(path: str, salt: str, hash_filenames: bool) -> str:
 def _split_by_patient(images: list[_Image], fractions: dict[str, float]) -> list[_Image]:
   """Assigns whole patient / near-duplicate groups to splits (see covidlib_tfds.splitting)."""
   groups = splitting.group_images([i.group_key for i in images], [i.hash for i in images])
-  labels = [int(i.label == 'covid') for i in images]
-  names = splitting.split_groups(groups, labels, fractions, seed=_SPLIT_SEED)
+  names = splitting.split_groups(groups, [i.label for i in images], fractions, seed=_SPLIT_SEED,
+                                 balance_groups=True)
   empty = [name for name in fractions if name not in names]
   if empty:
     raise errors.DataError(

@@ -11,7 +11,10 @@ writes and prints. `DummyDataTest` runs TFDS's own builder checks on the shipped
 """
 
 import io
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -55,9 +58,11 @@ BAD = {  # name -> what the reason says.
     'bad/missing.png': 'no such file',
     'bad/unlabelled.png': 'unlabelled',
     'bad/maybe.png': "label 'perhaps' is not covid, normal, 1 or 0",
-    'bad/stray.png': 'does not list (unlabelled)',
     'labels.csv line 33': 'leaves the CSV\'s folder',
 }
+# An image file in the folder that the CSV does not list: left out, counted (unlisted='skip'),
+# or bad (unlisted='fail').
+UNLISTED = {'bad/stray.png': 'does not list (unlabelled)'}
 
 
 class DummyDataTest(tfds.testing.DatasetBuilderTestCase):
@@ -199,6 +204,13 @@ def test_the_bad_line_number_is_right(folder):
   assert lines[32].startswith('../outside.png')  # 'labels.csv line 33' in BAD.
 
 
+def _listing(message: str) -> str:
+  """The file an error message says lists every bad file."""
+  match = re.search(r'All of them are listed in (\S+bad_files\.txt)\.', message)
+  assert match, message
+  return match.group(1)
+
+
 def test_build_fails_naming_every_bad_file(folder, tmp_path):
   root, _ = folder
   with pytest.raises(errors.DataError) as error:
@@ -207,8 +219,19 @@ def test_build_fails_naming_every_bad_file(folder, tmp_path):
   assert message.startswith(f'{len(BAD)} bad file(s)')
   for name, reason in BAD.items():
     assert f'{name}: ' in message and reason in message, name
+  assert 'stray.png' not in message  # Unlisted: left out, not bad (unlisted='skip').
   assert '--skip_bad' in message
   assert not list(tmp_path.rglob('*.tfrecord*'))
+  listed = open(_listing(message), encoding='utf-8').read().splitlines()
+  assert len(listed) == len(BAD)
+  assert all(any(line.startswith(f'{n}: ') and r in line for line in listed)
+             for n, r in BAD.items())
+  # unlisted='fail' makes the unlisted file bad too (the behaviour before issue 16).
+  with pytest.raises(errors.DataError) as error:
+    _build(root / 'labels.csv', tmp_path, unlisted='fail')
+  message = str(error.value)
+  assert message.startswith(f'{len(BAD) + 1} bad file(s)')
+  assert all(f'{n}: ' in message and r in message for n, r in {**BAD, **UNLISTED}.items())
 
 
 def test_splits_hold_every_good_file_once_and_no_patient_twice(folder, built):
@@ -262,6 +285,9 @@ def test_bad_files_are_recorded_by_name(built):
   assert len(recorded) == len(BAD)
   for name, reason in BAD.items():
     assert any(r.startswith(f'{name}: ') and reason in r for r in recorded), name
+  assert builder.info.metadata['unlisted_files'] == 1
+  assert builder.info.metadata['unlisted_first'] == list(UNLISTED)
+  assert builder.info.metadata['class_names'] == ['normal', 'covid']
   assert builder.info.metadata['excluded_files'] == []
   assert builder.info.metadata['images_without_patient_id'] == 0
 
@@ -309,7 +335,8 @@ def test_no_identifying_text_in_any_output(folder, tmp_path):
        '--test_fraction=0.2'],
       cwd=REPO, env=env, capture_output=True, timeout=300)
   assert result.returncode == 0, result.stderr.decode()[-3000:]
-  assert b'bad files left out (--skip_bad): 7' in result.stdout
+  assert b'bad files left out (--skip_bad): 6' in result.stdout
+  assert b'unlisted image files left out: 1' in result.stdout
   outputs = {'stdout': result.stdout, 'stderr': result.stderr}
   for path in data_dir.rglob('*'):
     if path.is_file():
@@ -347,8 +374,10 @@ def test_a_path_naming_the_patient_fails_unless_file_names_are_hashed(tmp_path):
     _build(root / 'labels.csv', tmp_path / 'a')
   builder = _build(root / 'labels.csv', tmp_path / 'b', hash_filenames=True, skip_bad=True)
   assert builder.info.metadata['split_from'] == 'csv'
-  [stray] = builder.info.metadata['bad_files']  # Named by its hashed name.
-  assert stray.startswith(privacy.hashed_filename(SALT, 'PIDZQ0042/stray.png') + ': ')
+  assert builder.info.metadata['bad_files'] == []
+  # The unlisted file is named by its hashed name.
+  assert builder.info.metadata['unlisted_first'] == [
+      privacy.hashed_filename(SALT, 'PIDZQ0042/stray.png')]
   assert {s: i.num_examples for s, i in builder.info.splits.items()} == {
       'train': 3, 'validation': 1, 'test': 1}
   # The CSV's split puts patient PIDZQ0042 on three sides: kept, and counted.
@@ -395,7 +424,10 @@ def test_labels_csv_rules(tmp_path):
   rows, bad, columns = labels.read_labels(csv)
   assert columns == ['path', 'label', 'age', 'split']
   assert [(r.path, r.label, r.split, r.age, r.line) for r in rows] == [
-      ('a/b.png', 'covid', 'train', 45, 2), ('c.png', 'normal', 'test', -1, 3)]
+      ('a/b.png', 'Covid', 'train', 45, 2), ('c.png', '0', 'test', -1, 3)]  # Labels as written.
+  classes, rows, other = labels.resolve_classes(rows)
+  assert classes == ('normal', 'covid') and other == []
+  assert [r.label for r in rows] == ['covid', 'normal']
   assert [str(b) for b in bad] == [
       "d.png: split 'holdout' is not one of train, validation, test (labels.csv line 4)",
       "e.png: age 'old' is not a whole number of years (labels.csv line 5)",
@@ -457,8 +489,16 @@ def test_binary_errors_are_one_line(folder, tmp_path, monkeypatch, capsys):
   monkeypatch.setenv(privacy.SALT_ENV, SALT)
   assert _run_build(csv, '--name=x', f'--data_dir={tmp_path}') == 1
   lines = _error_lines(capsys.readouterr().err)
-  assert len(lines) == 1 and lines[0].startswith('covidlib_tfds.build: error: 7 bad file(s)')
+  assert len(lines) == 1 and lines[0].startswith('covidlib_tfds.build: error: 6 bad file(s)')
   assert all(name in lines[0] for name in BAD)
+  assert _run_build(csv, '--name=x', f'--data_dir={tmp_path}', '--unlisted=fail') == 1
+  lines = _error_lines(capsys.readouterr().err)
+  assert len(lines) == 1 and lines[0].startswith('covidlib_tfds.build: error: 7 bad file(s)')
+  with pytest.raises(SystemExit) as exit_:  # A bad flag value: absl's one line, exit 2.
+    _run_build(csv, '--name=x', f'--data_dir={tmp_path}', '--unlisted=maybe')
+  assert exit_.value.code == 2
+  assert _error_lines(capsys.readouterr().err)[0].startswith(
+      'covidlib_tfds.build: error: flag --unlisted=maybe')
 
 
 @pytest.mark.slow
@@ -473,3 +513,163 @@ def test_train_and_evaluate_by_site(built, tmp_path):
                                        batch_size=8)
   by_site = result.report['groups']['source']
   assert set(by_site) == {'north', 'south', 'east'}
+
+
+def _small_folder(root, labels_=('covid', 'normal'), patients: int = 10, per_patient: int = 1,
+                  unlisted: int = 0, truncated: int = 0) -> str:
+  """A folder of distinct random PNGs, `labels_` taking turns by patient; returns the CSV path.
+
+  `unlisted` more PNGs are written but not listed; `truncated` listed PNGs are cut in half.
+  """
+  rs = np.random.RandomState(2)
+  os.makedirs(root, exist_ok=True)
+  lines = ['path,label,patient_id']
+  for p in range(patients):
+    for k in range(per_patient):
+      name = f'img{p:03d}_{k}.png'  # Not the patient id (the path would show it).
+      (root / name).write_bytes(_png(rs.randint(0, 256, (SIDE, SIDE)).astype(np.uint8)))
+      lines.append(f'{name},{labels_[p % len(labels_)]},P{p:03d}')
+  for n in range(truncated):
+    valid = _png(rs.randint(0, 256, (SIDE, SIDE)).astype(np.uint8))
+    (root / f'cut{n:02d}.png').write_bytes(valid[:len(valid) // 2])
+    lines.append(f'cut{n:02d}.png,{labels_[0]},C{n:02d}')
+  for n in range(unlisted):
+    (root / f'extra{n:02d}.png').write_bytes(_png(rs.randint(0, 256, (SIDE, SIDE)).astype(
+        np.uint8)))
+  (root / 'labels.csv').write_text('\n'.join(lines) + '\n')
+  return root / 'labels.csv'
+
+
+def test_unlisted_files_are_left_out_counted_and_the_first_named(tmp_path, caplog):
+  csv = _small_folder(tmp_path / 'export', unlisted=12)
+  with caplog.at_level('WARNING'):
+    builder = _build(csv, tmp_path / 'tfds', val_fraction=0.2, test_fraction=0.2)
+  assert sum(s.num_examples for s in builder.info.splits.values()) == 10
+  assert builder.info.metadata['unlisted_files'] == 12
+  assert builder.info.metadata['unlisted_first'] == [f'extra{n:02d}.png' for n in range(10)]
+  assert builder.info.metadata['bad_files'] == []
+  [line] = [r.getMessage() for r in caplog.records if 'not listed' in r.getMessage()]
+  assert line.startswith('12 image file(s) in the folder of labels.csv are not listed')
+  assert 'extra04.png' in line and 'extra05.png' not in line  # The first 5 named.
+
+
+def test_many_bad_files_give_a_count_the_first_20_and_a_file_with_all(tmp_path):
+  csv = _small_folder(tmp_path / 'export', truncated=25, unlisted=3)
+  with pytest.raises(errors.DataError) as error:
+    _build(csv, tmp_path / 'tfds')
+  message = str(error.value)
+  assert '\n' not in message
+  assert message.startswith('25 bad file(s) (of 35 in labels.csv): cut00.png: not a decodable')
+  assert 'cut19.png: ' in message and 'cut20.png' not in message
+  assert '(the first 20 shown)' in message and 'extra' not in message
+  path = _listing(message)
+  assert not os.path.exists(path + '.partial')
+  assert oct(os.stat(os.path.dirname(path)).st_mode & 0o777) == '0o700'
+  listed = open(path, encoding='utf-8').read().splitlines()
+  assert [line.split(':')[0] for line in listed] == [f'cut{n:02d}.png' for n in range(25)]
+
+
+def test_a_build_is_reused_only_for_the_same_inputs(tmp_path):
+  csv = _small_folder(tmp_path / 'export')
+  data_dir = tmp_path / 'tfds'
+  first = _build(csv, data_dir, val_fraction=0.2, test_fraction=0.2)
+  record = first.info.metadata['inputs']
+  assert SALT not in str(record) and 'img000' not in str(record)
+  assert record['files'] == 10
+  tfrecords = sorted(data_dir.rglob('*.tfrecord*'))
+  stamps = [p.stat().st_mtime_ns for p in tfrecords]
+  # The same inputs: reused, not rebuilt.
+  _build(csv, data_dir, val_fraction=0.2, test_fraction=0.2)
+  assert [p.stat().st_mtime_ns for p in tfrecords] == stamps
+
+  def refused(match, **kwargs):
+    kwargs = {'val_fraction': 0.2, 'test_fraction': 0.2, **kwargs}
+    with pytest.raises(errors.UsageError, match=match) as error:
+      _build(csv, data_dir, **kwargs)
+    message = str(error.value)
+    assert '\n' not in message and '--overwrite' in message and 'new --name' in message
+    assert message.startswith(f'labelled_xrays/site is already built in {data_dir} from other '
+                              'inputs')
+
+  refused(r'changed: the salt\)', salt=SALT + '-other')
+  refused(r"changed: val_fraction 0.2 -> 0.3\)", val_fraction=0.3)
+  refused(r"changed: unlisted 'skip' -> 'fail'\)", unlisted='fail')
+  (csv.parent / 'new.png').write_bytes(_png(np.zeros((SIDE, SIDE), np.uint8)))
+  refused(r'changed: the files in its folder\)')
+  (csv.parent / 'new.png').unlink()
+  _build(csv, data_dir, val_fraction=0.2, test_fraction=0.2)  # As before again: reused.
+  csv.write_text(csv.read_text().replace('img000_0.png,covid', 'img000_0.png,normal'))
+  refused(r'changed: the labels CSV\)')
+  # --overwrite rebuilds and records the new inputs.
+  rebuilt = builder_lib.Builder(config=builder_lib.make_config('site', val_fraction=0.2,
+                                                               test_fraction=0.2),
+                                data_dir=data_dir, labels_csv=csv, salt=SALT)
+  rebuilt.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS))
+  new_record = tfds.builder('labelled_xrays/site', data_dir=data_dir).info.metadata['inputs']
+  assert new_record['labels_csv_sha256'] != record['labels_csv_sha256']
+  assert new_record['files_sha256'] == record['files_sha256']
+  _build(csv, data_dir, val_fraction=0.2, test_fraction=0.2)  # Reused.
+
+
+def test_a_stale_build_fails_in_the_binary_in_one_line(tmp_path, monkeypatch, capsys):
+  csv = _small_folder(tmp_path / 'export')
+  monkeypatch.setenv(privacy.SALT_ENV, SALT)
+  args = (f'--labels_csv={csv}', '--name=mine', f'--data_dir={tmp_path / "tfds"}')
+  assert _run_build(*args) == 0
+  assert _run_build(*args) == 0  # Reused.
+  assert _run_build(*args, '--test_fraction=0.3') == 2
+  [line] = _error_lines(capsys.readouterr().err)
+  assert line.startswith('covidlib_tfds.build: error: labelled_xrays/mine is already built')
+  assert 'test_fraction 0.15 -> 0.3' in line and '--overwrite' in line
+  assert _run_build(*args, '--test_fraction=0.3', '--overwrite') == 0
+
+
+def test_own_class_names_need_positive(tmp_path, capsys, monkeypatch):
+  csv = _small_folder(tmp_path / 'export', labels_=('Pneumonia', 'normal'))
+  with pytest.raises(errors.UsageError,
+                     match=r"labels its rows 'normal' \(5 rows\), 'Pneumonia' \(5 rows\), not "
+                           r'covid and normal: .* --positive=NAME'):
+    _build(csv, tmp_path / 'a')
+  with pytest.raises(errors.UsageError, match=r"--positive=flu: no row of labels.csv has that "
+                                              r"label; its labels are 'normal' \(5 rows\), "
+                                              r"'Pneumonia'"):
+    _build(csv, tmp_path / 'a', positive='flu')
+  builder = _build(csv, tmp_path / 'b', positive='pneumonia', val_fraction=0.2,
+                   test_fraction=0.2)
+  assert builder.info.metadata['class_names'] == ['normal', 'Pneumonia']
+  assert data.class_names('labelled_xrays/site', tmp_path / 'b') == ('normal', 'Pneumonia')
+  label_of = {e['image/filename'].decode(): e['label']
+              for items in _examples(builder).values() for e in items}
+  # Patients 0, 2, 4... are Pneumonia: label 1; the others normal: 0.
+  assert label_of == {f'img{p:03d}_0.png': int(p % 2 == 0) for p in range(10)}
+  # The other class as positive flips the labels.
+  flipped = _build(csv, tmp_path / 'c', positive='NORMAL', val_fraction=0.2, test_fraction=0.2)
+  assert flipped.info.metadata['class_names'] == ['Pneumonia', 'normal']
+  # Through the binary.
+  monkeypatch.setenv(privacy.SALT_ENV, SALT)
+  assert _run_build(f'--labels_csv={csv}', '--name=pn', f'--data_dir={tmp_path / "d"}',
+                    '--positive=pneumonia') == 0
+  assert 'classes: normal (label 0), Pneumonia (label 1)' in capsys.readouterr().out
+
+
+def test_more_than_two_class_names_is_an_error_naming_them(tmp_path):
+  csv = _small_folder(tmp_path / 'export', labels_=('pneumonia', 'normal', 'effusion'))
+  with pytest.raises(errors.DataError,
+                     match=r"labels.csv has 3 label names, 'pneumonia' \(4 rows\), "
+                           r"'effusion' \(3 rows\), 'normal' \(3 rows\); labelled_xrays takes two"):
+    _build(csv, tmp_path / 'a', positive='pneumonia')
+  with pytest.raises(errors.UsageError, match='--positive=NAME .*; labelled_xrays takes two'):
+    _build(csv, tmp_path / 'a')
+
+
+
+def test_class_names_of_a_dataset_without_them_are_the_default(built, tmp_path):
+  assert data.class_names('labelled_xrays/site', built) == ('normal', 'covid')  # Recorded.
+  # A build without the record (as before issue 16): the default, CLASS_NAMES.
+  shutil.copytree(built, tmp_path / 'old')
+  [metadata] = (tmp_path / 'old').rglob('labelled_xrays/site/*/metadata.json')
+  record = json.loads(metadata.read_text())
+  del record['class_names']
+  metadata.write_text(json.dumps(record))
+  assert data.class_names('labelled_xrays/site', tmp_path / 'old') == data.CLASS_NAMES

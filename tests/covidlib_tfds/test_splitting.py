@@ -81,3 +81,68 @@ def test_bad_fractions_are_a_usage_error():
     splitting.split_groups([0], [0], {'train': 0.7, 'test': 0.2}, seed=0)
   with pytest.raises(ValueError, match='2 group ids but 1 labels'):
     splitting.split_groups([0, 1], [0], _FRACTIONS, seed=0)
+
+
+def _skewed_population(seed: int, singletons: int, groups: int, max_size: int):
+  """Many single-image patients and some of 2..max_size images; big groups mostly covid."""
+  rs = np.random.RandomState(seed)
+  sizes = [1] * singletons + list(rs.randint(2, max_size + 1, groups))
+  sizes[-1] = max_size  # The largest group is there.
+  group_ids, labels = [], []
+  for g, size in enumerate(sizes):
+    label = int(rs.rand() < (0.8 if size > 1 else 0.3))
+    group_ids += [g] * size
+    labels += [label] * size
+  order = rs.permutation(len(group_ids))
+  return [group_ids[i] for i in order], [labels[i] for i in order]
+
+
+@pytest.mark.parametrize('seed, singletons, groups, max_size, fractions', [
+    (0, 2300, 100, 3, {'train': 0.7, 'validation': 0.15, 'test': 0.15}),  # The issue's shape.
+    (1, 300, 60, 10, {'train': 0.7, 'validation': 0.15, 'test': 0.15}),
+    (2, 50, 50, 10, _FRACTIONS),
+    (3, 10, 40, 10, {'train': 0.8, 'validation': 0.2}),
+    (4, 500, 5, 40, _FRACTIONS),
+])
+def test_balance_groups_matches_the_shares_in_images_and_in_patients(
+    seed, singletons, groups, max_size, fractions):
+  group_ids, labels = _skewed_population(seed, singletons, groups, max_size)
+  names = splitting.split_groups(group_ids, labels, fractions, seed=seed, balance_groups=True)
+  sides = collections.defaultdict(set)
+  for g, name in zip(group_ids, names):
+    sides[g].add(name)
+  assert all(len(s) == 1 for s in sides.values())
+  n_images, n_patients = len(group_ids), len(sides)
+  patients = collections.Counter(s.pop() for s in sides.values())
+  images = collections.Counter(names)
+  by_class = collections.Counter(zip(names, labels))
+  total = collections.Counter(labels)
+  for name, share in fractions.items():
+    assert abs(images[name] - share * n_images) <= max_size, (name, images, n_images)
+    assert abs(patients[name] - share * n_patients) <= max_size, (name, patients, n_patients)
+    for label in (0, 1):
+      assert abs(by_class[(name, label)] - share * total[label]) <= max_size, (name, label)
+
+
+def test_balance_groups_gives_every_split_groups_of_every_size():
+  # Largest first (the default, covid_xray's) fills train with every multi-image patient here;
+  # balance_groups spreads them: each split holds about its share of them.
+  group_ids, labels = _skewed_population(5, 1000, 150, 6)
+  size = collections.Counter(group_ids)
+  for balance, expect_spread in ((False, False), (True, True)):
+    names = splitting.split_groups(group_ids, labels, _FRACTIONS, seed=0,
+                                   balance_groups=balance)
+    split_of = dict(zip(group_ids, names))
+    big = collections.Counter(split_of[g] for g in size if size[g] > 1)
+    spread = all(abs(big[n] - share * 150) <= 0.25 * share * 150
+                 for n, share in _FRACTIONS.items())
+    assert spread == expect_spread, (balance, big)
+
+
+def test_balance_groups_is_deterministic_for_a_seed():
+  group_ids, labels = _skewed_population(6, 200, 30, 5)
+  first = splitting.split_groups(group_ids, labels, _FRACTIONS, seed=1, balance_groups=True)
+  assert splitting.split_groups(group_ids, labels, _FRACTIONS, seed=1,
+                                balance_groups=True) == first
+  assert splitting.split_groups(group_ids, labels, _FRACTIONS, seed=2,
+                                balance_groups=True) != first
