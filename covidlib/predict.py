@@ -181,6 +181,12 @@ class Predictor:
     # The graph holds threshold and temperature; decision.json in assets.extra documents them.
     extra = os.path.join(self.path, 'assets.extra')
     self.decision = model_dir_lib.load_decision(extra)
+    labels_path = os.path.join(extra, 'labels.txt')  # exporters.saved_model.LABELS_FILE
+    if os.path.isfile(labels_path):
+      with open(labels_path, encoding='utf-8') as f:
+        names = tuple(line.strip() for line in f if line.strip())
+      if len(names) == 2:
+        self.class_names = names
     # The graph's threshold is the one its `label` output uses: it wins over the file.
     probe = signature(images=tf.zeros((1, self.image_size, self.image_size, self.channels)))
     threshold = float(probe['threshold'].numpy().reshape(-1)[0])
@@ -210,6 +216,11 @@ class Predictor:
           f'{self.path}: not a loadable TFLite model ({str(e).splitlines()[0][:200]})') from None
     self.interpreter = interpreter
     self.decision = _tflite_decision(content, self.path)
+    try:
+      self.class_names = (tflite_metadata.read_model_info(content).labels
+                          or results.CLASS_NAMES)
+    except errors.CovidlibError:
+      pass  # Foreign metadata: covidlib's names, as for the decision.
     self._shift_output = None
     if _tflite_input_kind(content) == edge.UINT8_IMAGE:
       # Takes the decoded image as it is; the run-time resize of its input lives in covidlib.edge.

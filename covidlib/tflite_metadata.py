@@ -213,10 +213,10 @@ def embed_metadata(flatbuffer: bytes, entries: dict[str, bytes]) -> bytes:
   return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
 
-def covidlib_entries(decision: model_dir_lib.Decision, model_input: dict | None = None
-                     ) -> dict[str, bytes]:
-  """The entries `exporters.tflite` embeds in every variant."""
-  entries = {LABELS: labels_text().encode(), DECISION: decision_json(decision).encode()}
+def covidlib_entries(decision: model_dir_lib.Decision, model_input: dict | None = None,
+                     class_names=CLASS_NAMES) -> dict[str, bytes]:
+  """The entries `exporters.tflite` embeds in every variant (class_names: label 0, label 1)."""
+  entries = {LABELS: labels_text(class_names).encode(), DECISION: decision_json(decision).encode()}
   if model_input is not None:
     entries[INPUT] = (json.dumps(model_input, indent=2, sort_keys=True) + '\n').encode()
   return entries

@@ -56,9 +56,10 @@ LABELS_FILE = 'labels.txt'
 SHIFT_OUTPUT = 'shift_score'
 
 
-def labels_text() -> str:
-  """labels.txt: one class name per line, line index = label (0 normal, 1 covid)."""
-  return ''.join(f'{name}\n' for name in covidlib.CLASS_NAMES)
+def labels_text(class_names=covidlib.CLASS_NAMES) -> str:
+  """labels.txt: one class name per line, line index = label (0 normal, 1 covid unless the
+  model_dir's config.json names its own classes)."""
+  return ''.join(f'{name}\n' for name in class_names)
 
 
 def _outputs(probability: tf.Tensor, threshold: float) -> dict[str, tf.Tensor]:
@@ -158,7 +159,8 @@ def export_saved_model(model_dir: str | os.PathLike, out_dir: str | os.PathLike,
   try:
     archive.write_out(out_dir, verbose=False)
     extra = os.path.join(out_dir, 'assets.extra')  # Read by TF Serving's warmup; ignored here.
-    model_dir_lib.write_bytes_atomic(os.path.join(extra, LABELS_FILE), labels_text().encode())
+    model_dir_lib.write_bytes_atomic(os.path.join(extra, LABELS_FILE),
+                                     labels_text(model_dir_lib.class_names(config)).encode())
     model_dir_lib.save_decision(extra, decision)
     if shift_model is not None:
       model_dir_lib.write_bytes_atomic(os.path.join(extra, shift_lib.SHIFT_JSON),

@@ -173,7 +173,7 @@ def convert_tflite(source: keras.Model | str | os.PathLike, quant_type: str,
                    representative_images: Iterable[np.ndarray] | np.ndarray | None = None,
                    int8_io: bool = False,
                    decision: model_dir_lib.Decision | None = None,
-                   shift_model=None) -> bytes:
+                   shift_model=None, class_names=tflite_metadata.CLASS_NAMES) -> bytes:
   """Converts an inference model or a covidlib SavedModel to TFLite bytes.
 
   Args:
@@ -236,7 +236,7 @@ def convert_tflite(source: keras.Model | str | os.PathLike, quant_type: str,
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
     flatbuffer = converter.convert()
-  entries = dict(tflite_metadata.covidlib_entries(decision))
+  entries = dict(tflite_metadata.covidlib_entries(decision, class_names=class_names))
   if shift_entry is not None:
     entries[SHIFT_METADATA] = shift_entry
     flatbuffer = _probability_first(flatbuffer)
@@ -358,7 +358,8 @@ def uint8_image_input(image_size: int, channels: int, shift: bool = False) -> di
 
 def convert_tflite_uint8_image(model: keras.Model, quant_type: str = 'dynamic',
                                decision: model_dir_lib.Decision | None = None,
-                               shift_model=None) -> bytes:
+                               shift_model=None,
+                               class_names=tflite_metadata.CLASS_NAMES) -> bytes:
   """A .tflite that takes the decoded gray image as it is: uint8 (1, H, W, 1), any H and W.
 
   Scaling and the antialiased resize of `covidlib.preprocess` run inside the graph, so an app
@@ -410,7 +411,8 @@ def convert_tflite_uint8_image(model: keras.Model, quant_type: str = 'dynamic',
       converter.optimizations = [tf.lite.Optimize.DEFAULT]
     flatbuffer = converter.convert()
   entries = tflite_metadata.covidlib_entries(
-      decision, uint8_image_input(image_size, channels, shift=shift_entry is not None))
+      decision, uint8_image_input(image_size, channels, shift=shift_entry is not None),
+      class_names=class_names)
   if shift_entry is not None:
     entries[SHIFT_METADATA] = shift_entry
     flatbuffer = _probability_first(flatbuffer)
