@@ -87,9 +87,13 @@ $(RUN_DIR)/report/report.md: $(MODEL_DIR)/model.keras $(HOLD_OUT_REPORT)
 
 evaluate: $(RUN_DIR)/report/report.md
 
+# --allow_parity_miss: the briefly trained default model's int8 variant misses a parity target
+# (BENCHMARKS.md, "Export parity", records it), so the job writes the export and reports the miss
+# in one warning line instead of failing; without the flag covidlib-export writes nothing, exit 1.
 $(RUN_DIR)/export/export_report.md: $(RUN_DIR)/report/report.md
 	$(BIN)/covidlib-export --model_dir=$(MODEL_DIR) --out=$(RUN_DIR)/export --dataset=$(DATASET) \
-	  --data_dir=$(DATA_DIR) --eval_report=$(RUN_DIR)/report/report.json --overwrite
+	  --data_dir=$(DATA_DIR) --eval_report=$(RUN_DIR)/report/report.json --overwrite \
+	  --allow_parity_miss
 
 export: $(RUN_DIR)/export/export_report.md
 

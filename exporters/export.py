@@ -17,7 +17,8 @@ Layout of the output folder:
 
 Atomicity: everything is built in a hidden sibling folder `.<name>.partial-<pid>-<random>` and
 renamed into place at the end, so the output folder appears complete or not at all, also when
-the process is killed. An existing output is refused unless `overwrite`, which swaps the two
+the process is killed. An export whose variants miss a parity target is not renamed into place
+(`parity.ParityMissError`) unless `allow_parity_miss`. An existing output is refused unless `overwrite`, which swaps the two
 folders in one `renameat2(RENAME_EXCHANGE)` (Linux; elsewhere two renames, leaving a moment with
 no folder, never a half-written one). Leftover partial folders of dead processes are removed by
 the next export to the same place.
@@ -201,7 +202,7 @@ def export_model_dir(model_dir: str, out: str, *, formats: Sequence[str] = FORMA
                      data_dir: str | None = None, calibration_split: str = 'train',
                      calibration_images: int = 200, parity_split: str | None = 'validation',
                      latency_runs: int = 30, eval_report: str | None = None,
-                     overwrite: bool = False) -> dict:
+                     overwrite: bool = False, allow_parity_miss: bool = False) -> dict:
   """Exports a model_dir to `out` (see the module docstring); returns the parity report.
 
   Args:
@@ -219,9 +220,13 @@ def export_model_dir(model_dir: str, out: str, *, formats: Sequence[str] = FORMA
     eval_report: covidlib-evaluate's report.json for the model card; default: the newest one in
       model_dir or a folder below it.
     overwrite: replace an existing `out` (atomically).
+    allow_parity_miss: write `out` even when a variant misses a parity target
+      (`parity.missed_targets`); the caller reports the miss.
 
   Raises:
     UsageError, DataError, ModelLoadError: naming what is at fault; `out` is then untouched.
+    parity.ParityMissError: a variant misses a parity target (without `allow_parity_miss`),
+      naming each miss; nothing is written to `out`.
   """
   formats = check_formats(formats)
   if int8_io and 'tflite_int8' not in formats:
@@ -253,6 +258,11 @@ def export_model_dir(model_dir: str, out: str, *, formats: Sequence[str] = FORMA
                     dataset=dataset, data_dir=data_dir, calibration_split=calibration_split,
                     calibration_images=calibration_images, parity_split=parity_split,
                     latency_runs=latency_runs, eval_report=eval_report)
+    missed = [] if report is None or allow_parity_miss else parity.missed_targets(report)
+    if missed:
+      raise parity.ParityMissError(
+          f'parity target missed: {"; ".join(missed)}; nothing written to {out} (pass '
+          '--allow_parity_miss to write it anyway)')
     _finalize_tree(tmp)
     publish(tmp, out, overwrite)
   except BaseException:

@@ -24,6 +24,8 @@ pass/fail: int8 quantizes the score coarsely and only its flag is meant to survi
 
 Targets (pass/fail per variant, from the project's issue 5):
   int8 file <= 0.26 x the fp32 file; decision agreement >= 0.98; ROC-AUC drop <= 0.01.
+`missed_targets(report)` names each miss ('tflite_int8: agreement 0.947 < 0.98'); covidlib-export
+then writes nothing and exits 1, unless --allow_parity_miss (`ParityMissError`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ REPORT_MD = 'export_report.md'
 TARGETS = {'int8_size_ratio_max': 0.26, 'agreement_min': 0.98, 'roc_auc_drop_max': 0.01}
 THREADS = (1, 2)
 REFERENCE = 'keras'
+# The figure each target checks, for the one line naming a miss.
+_TARGET_FIGURES = {'agreement': 'agreement', 'roc_auc_drop': 'ROC-AUC drop',
+                   'size_ratio': 'size ratio to fp32'}
+_MISSED_SIDE = {'>=': '<', '<=': '>'}
+
+
+class ParityMissError(errors.CovidlibError):
+  """An exported variant misses a parity target: the export is not written (exit status 1)."""
 
 
 def file_size(path: str) -> int:
@@ -236,6 +246,39 @@ def _probabilities_and_scores(predictor, images) -> tuple[np.ndarray, np.ndarray
   if not predictor.has_shift:
     return p, None
   return p, np.array([r.shift_score for r in results], np.float64)
+
+
+def _figure_against(value: float, bound: float) -> str:
+  """`value` with the digits that keep it on its side of `bound` (0.97999 is not '0.98')."""
+  below = value < bound
+  for digits in range(3, 17):
+    text = f'{value:.{digits}g}'
+    if (float(text) < bound) == below and float(text) != bound:
+      return text
+  return repr(value)
+
+
+def missed_targets(report: dict) -> list[str]:
+  """One entry per variant that misses a target: '<variant>: <figure> <value> <side> <target>'.
+
+      >>> parity.missed_targets(report)
+      ['tflite_int8: agreement 0.947 < 0.98, size ratio to fp32 0.274 > 0.26']
+
+  Undefined verdicts (ROC-AUC of one class) are not misses; `report['all_targets_met']` is None
+  for them.
+  """
+  missed = []
+  for name, model in report['models'].items():
+    figures = []
+    for check, result in model.get('targets', {}).items():
+      if result['pass'] is not False:
+        continue
+      op, bound = result['target'].split()
+      figures.append(f'{_TARGET_FIGURES.get(check, check)} '
+                     f'{_figure_against(result["value"], float(bound))} {_MISSED_SIDE[op]} {bound}')
+    if figures:
+      missed.append(f'{name}: {", ".join(figures)}')
+  return missed
 
 
 def _shift_parity(scores: np.ndarray | None, threshold: float | None, reference: np.ndarray,

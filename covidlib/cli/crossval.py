@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from absl import flags
 
+from covidlib.cli import quiet_start  # noqa: F401  First: TensorFlow starts quietly (see there).
 from covidlib import crossval
 from covidlib import errors
 from covidlib import hold_out
@@ -104,7 +105,7 @@ def main(argv: list[str]) -> None:
     result = crossval.hold_out_sources(
         config, _OUT.value, pools, sources=_SOURCES.value,
         threshold_policy=_THRESHOLD_POLICY.value, n_bootstrap=_N_BOOTSTRAP.value,
-        overwrite=_OVERWRITE.value, verbose=_VERBOSE.value)
+        overwrite=_OVERWRITE.value, verbose=common.fit_verbose(_VERBOSE.value))
     for e in result['held_out']:
       if 'skipped' in e:
         print(f'{e["source"]}: skipped: {e["skipped"]}')
@@ -120,7 +121,8 @@ def main(argv: list[str]) -> None:
   result = crossval.cross_validate(
       config, _OUT.value, pool, n_folds=_FOLDS.value, fold_seed=_FOLD_SEED.value,
       threshold=_THRESHOLD.value, near_duplicates=_NEAR_DUPLICATES.value,
-      n_bootstrap=_N_BOOTSTRAP.value, overwrite=_OVERWRITE.value, verbose=_VERBOSE.value)
+      n_bootstrap=_N_BOOTSTRAP.value, overwrite=_OVERWRITE.value,
+      verbose=common.fit_verbose(_VERBOSE.value))
   for name in ('accuracy', 'sensitivity', 'specificity', 'roc_auc'):
     s = result['summary'][name]
     if s['mean'] is None:

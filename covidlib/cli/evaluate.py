@@ -34,6 +34,7 @@ import os
 
 from absl import flags
 
+from covidlib.cli import quiet_start  # noqa: F401  First: TensorFlow starts quietly (see there).
 from covidlib import evaluate
 from covidlib import report
 from covidlib.cli import common

@@ -18,6 +18,7 @@ import os
 
 from absl import flags
 
+from covidlib.cli import quiet_start  # noqa: F401  First: TensorFlow starts quietly (see there).
 from covidlib import errors
 from covidlib import shift
 from covidlib import shift_fit

@@ -7,7 +7,8 @@ covidlib-crossval). `define` returns the existing flag in that case, so the firs
 default and help stand; tests set every flag they rely on explicitly. A flag it defines allows
 override, so a binary that calls plain `flags.DEFINE_*` for the same name later in the same
 process replaces it instead of failing with DuplicateFlagError (holders read flags by name, so
-every binary then sees that one flag).
+every binary then sees that one flag). absl counts a flag defined here as the calling binary's
+(`disclaim_key_flags`), so --helpfull lists it under that binary.
 
     from covidlib.cli import flag_util
     _MODEL_DIR = flag_util.define(flags.DEFINE_string, 'model_dir', None, 'A run.', required=True)
@@ -18,6 +19,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from absl import flags
+
+flags.disclaim_key_flags()  # Flags defined through `define` belong to its caller.
 
 
 def define(definer: Callable[..., flags.FlagHolder], name: str, default: Any, help_text: str,

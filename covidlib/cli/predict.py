@@ -32,6 +32,7 @@ from typing import Sequence
 
 from absl import flags
 
+from covidlib.cli import quiet_start  # noqa: F401  First: TensorFlow starts quietly (see there).
 from covidlib import errors
 from covidlib import explain
 from covidlib import predict

@@ -30,6 +30,7 @@ that does not divide by the replicas...); 1 failure (NaN loss, unreadable data..
 
 from absl import flags
 
+from covidlib.cli import quiet_start  # noqa: F401  First: TensorFlow starts quietly (see there).
 from covidlib import augment
 from covidlib import distribute
 from covidlib import errors
@@ -93,8 +94,9 @@ _DETERMINISTIC = flags.DEFINE_boolean(
     'Deterministic ops: two CPU runs with the same seed give identical weights (slower).')
 _OVERWRITE = flags.DEFINE_boolean(
     'overwrite', False, 'Delete a previous run in --model_dir (finished or not) and start over.')
-_VERBOSE = flags.DEFINE_integer('verbose', 1, 'Keras fit verbosity: 0 silent, 1 progress bars, '
-                                '2 a line per epoch.', lower_bound=0, upper_bound=2)
+_VERBOSE = flags.DEFINE_enum('verbose', 'auto', ['auto', '0', '1', '2'],
+                             'Keras fit verbosity: 0 silent, 1 progress bars, 2 a line per epoch; '
+                             'auto: 1 on a terminal, else 2.')
 _CROP = flags.DEFINE_float(
     'crop', _D['crop'],
     'Fraction of each side cut off (then resized back) as the model\'s first layer, in [0, 0.4): '
@@ -184,7 +186,7 @@ def main(argv: list[str]) -> int:
   common.reject_extra_args(argv)
   config = config_from_flags()
   history = train_lib.train(config, _MODEL_DIR.value, overwrite=_OVERWRITE.value,
-                            verbose=_VERBOSE.value)
+                            verbose=common.fit_verbose(_VERBOSE.value))
   last = {k: v[-1] for k, v in history.items() if v}
   summary = ', '.join(f'{k} {last[k]:.4f}' for k in ('loss', 'val_loss', 'val_accuracy',
                                                      'val_auc') if k in last)

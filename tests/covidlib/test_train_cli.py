@@ -87,6 +87,17 @@ def test_main_trains_and_writes_the_model_dir(tmp_path, make_folder):
   assert md.load_model(model_dir).input_shape == (None, 24, 24, 1)
 
 
+def test_default_verbose_prints_one_line_per_epoch_when_stdout_is_not_a_terminal(tmp_path,
+                                                                                 make_folder):
+  status, stdout, _ = call(**tiny_flags(tmp_path / 'run', make_folder(), epochs=2,
+                                        verbose='auto'))
+  assert status == 0
+  epochs = [line for line in stdout.splitlines() if ' - loss: ' in line]
+  assert len(epochs) == 2, stdout  # Keras verbose=2: one summary line an epoch...
+  assert '\r' not in stdout and '\u2501' not in stdout  # ...and no progress bar ('━').
+  assert stdout.count('Epoch ') == 2
+
+
 def test_shortcut_flags_are_recorded_in_config_json(tmp_path, make_folder):
   model_dir, dataset = tmp_path / 'run', make_folder()
   status, _, stderr = call(**tiny_flags(model_dir, dataset, crop=0.1, equalize='histogram',

@@ -223,6 +223,26 @@ def test_every_binary_is_in_the_matrix():
     assert CASES[f'{prog.split("-")[-1].split(".")[-1]}-unknown_flag'].prog == prog
 
 
+@pytest.mark.slow
+def test_stderr_holds_only_our_line(tmp_path):
+  """The console script as a user runs it, TF_CPP_MIN_LOG_LEVEL unset, the GPU not hidden:
+  stderr is exactly the one error line, no TensorFlow start-up logging (cuInit, cudart_stub,
+  cpu_feature_guard, 'All log messages before absl::InitializeLog()')."""
+  import subprocess
+  import sys
+
+  script = os.path.join(os.path.dirname(sys.executable), 'covidlib-fit-shift')
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('TF_CPP_MIN_LOG_LEVEL', 'CUDA_VISIBLE_DEVICES')}
+  missing = tmp_path / 'nonexistent'
+  done = subprocess.run([script, f'--model_dir={missing}'], capture_output=True, text=True,
+                        env=env, timeout=240)
+  assert (done.returncode, done.stdout) == (2, '')
+  assert done.stderr == (f"covidlib-fit-shift: error: model_dir '{missing}' does not exist or is "
+                         'not a directory\n')
+  assert not missing.exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # covidlib_tfds.build with a --manual_dir that does not exist, offline. Run in-process with the
 # download made to fail at once (the real binary retries for ~3.5 minutes without a network).
