@@ -275,6 +275,7 @@ def export_model_dir(model_dir: str, out: str, *, formats: Sequence[str] = FORMA
 def _build(tmp, model_dir, model, config, decision, *, formats, int8_io, dataset, data_dir,
            calibration_split, calibration_images, parity_split, latency_runs, eval_report):
   variants: dict[str, str] = {}
+  class_names = model_dir_lib.class_names(config)  # Label 0, label 1: the dataset's names.
   if 'saved_model' in formats:
     log.info('writing the SavedModel')
     variants['saved_model'] = saved_model_lib.export_saved_model(
@@ -291,7 +292,8 @@ def _build(tmp, model_dir, model, config, decision, *, formats, int8_io, dataset
     log.info('converting %s', fmt)
     if fmt == 'tflite_uint8_image':
       data = tflite.convert_tflite_uint8_image(model, UINT8_IMAGE_QUANT_TYPE, decision,
-                                               shift_model=_shift_model(model_dir))
+                                               shift_model=_shift_model(model_dir),
+                                               class_names=class_names)
       path = os.path.join(tmp, tflite_filename(fmt))
       model_dir_lib.write_bytes_atomic(path, data)
       variants[fmt] = path
@@ -299,12 +301,12 @@ def _build(tmp, model_dir, model, config, decision, *, formats, int8_io, dataset
     data = tflite.convert_tflite(model, quant_type,
                                  representative if quant_type == 'int8' else None,
                                  int8_io=int8_io and quant_type == 'int8', decision=decision,
-                                 shift_model=_shift_model(model_dir))
+                                 shift_model=_shift_model(model_dir), class_names=class_names)
     path = os.path.join(tmp, tflite_filename(fmt))
     model_dir_lib.write_bytes_atomic(path, data)
     variants[fmt] = path
   model_dir_lib.write_bytes_atomic(os.path.join(tmp, saved_model_lib.LABELS_FILE),
-                                   saved_model_lib.labels_text().encode())
+                                   saved_model_lib.labels_text(class_names).encode())
   model_dir_lib.write_bytes_atomic(os.path.join(tmp, model_dir_lib.DECISION),
                                    tflite.decision_json(decision).encode())
   model_dir_lib.write_json(os.path.join(tmp, model_dir_lib.CONFIG), config)
