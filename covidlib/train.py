@@ -63,8 +63,8 @@ Extending a finished run. A finished run keeps `checkpoints/`: state.json (marke
 the last epoch's weights and optimizer state, and the kept epoch's file. The same config with a
 larger `epochs` therefore continues from the last epoch exactly like a resume: the extra epochs
 are trained, the kept epoch is chosen again among all of them, and
-`extended_from_epochs` in history.json lists the epoch counts the run had finished at before
-each extension ([10] for 10 extended to 15). decision.json is removed (it was chosen for the
+`extended_from_epochs` in history.json is the epoch count the run had finished at before its
+latest extension (10 for 10 extended to 15; an int, so every list there is per-epoch). decision.json is removed (it was chosen for the
 old model; logged). While an extension runs, config.json and history.json describe it already;
 model.keras is replaced when it ends. A larger `epochs` with any other key changed is refused
 (pass overwrite), as is a run that stopped early (more epochs would stop again), and a
@@ -336,7 +336,7 @@ _FRESH_STATE = {
     'epoch': 0, 'weights': None, 'history': {},
     'best_epoch': None, 'best_val_loss': None, 'stopped_early': False,  # Early stopping.
     'best_auc_epoch': None, 'best_val_auc': None, 'best_auc_weights': None,  # keep='best'.
-    'finished': False, 'extended_from_epochs': [],
+    'finished': False, 'extended_from_epochs': None,
 }
 
 
@@ -589,7 +589,7 @@ def history_record(state: dict, kept: tuple[int, str, str, str]) -> dict:
   record = {**history, 'kept_epoch': epoch, 'kept_by': by, 'kept_reason': reason,
             'kept_metrics': {k: v[epoch - 1] for k, v in history.items() if len(v) >= epoch}}
   if state['extended_from_epochs']:
-    record['extended_from_epochs'] = list(state['extended_from_epochs'])
+    record['extended_from_epochs'] = state['extended_from_epochs']
   return record
 
 
@@ -710,8 +710,7 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
       training_model.optimizer.build(training_model.trainable_variables)
       training_model.load_weights(os.path.join(checkpoints, state['weights']))
     if state['finished'] and state['epoch'] < config['epochs']:  # _check_model_dir allowed it.
-      state = {**state, 'finished': False,
-               'extended_from_epochs': [*state['extended_from_epochs'], state['epoch']]}
+      state = {**state, 'finished': False, 'extended_from_epochs': state['epoch']}
       decision = os.path.join(model_dir, md.DECISION)
       if chief and os.path.exists(decision):
         os.remove(decision)

@@ -7,9 +7,10 @@
 
 Sections (after Mitchell et al., "Model Cards for Model Reporting", 2019): model details,
 intended use and what it must not be used for, training data and licences, training
-configuration (config.json), metrics with 95% intervals (the evaluation report.json when the
-model_dir has one, else computed at export on the parity split), per-source metrics, known
-confounds of this data, and the quantization deltas of each exported variant (parity report).
+configuration (config.json) and the epoch whose weights the model holds (history.json), metrics
+with 95% intervals (the evaluation report.json when the model_dir has one, else computed at
+export on the parity split), per-source metrics, known confounds of this data, and the
+quantization deltas of each exported variant (parity report).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import covidlib
 from covidlib import metrics as metrics_lib
 from covidlib import model_dir as model_dir_lib
+from covidlib import report
 from covidlib import shortcuts
 
 FILENAME = 'MODEL_CARD.md'
@@ -161,12 +163,28 @@ def _quantization_section(parity: dict | None) -> list[str]:
   return lines
 
 
+def training_line(history: dict | None) -> str:
+  """One line: the epochs trained and the epoch whose weights the model holds, its figures."""
+  if not history:
+    return 'Training history: none (no history.json in the model_dir).'
+  epochs = len(history.get('loss') or [])
+  extended = history.get('extended_from_epochs')
+  trained = f'{epochs} epochs{f" (extended from {extended})" if extended else ""}'
+  kept = report.kept_epoch_text(history)
+  if kept is None:
+    return (f'Training: {trained}; history.json does not record which epoch the weights are '
+            'from (written before covidlib recorded it).')
+  return f'Training: {trained}; the model holds {kept}.'
+
+
 def render_model_card(config: dict, decision: model_dir_lib.Decision, *,
                       evaluation: dict | None, evaluation_source: str,
                       parity: dict | None, files: list[str],
-                      params: int | None = None, shift_info: dict | None = None) -> str:
+                      params: int | None = None, shift_info: dict | None = None,
+                      history: dict | None = None) -> str:
   """The model card's Markdown. `evaluation` has covidlib-evaluate's report.json layout;
-  `shift_info` is the model_dir's shift.json (None: the model carries no shift score)."""
+  `shift_info` is the model_dir's shift.json (None: the model carries no shift score);
+  `history` its history.json (None: none)."""
   name = config.get('model', '?')
   size, channels = config.get('image_size', '?'), config.get('channels', 1)
   lines = [
@@ -190,7 +208,8 @@ def render_model_card(config: dict, decision: model_dir_lib.Decision, *,
           'The sources below are those of covidlib\'s `covid_xray` dataset; this model was '
           'trained on another one: add its sources and licences here.', '']),
       DATA_SOURCES, '',
-      '## Training configuration', '', '| Key | Value |', '|---|---|',
+      '## Training configuration', '', training_line(history), '',
+      '| Key | Value |', '|---|---|',
   ]
   for key in sorted(config):
     value = json.dumps(config[key], sort_keys=True)
