@@ -44,11 +44,11 @@ weights and epoch count, not bit-identical in the result.
 The kept epoch (config `keep`). 'best' (default): model.keras holds the weights of the epoch
 with the highest validation ROC-AUC (`val_auc`, the AUC metric build_models compiles; a tie goes
 to the earlier epoch). Validation AUC swings from epoch to epoch on small data (0.86 at epoch
-23, 0.68 at epoch 30 on a 2,503-film set), so the last epoch is a lottery. Its checkpoint file
-is not deleted while later epochs run, and state.json names it (`best_auc_epoch`,
-`best_val_auc`, `best_auc_weights`), so a resumed run keeps the right one. Without validation
-data, or with no finite val_auc in any epoch, 'best' keeps the last epoch and says so (logged,
-and in history.json). 'last': the last epoch's weights.
+23, 0.68 at epoch 30 on a 2,503-film set): the last epoch is often far from the best. The best
+epoch's checkpoint file is not deleted while later epochs run, and state.json names it
+(`best_auc_epoch`, `best_val_auc`, `best_auc_weights`), so a resumed run keeps the right one.
+Without validation data, or with no finite val_auc in any epoch, 'best' keeps the last epoch and
+says so (logged, and in history.json). 'last': the last epoch's weights.
 
 Early stopping (`early_stopping_patience` > 0) watches val_loss: it stops after that many epochs
 without a lower val_loss (its state survives a restart too); the weights kept still follow
@@ -60,16 +60,17 @@ epoch: `kept_epoch` (1-based), `kept_by` ('val_auc' or 'last'), `kept_reason` (o
 `train()` returns the same dict.
 
 Extending a finished run. A finished run keeps `checkpoints/`: state.json (marked `finished`),
-the last epoch's weights and optimizer state, and the kept epoch's file. The same config with a
-larger `epochs` therefore continues from the last epoch exactly like a resume: the extra epochs
-are trained, the kept epoch is chosen again among all of them, and
-`extended_from_epochs` in history.json is the epoch count the run had finished at before its
-latest extension (10 for 10 extended to 15; an int, so every list there is per-epoch). decision.json is removed (it was chosen for the
-old model; logged). While an extension runs, config.json and history.json describe it already;
-model.keras is replaced when it ends. A larger `epochs` with any other key changed is refused
-(pass overwrite), as is a run that stopped early (more epochs would stop again), and a
-smaller or equal `epochs` is a UsageError: the run is finished and there is nothing to train.
-A finished run of a covidlib that deleted `checkpoints/` cannot be extended (UsageError).
+the last epoch's weights and optimizer state, and the kept epoch's file (a few times the size of
+model.keras; the simplest store that makes an extension exactly a resume). The same config with
+a larger `epochs` therefore continues from the last epoch like a resume: the extra epochs are
+trained, the kept epoch is chosen again among all of them, and history.json's
+`extended_from_epochs` is the epoch count the run had finished at before its latest extension
+(10 for 10 extended to 15; an int, so every list in history.json is per-epoch). decision.json
+is removed (chosen for the old model; logged). While an extension runs, config.json and
+history.json describe it already; model.keras is replaced when it ends. Refused (UsageError):
+a larger `epochs` with any other key changed (pass overwrite), a run that stopped early (more
+epochs would stop again), a smaller or equal `epochs` (finished: nothing to train), and a
+finished run of a covidlib that deleted `checkpoints/` (nothing to extend from).
 
 Multi-worker: every worker runs the same call; only the chief writes to model_dir, and every
 worker resumes from the chief's checkpoints, so model_dir must be on a filesystem all workers
@@ -566,7 +567,7 @@ def build_models(config: dict) -> tuple[keras.Model, keras.Model]:
   return inference_model, training_model
 
 
-def kept_epoch(state: dict, keep: str, has_validation: bool) -> tuple[int, str, str, str]:
+def _kept_epoch(state: dict, keep: str, has_validation: bool) -> tuple[int, str, str, str]:
   """(epoch, kept_by, reason, weights file) of the epoch whose weights the model keeps.
 
   kept_by is 'val_auc' (the best epoch) or 'last'; reason is one phrase for people.
@@ -582,7 +583,7 @@ def kept_epoch(state: dict, keep: str, has_validation: bool) -> tuple[int, str, 
   return last[0], last[1], f'the last epoch: keep=best found {why}', last[2]
 
 
-def history_record(state: dict, kept: tuple[int, str, str, str]) -> dict:
+def _history_record(state: dict, kept: tuple[int, str, str, str]) -> dict:
   """history.json: the per-epoch lists and the record of the kept epoch (and extensions)."""
   epoch, by, reason, _ = kept
   history = {k: list(v) for k, v in state['history'].items()}
@@ -748,10 +749,10 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
     state = checkpoint.state
 
     # --------------------------------------------------------------------------- Save.
-    kept = kept_epoch(state, config['keep'], validation_data is not None)
+    kept = _kept_epoch(state, config['keep'], validation_data is not None)
     if kept[1] == 'last' and config['keep'] == 'best':
       log.warning('%s: kept epoch %d, %s', model_dir, kept[0], kept[2])
-    record = history_record(state, kept)
+    record = _history_record(state, kept)
     if chief:
       if kept[3] != state['weights']:  # The last epoch's weights are in the model already.
         training_model.load_weights(os.path.join(checkpoints, kept[3]))
