@@ -4,12 +4,12 @@
       config.json       the training configuration (model, image_size, channels, dataset, ...)
       model.keras       the inference model: float32 (S, S, C) in [0, 1] -> P(COVID-19), no
                         augmentation inside
-      history.json      Keras History.history (per-epoch loss, metrics, val_*)
+      history.json      per-epoch loss, metrics, val_* and the epoch kept (see covidlib.train)
       decision.json     operating point chosen on validation: {"threshold", "policy",
                         "temperature", "split"}; absent means threshold 0.5, temperature 1.0
       shift.npz         the out-of-distribution score fitted at the end of training (plain arrays,
       shift.json        no pickle) and its threshold; see covidlib.shift. Absent: no score.
-      checkpoints/      training state for resuming
+      checkpoints/      training state for resuming and extending (kept after training)
       logs/             TensorBoard
 
 Every JSON write here is atomic: a temporary file in the same folder, then `os.replace`.

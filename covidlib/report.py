@@ -205,18 +205,60 @@ def render_markdown(report: dict, plots: dict) -> str:
       out.append(f'- {key}: `{path}`')
   history = report.get('history')
   if history:
-    out += ['', '## Training', '', f'{history["epochs"]} epochs. Last epoch: ' + ', '.join(
-        f'{k} {v:.4f}' for k, v in history['last'].items()) + '.']
+    kept = history.get('kept')
+    out += ['', '## Training', '', f'{history["epochs"]} epochs'
+            f'{_extended_text(history.get("extended_from_epochs"))}. '
+            + (f'The model holds {kept["text"]}. ' if kept else '')
+            + 'Last epoch: ' + _figures_text(history['last']) + '.']
   return '\n'.join(out) + '\n'
 
 
+def _figures_text(figures: dict) -> str:
+  return ', '.join(f'{k} {v:.4f}' for k, v in figures.items())
+
+
+def _extended_text(extended_from: int | None) -> str:
+  return f' (extended from {extended_from})' if extended_from else ''
+
+
+def _epoch_count(history: dict) -> int:
+  lengths = [len(v) for v in history.values() if isinstance(v, list)]
+  return max(lengths) if lengths else 0
+
+
+def kept_epoch_text(history: dict | None) -> str | None:
+  """The epoch whose weights model.keras holds, with its figures, from history.json:
+
+      'epoch 23 of 30 (highest val_auc): val_auc 0.8600, val_loss 0.4100'
+
+  (train and AUC loss without validation data). None for a history.json without the record
+  (written before covidlib.train recorded the kept epoch).
+  """
+  if not history or not history.get('kept_epoch'):
+    return None
+  figures = history.get('kept_metrics') or {}
+  keys = [k for k in ('val_auc', 'val_loss') if k in figures] or \
+      [k for k in ('auc', 'loss') if k in figures]
+  return (f'epoch {history["kept_epoch"]} of {_epoch_count(history)} '
+          f'({history.get("kept_reason") or history.get("kept_by")}): '
+          + _figures_text({k: figures[k] for k in keys}))
+
+
 def _history_summary(history: dict | None) -> dict | None:
+  """report.json's 'history': epochs, the last epoch's figures and the kept epoch (if known)."""
   if not history:
     return None
-  lengths = [len(v) for v in history.values() if isinstance(v, list)]
-  return {'epochs': max(lengths) if lengths else 0,
-          'last': {k: float(v[-1]) for k, v in sorted(history.items())
-                   if isinstance(v, list) and v and isinstance(v[-1], (int, float))}}
+  summary = {'epochs': _epoch_count(history),
+             'last': {k: float(v[-1]) for k, v in sorted(history.items())
+                      if isinstance(v, list) and v and isinstance(v[-1], (int, float))}}
+  if history.get('kept_epoch'):
+    summary['kept'] = {'epoch': history['kept_epoch'], 'by': history.get('kept_by'),
+                       'reason': history.get('kept_reason'),
+                       'metrics': dict(sorted((history.get('kept_metrics') or {}).items())),
+                       'text': kept_epoch_text(history)}
+  if history.get('extended_from_epochs'):
+    summary['extended_from_epochs'] = history['extended_from_epochs']
+  return summary
 
 
 def _save_figure(figure, path: str) -> None:

@@ -41,8 +41,36 @@ write leaves a checkpoint that cannot be loaded; hence this small callback.) The
 augmentation draws of a resumed run differ from an uninterrupted one: resuming is exact in
 weights and epoch count, not bit-identical in the result.
 
-Early stopping (`early_stopping_patience` > 0) watches val_loss, keeps the best epoch's weights
-in `checkpoints/best.weights.h5` and restores them at the end; its state survives a restart too.
+The kept epoch (config `keep`). 'best' (default): model.keras holds the weights of the epoch
+with the highest validation ROC-AUC (`val_auc`, the AUC metric build_models compiles; a tie goes
+to the earlier epoch). Validation AUC swings from epoch to epoch on small data (0.86 at epoch
+23, 0.68 at epoch 30 on a 2,503-film set): the last epoch is often far from the best. The best
+epoch's checkpoint file is not deleted while later epochs run, and state.json names it
+(`best_auc_epoch`, `best_val_auc`, `best_auc_weights`), so a resumed run keeps the right one.
+Without validation data, or with no finite val_auc in any epoch, 'best' keeps the last epoch and
+says so (logged, and in history.json). 'last': the last epoch's weights.
+
+Early stopping (`early_stopping_patience` > 0) watches val_loss: it stops after that many epochs
+without a lower val_loss (its state survives a restart too); the weights kept still follow
+`keep`.
+
+history.json holds Keras' per-epoch lists (loss, auc, val_auc, ...) and the record of the kept
+epoch: `kept_epoch` (1-based), `kept_by` ('val_auc' or 'last'), `kept_reason` (one phrase) and
+`kept_metrics` (that epoch's entry of every list); `extended_from_epochs` (below) when extended.
+`train()` returns the same dict.
+
+Extending a finished run. A finished run keeps `checkpoints/`: state.json (marked `finished`),
+the last epoch's weights and optimizer state, and the kept epoch's file (a few times the size of
+model.keras; the simplest store that makes an extension exactly a resume). The same config with
+a larger `epochs` therefore continues from the last epoch like a resume: the extra epochs are
+trained, the kept epoch is chosen again among all of them, and history.json's
+`extended_from_epochs` is the epoch count the run had finished at before its latest extension
+(10 for 10 extended to 15; an int, so every list in history.json is per-epoch). decision.json
+is removed (chosen for the old model; logged). While an extension runs, config.json and
+history.json describe it already; model.keras is replaced when it ends. Refused (UsageError):
+a larger `epochs` with any other key changed (pass overwrite), a run that stopped early (more
+epochs would stop again), a smaller or equal `epochs` (finished: nothing to train), and a
+finished run of a covidlib that deleted `checkpoints/` (nothing to extend from).
 
 Multi-worker: every worker runs the same call; only the chief writes to model_dir, and every
 worker resumes from the chief's checkpoints, so model_dir must be on a filesystem all workers
@@ -52,6 +80,7 @@ share.
 from __future__ import annotations
 
 import glob
+import logging
 import math
 import os
 import shutil
@@ -72,7 +101,10 @@ from covidlib import standardize
 from covidlib_tfds import build as tfds_build
 
 STATE = 'state.json'
-BEST_WEIGHTS = 'best.weights.h5'
+KEEP_MONITOR = 'val_auc'  # build_models' AUC metric is named 'auc'; Keras logs val_auc.
+KEEP = ('best', 'last')
+
+log = logging.getLogger(__name__)
 
 # Every key train() understands, with its default. config.json holds all of them.
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -91,6 +123,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     'learning_rate': 1e-3,   # Adam; the article's optimizer and Keras' default rate.
     'class_weight': 'none',  # 'balanced': weight n / (2 n_class), for unbalanced splits.
     'early_stopping_patience': 0,  # Epochs without a lower val_loss before stopping; 0 = off.
+  'keep': 'best',          # Weights saved: 'best' val_auc epoch (ties: earlier) or 'last'.
     'seed': 0,               # Shuffling, augmentation, initial weights, dropout.
     'deterministic': False,  # Also make ops deterministic (same weights on every CPU run).
     'strategy': 'auto',
@@ -177,6 +210,8 @@ def make_config(**overrides: Any) -> dict[str, Any]:
   patience = config['early_stopping_patience']
   if not is_int(patience) or patience < 0:
     bad('early_stopping_patience', 'an integer >= 0')
+  if config['keep'] not in KEEP:
+    bad('keep', "'best' or 'last'")
   if patience and not config['validation_split']:
     raise errors.UsageError('early stopping (early_stopping_patience='
                             f'{patience}) needs a validation split; validation_split is empty')
@@ -228,8 +263,37 @@ def _clear_run(model_dir: str) -> None:
     shutil.rmtree(os.path.join(model_dir, name), ignore_errors=True)
 
 
+def _config_differences(saved: dict, config: dict, ignore: tuple[str, ...] = ()) -> str:
+  """'key: saved saved, now now; ...' for every key that differs ('' when none)."""
+  differing = sorted(k for k in set(saved) | set(config)
+                     if k not in ignore and saved.get(k) != config.get(k))
+  return '; '.join(f'{k}: {saved.get(k)!r} saved, {config.get(k)!r} now' for k in differing)
+
+
+def _check_extension(model_dir: str, saved: dict, config: dict, state: dict) -> None:
+  """Passes for a finished run that `config` extends (same keys, more epochs); else raises."""
+  details = _config_differences(saved, config, ignore=('epochs',))
+  if details:
+    raise errors.UsageError(
+        f'model_dir {model_dir!r} holds a finished run ({md.MODEL}) with another configuration '
+        f'({details}); pass --overwrite to train again from scratch, or choose another '
+        'model_dir (only a larger --epochs extends a finished run)')
+  if state['stopped_early']:
+    raise errors.UsageError(
+        f'model_dir {model_dir!r} holds a finished run ({md.MODEL}) that stopped early at epoch '
+        f'{state["epoch"]} (early_stopping_patience {saved["early_stopping_patience"]}); more '
+        'epochs would stop again: pass --overwrite to train again from scratch, or choose '
+        'another model_dir')
+  if config['epochs'] <= state['epoch']:
+    raise errors.UsageError(
+        f'model_dir {model_dir!r} holds a finished run of {state["epoch"]} '
+        f'epoch{"s" if state["epoch"] != 1 else ""} ({md.MODEL}); '
+        f'nothing to train for epochs={config["epochs"]}: pass a larger --epochs to extend it, '
+        '--overwrite to train again from scratch, or choose another model_dir')
+
+
 def _check_model_dir(model_dir: str, config: dict, overwrite: bool) -> None:
-  """Refuses a finished run (unless overwrite) and resuming a run with another config.
+  """Refuses a finished run (unless overwrite, or extended) and resuming with another config.
 
   Writes nothing (except clearing a previous run for `overwrite`): config.json is written only
   once the data and the model are ready, so a run that fails before (a typo in a flag, data not
@@ -246,31 +310,46 @@ def _check_model_dir(model_dir: str, config: dict, overwrite: bool) -> None:
         'covidlib-train run; choose a new or empty folder')
   if overwrite:
     _clear_run(model_dir)
-  elif os.path.exists(os.path.join(model_dir, md.MODEL)):
-    raise errors.UsageError(
-        f'model_dir {model_dir!r} holds a finished run ({md.MODEL}); pass --overwrite to '
-        'train again from scratch, or choose another model_dir')
-  elif os.path.exists(os.path.join(model_dir, md.CHECKPOINTS, STATE)):
-    saved = _with_defaults(md.read_json(config_path))
-    differing = sorted(k for k in set(saved) | set(config) if saved.get(k) != config.get(k))
-    if differing:
-      details = '; '.join(f'{k}: {saved.get(k)!r} saved, {config.get(k)!r} now'
-                          for k in differing)
+    return
+  has_model = os.path.exists(os.path.join(model_dir, md.MODEL))
+  if not os.path.exists(os.path.join(model_dir, md.CHECKPOINTS, STATE)):
+    if has_model:  # Finished by a covidlib that deleted checkpoints/ at the end.
       raise errors.UsageError(
-          f'model_dir {model_dir!r} holds an unfinished run with another configuration '
-          f'({details}); rerun with the same settings to resume it, or pass --overwrite to '
-          'start over')
-  else:  # A run stopped before its first epoch ended: nothing to resume, start afresh.
-    _clear_run(model_dir)
+          f'model_dir {model_dir!r} holds a finished run ({md.MODEL}) without '
+          f'{md.CHECKPOINTS}/{STATE} to extend it from; pass --overwrite to train again from '
+          'scratch, or choose another model_dir')
+    _clear_run(model_dir)  # Stopped before its first epoch ended: nothing to resume.
+    return
+  saved = _with_defaults(md.read_json(config_path))
+  state = _load_state(model_dir)
+  if has_model and state['finished']:
+    _check_extension(model_dir, saved, config, state)
+    return
+  details = _config_differences(saved, config)
+  if details:
+    raise errors.UsageError(
+        f'model_dir {model_dir!r} holds an unfinished run with another configuration '
+        f'({details}); rerun with the same settings to resume it, or pass --overwrite to '
+        'start over')
+
+
+_FRESH_STATE = {
+    'epoch': 0, 'weights': None, 'history': {},
+    'best_epoch': None, 'best_val_loss': None, 'stopped_early': False,  # Early stopping.
+    'best_auc_epoch': None, 'best_val_auc': None, 'best_auc_weights': None,  # keep='best'.
+    'finished': False, 'extended_from_epochs': None,
+}
 
 
 def _load_state(model_dir: str | None) -> dict:
-  """The last committed epoch's state (a fresh one for None or when nothing is committed)."""
+  """The last committed epoch's state (a fresh one for None or when nothing is committed).
+
+  A state.json of an older covidlib lacks the later keys: they take their fresh values.
+  """
   path = os.path.join(model_dir, md.CHECKPOINTS, STATE) if model_dir else ''
   if not os.path.exists(path):
-    return {'epoch': 0, 'weights': None, 'history': {}, 'best_epoch': None,
-            'best_val_loss': None, 'stopped_early': False}
-  return md.read_json(path)
+    return dict(_FRESH_STATE)
+  return {**_FRESH_STATE, **md.read_json(path)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,15 +362,24 @@ def _save_weights_atomic(model: keras.Model, path: str) -> None:
     model.save_weights(tmp, overwrite=True)
 
 
-class EpochCheckpoint(keras.callbacks.Callback):
-  """Commits weights, history and early-stopping state at the end of every finite epoch."""
+def _epoch_file(epoch: int) -> str:
+  return f'epoch-{epoch:04d}.weights.h5'
 
-  def __init__(self, model_dir: str, state: dict, patience: int, write: bool):
+
+class EpochCheckpoint(keras.callbacks.Callback):
+  """Commits weights, history, early-stopping and best-epoch state at every finite epoch end.
+
+  Keeps two weight files at most: the last epoch's (to resume or extend from) and, for
+  keep='best', the best val_auc epoch's (to save at the end).
+  """
+
+  def __init__(self, model_dir: str, state: dict, patience: int, keep: str, write: bool):
     super().__init__()
     self.directory = os.path.join(model_dir, md.CHECKPOINTS)
     self.history_path = os.path.join(model_dir, md.HISTORY)
     self.state = state
     self.patience = patience
+    self.keep = keep
     self.write = write
 
   def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -302,29 +390,35 @@ class EpochCheckpoint(keras.callbacks.Callback):
     history = {k: list(v) for k, v in state['history'].items()}
     for key, value in logs.items():
       history.setdefault(key, []).append(value)
-    state.update(epoch=epoch + 1, history=history)
-    improved = False
+    name = _epoch_file(epoch + 1)
+    state.update(epoch=epoch + 1, history=history, weights=name)
+    if self.keep == 'best':
+      auc = logs.get(KEEP_MONITOR, math.nan)
+      best = state['best_val_auc']
+      if math.isfinite(auc) and (best is None or auc > best):  # Strict: ties keep the earlier.
+        state.update(best_auc_epoch=epoch + 1, best_val_auc=auc, best_auc_weights=name)
     if self.patience:
       val_loss = logs.get('val_loss', math.nan)
       best = state['best_val_loss']
-      improved = math.isfinite(val_loss) and (best is None or val_loss < best)
-      if improved:
+      if math.isfinite(val_loss) and (best is None or val_loss < best):
         state.update(best_epoch=epoch + 1, best_val_loss=val_loss)
       if epoch + 1 - (state['best_epoch'] or 0) >= self.patience:
         state['stopped_early'] = True
         self.model.stop_training = True
     if self.write:
-      name = f'epoch-{epoch + 1:04d}.weights.h5'
       _save_weights_atomic(self.model, os.path.join(self.directory, name))
-      if improved:
-        _save_weights_atomic(self.model, os.path.join(self.directory, BEST_WEIGHTS))
-      state['weights'] = name
       md.write_json(os.path.join(self.directory, STATE), state)  # The commit point.
       md.write_json(self.history_path, history)
-      for old in glob.glob(os.path.join(self.directory, 'epoch-*.weights.h5')):
-        if os.path.basename(old) != name:
-          os.remove(old)
+      _remove_other_weights(self.directory, state)
     self.state = state
+
+
+def _remove_other_weights(directory: str, state: dict) -> None:
+  """Deletes every weights file in checkpoints/ that the committed state does not name."""
+  needed = {state['weights'], state['best_auc_weights']}
+  for old in glob.glob(os.path.join(directory, '*.weights.h5')):  # Not the .tmp dotfiles.
+    if os.path.basename(old) not in needed:
+      os.remove(old)
 
 
 class NaNGuard(keras.callbacks.Callback):
@@ -473,6 +567,33 @@ def build_models(config: dict) -> tuple[keras.Model, keras.Model]:
   return inference_model, training_model
 
 
+def _kept_epoch(state: dict, keep: str, has_validation: bool) -> tuple[int, str, str, str]:
+  """(epoch, kept_by, reason, weights file) of the epoch whose weights the model keeps.
+
+  kept_by is 'val_auc' (the best epoch) or 'last'; reason is one phrase for people.
+  """
+  last = (state['epoch'], 'last', state['weights'])
+  if keep == 'last':
+    return last[0], last[1], 'the last epoch, keep=last', last[2]
+  if state['best_auc_epoch']:
+    return (state['best_auc_epoch'], KEEP_MONITOR, f'highest {KEEP_MONITOR}',
+            state['best_auc_weights'])
+  why = ('no validation data' if not has_validation else
+         f'no epoch had a finite {KEEP_MONITOR}')
+  return last[0], last[1], f'the last epoch: keep=best found {why}', last[2]
+
+
+def _history_record(state: dict, kept: tuple[int, str, str, str]) -> dict:
+  """history.json: the per-epoch lists and the record of the kept epoch (and extensions)."""
+  epoch, by, reason, _ = kept
+  history = {k: list(v) for k, v in state['history'].items()}
+  record = {**history, 'kept_epoch': epoch, 'kept_by': by, 'kept_reason': reason,
+            'kept_metrics': {k: v[epoch - 1] for k, v in history.items() if len(v) >= epoch}}
+  if state['extended_from_epochs']:
+    record['extended_from_epochs'] = state['extended_from_epochs']
+  return record
+
+
 def _is_chief(strategy: tf.distribute.Strategy) -> bool:
   resolver = getattr(strategy, 'cluster_resolver', None)
   if resolver is None or not resolver.task_type:
@@ -513,8 +634,8 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
   Args:
     config: keys of DEFAULT_CONFIG (missing ones take the default).
     model_dir: where config.json, checkpoints/, logs/, history.json and model.keras go.
-      A finished run there is refused unless `overwrite`; an unfinished one with the same
-      config is resumed.
+      An unfinished run there with the same config is resumed; a finished one is extended
+      when only `epochs` is larger, else refused unless `overwrite`.
     train_data, validation_data: batched datasets of (image, label); when given, they replace
       the datasets named by config (e.g. cross-validation folds); config['dataset'] and
       config['balance'] then only describe them (the caller balances its own data, as
@@ -525,10 +646,13 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
     verbose: Keras fit verbosity (0 silent, 1 progress bars, 2 one line per epoch).
 
   Returns:
-    Keras History.history of all epochs, those before a restart included.
+    What history.json holds: Keras History.history of all epochs (those before a restart or
+    an extension included) and the kept-epoch record (kept_epoch, kept_by, kept_reason,
+    kept_metrics; extended_from_epochs if extended).
 
   Raises:
-    UsageError: a bad config, a finished or mismatched model_dir, an uneven batch split.
+    UsageError: a bad config, a mismatched model_dir or a finished one with nothing to
+      train, an uneven batch split.
     TrainingError: the loss became NaN or infinite.
   """
   # ---------------------------------------------------------------------- Configuration.
@@ -581,19 +705,29 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
       inference_model, training_model = build_models(config)
       distribute.patch_multi_worker_fit(training_model, strategy)
 
-    # ------------------------------------------------------------------------ Resume.
+    # ------------------------------------------------------------ Resume or extend.
     checkpoints = os.path.join(model_dir, md.CHECKPOINTS)
     if state['weights']:
       training_model.optimizer.build(training_model.trainable_variables)
       training_model.load_weights(os.path.join(checkpoints, state['weights']))
+    if state['finished'] and state['epoch'] < config['epochs']:  # _check_model_dir allowed it.
+      state = {**state, 'finished': False, 'extended_from_epochs': state['epoch']}
+      decision = os.path.join(model_dir, md.DECISION)
+      if chief and os.path.exists(decision):
+        os.remove(decision)
+        log.warning('removed %s: it was chosen for the model of %d epochs; choose it again '
+                    'for the extended one', decision, state['epoch'])
       if verbose:
-        print(f'Resuming {model_dir} after epoch {state["epoch"]} of {config["epochs"]}.')
+        print(f'Extending {model_dir} from {state["epoch"]} to {config["epochs"]} epochs.')
+    elif state['weights'] and verbose:
+      print(f'Resuming {model_dir} after epoch {state["epoch"]} of {config["epochs"]}.')
 
     # --------------------------------------------------------------------------- Fit.
     if chief:
       md.write_json(os.path.join(model_dir, md.CONFIG), config)
       os.makedirs(checkpoints, exist_ok=True)
-    checkpoint = EpochCheckpoint(model_dir, state, config['early_stopping_patience'], chief)
+    checkpoint = EpochCheckpoint(model_dir, state, config['early_stopping_patience'],
+                                 config['keep'], chief)
     nan_guard = NaNGuard()
     fit_callbacks = [nan_guard, checkpoint, *callbacks]
     if chief:
@@ -615,14 +749,19 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
     state = checkpoint.state
 
     # --------------------------------------------------------------------------- Save.
-    if state['best_epoch'] and state['best_epoch'] != state['epoch']:
-      training_model.load_weights(os.path.join(checkpoints, BEST_WEIGHTS))
+    kept = _kept_epoch(state, config['keep'], validation_data is not None)
+    if kept[1] == 'last' and config['keep'] == 'best':
+      log.warning('%s: kept epoch %d, %s', model_dir, kept[0], kept[2])
+    record = _history_record(state, kept)
     if chief:
-      md.write_json(os.path.join(model_dir, md.HISTORY), state['history'])
+      if kept[3] != state['weights']:  # The last epoch's weights are in the model already.
+        training_model.load_weights(os.path.join(checkpoints, kept[3]))
+      md.write_json(os.path.join(model_dir, md.HISTORY), record)
       _save_inference_model(inference_model, config, os.path.join(model_dir, md.MODEL))
-      shutil.rmtree(checkpoints, ignore_errors=True)
+      # The commit point of a finished run; checkpoints/ stays, to extend it from.
+      md.write_json(os.path.join(checkpoints, STATE), {**state, 'finished': True})
       # The shift score (issue #10): logged, never raised; needs a validation split.
       shift_fit.fit_after_training(model_dir, inference_model, config, train_data, validation_data)
-    return state['history']
+    return record
   finally:
     keras.config.set_dtype_policy(previous_policy)

@@ -45,6 +45,7 @@ from covidlib import errors
 from covidlib import evaluate
 from covidlib import model_dir as model_dir_lib
 from covidlib import preprocess
+from covidlib import report as report_lib
 from covidlib import scoring
 from covidlib import shift as shift_lib
 from covidlib.scored import Scored
@@ -342,7 +343,8 @@ def _build(tmp, model_dir, model, config, decision, *, formats, int8_io, dataset
                                       evaluation_source=source, parity=report, files=files,
                                       params=int(model.count_params()),
                                       shift_info=None if fitted is None else fitted.info(),
-                                      training_strata=training_strata(config))
+                                      training_strata=training_strata(config),
+                                      history=report_lib.load_history(model_dir))
   model_dir_lib.write_bytes_atomic(os.path.join(tmp, model_card.FILENAME), card.encode())
   return report
 

@@ -7,9 +7,10 @@
 
 Sections (after Mitchell et al., "Model Cards for Model Reporting", 2019): model details,
 intended use and what it must not be used for, training data and licences, training
-configuration (config.json), metrics with 95% intervals (the evaluation report.json when the
-model_dir has one, else computed at export on the parity split), per-source metrics, known
-confounds of this data, and the quantization deltas of each exported variant (parity report).
+configuration (config.json) and the epoch whose weights the model holds (history.json), metrics
+with 95% intervals (the evaluation report.json when the model_dir has one, else computed at
+export on the parity split), per-source metrics, known confounds of this data, and the
+quantization deltas of each exported variant (parity report).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import covidlib
 from covidlib import metrics as metrics_lib
 from covidlib import model_dir as model_dir_lib
+from covidlib import report
 from covidlib import shortcuts
 
 FILENAME = 'MODEL_CARD.md'
@@ -226,15 +228,31 @@ def _quantization_section(parity: dict | None) -> list[str]:
   return lines
 
 
+def training_line(history: dict | None) -> str:
+  """One line: the epochs trained and the epoch whose weights the model holds, its figures."""
+  if not history:
+    return 'Training history: none (no history.json in the model_dir).'
+  epochs = len(history.get('loss') or [])
+  extended = history.get('extended_from_epochs')
+  trained = f'{epochs} epochs{f" (extended from {extended})" if extended else ""}'
+  kept = report.kept_epoch_text(history)
+  if kept is None:
+    return (f'Training: {trained}; history.json does not record which epoch the weights are '
+            'from (written before covidlib recorded it).')
+  return f'Training: {trained}; the model holds {kept}.'
+
+
 def render_model_card(config: dict, decision: model_dir_lib.Decision, *,
                       evaluation: dict | None, evaluation_source: str,
                       parity: dict | None, files: list[str],
                       params: int | None = None, shift_info: dict | None = None,
-                      training_strata: dict | None = None) -> str:
+                      training_strata: dict | None = None,
+                      history: dict | None = None) -> str:
   """The model card's Markdown. `evaluation` has covidlib-evaluate's report.json layout;
   `shift_info` is the model_dir's shift.json (None: the model carries no shift score);
   `training_strata` is {(source, label): images} of the training split (covidlib.data.
-  stratum_counts), used to describe a user's own dataset (covid_xray's text is fixed)."""
+  stratum_counts), used to describe a user's own dataset (covid_xray's text is fixed);
+  `history` its history.json (None: none)."""
   name = config.get('model', '?')
   public = is_public_data(config)
   names = tuple(model_dir_lib.display_name(n) for n in model_dir_lib.class_names(config))
@@ -258,7 +276,8 @@ def render_model_card(config: dict, decision: model_dir_lib.Decision, *,
       '## Intended use', '', INTENDED_USE if public else OWN_DATA_USE, '',
       '## Training data', '', f'Dataset: `{config.get("dataset", "?")}`.', '',
       *([DATA_SOURCES, ''] if public else _own_data_lines(config, training_strata)),
-      '## Training configuration', '', '| Key | Value |', '|---|---|',
+      '## Training configuration', '', training_line(history), '',
+      '| Key | Value |', '|---|---|',
   ]
   for key in sorted(config):
     value = json.dumps(config[key], sort_keys=True)

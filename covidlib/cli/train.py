@@ -18,13 +18,23 @@
         --data_dir=/tmp/tfds_real --crop=0.1 --equalize=histogram \
         --augment=strong --augment_noise=0.01 --balance=source --seed=0
 
+    # Keep the last epoch's weights instead of the best validation ROC-AUC epoch's (default).
+    covidlib-train --model_dir=runs/last --dataset=folder:ROOT --keep=last
+
+    # A finished 10-epoch run, extended to 15 epochs (same flags, a larger --epochs).
+    covidlib-train --model_dir=/work/runs/compact_resnet --data_dir=/tmp/tfds_real --epochs=15
+
 (or `python -m covidlib.cli.train ...`). Killed at any moment, the same command resumes from the
-last completed epoch. A finished model_dir is refused unless --overwrite. If the TFDS dataset
+last completed epoch. A finished model_dir is extended by the same flags with a larger
+--epochs (from its last epoch's weights and optimizer state, kept in checkpoints/); any other
+change, or a smaller or equal --epochs, is refused unless --overwrite. The closing line names
+the epoch whose weights model.keras holds and quotes that epoch's figures. If the TFDS dataset
 is not built in --data_dir, --manual_dir builds it first from the folder holding the article's
 archive (add --allow_missing for our offline copy, which lacks one image; see
 covidlib_tfds/covid_xray/README.md); without --manual_dir the error says how to build it.
 
-Exit status: 0 trained; 2 usage error (bad flag, unknown model, finished model_dir, a batch
+Exit status: 0 trained; 2 usage error (bad flag, unknown model, a finished model_dir with
+nothing to train or another configuration, a batch
 that does not divide by the replicas...); 1 failure (NaN loss, unreadable data...).
 """
 
@@ -36,6 +46,7 @@ from covidlib import distribute
 from covidlib import errors
 from covidlib import standardize
 from covidlib import models
+from covidlib import report
 from covidlib import train as train_lib
 from covidlib.cli import common
 
@@ -71,14 +82,21 @@ _CHANNELS = flags.DEFINE_integer('channels', _D['channels'],
                                  'article).')
 _BATCH_SIZE = flags.DEFINE_integer(
     'batch_size', _D['batch_size'], 'Global batch size; must divide by the number of replicas.')
-_EPOCHS = flags.DEFINE_integer('epochs', _D['epochs'], 'Epochs to train (in all, across restarts).')
+_EPOCHS = flags.DEFINE_integer(
+    'epochs', _D['epochs'], 'Epochs to train (in all, across restarts); larger than a finished '
+    "run's in --model_dir: extend it.")
 _LEARNING_RATE = flags.DEFINE_float('learning_rate', _D['learning_rate'], 'Adam learning rate.')
 _CLASS_WEIGHT = flags.DEFINE_enum(
     'class_weight', _D['class_weight'], ['none', 'balanced'],
     'balanced: weigh each class n / (2 n_class) in the loss, for unbalanced splits.')
 _EARLY_STOPPING_PATIENCE = flags.DEFINE_integer(
     'early_stopping_patience', _D['early_stopping_patience'],
-    'Stop after this many epochs without a lower val_loss and keep the best epoch; 0 = off.')
+    'Stop after this many epochs without a lower val_loss; 0 = off. The weights kept follow '
+    '--keep.')
+_KEEP = flags.DEFINE_enum(
+    'keep', _D['keep'], list(train_lib.KEEP),
+    'Weights model.keras keeps: best = the epoch with the highest validation ROC-AUC (val_auc; '
+    'ties: the earlier; without validation data, the last); last = the last epoch.')
 _STRATEGY = flags.DEFINE_enum(
     'strategy', _D['strategy'], list(distribute.STRATEGIES),
     'auto: mirrored over several GPUs, else default. multi_worker reads TF_CONFIG.')
@@ -174,7 +192,8 @@ def config_from_flags() -> dict:
       train_split=_TRAIN_SPLIT.value, validation_split=_VALIDATION_SPLIT.value,
       batch_size=_BATCH_SIZE.value, epochs=_EPOCHS.value, learning_rate=_LEARNING_RATE.value,
       class_weight=_CLASS_WEIGHT.value,
-      early_stopping_patience=_EARLY_STOPPING_PATIENCE.value, seed=_SEED.value,
+      early_stopping_patience=_EARLY_STOPPING_PATIENCE.value, keep=_KEEP.value,
+      seed=_SEED.value,
       deterministic=_DETERMINISTIC.value, strategy=_STRATEGY.value,
       mixed_precision=_MIXED_PRECISION.value,
       jit_compile={'auto': 'auto', 'true': True, 'false': False}[_JIT_COMPILE.value],
@@ -187,11 +206,10 @@ def main(argv: list[str]) -> int:
   config = config_from_flags()
   history = train_lib.train(config, _MODEL_DIR.value, overwrite=_OVERWRITE.value,
                             verbose=common.fit_verbose(_VERBOSE.value))
-  last = {k: v[-1] for k, v in history.items() if v}
-  summary = ', '.join(f'{k} {last[k]:.4f}' for k in ('loss', 'val_loss', 'val_accuracy',
-                                                     'val_auc') if k in last)
-  print(f'Trained {config["model"]} for {len(history.get("loss", []))} epochs ({summary}); '
-        f'wrote {_MODEL_DIR.value}/model.keras')
+  extended = history.get('extended_from_epochs')
+  print(f'Trained {config["model"]} for {len(history["loss"])} epochs'
+        f'{f" (extended from {extended})" if extended else ""}; kept '
+        f'{report.kept_epoch_text(history)}; wrote {_MODEL_DIR.value}/model.keras')
   return 0
 
 

@@ -110,7 +110,9 @@ def run_multi_worker(out_path: str, model_dir: str) -> None:
     def on_train_end(self, logs=None):
       np.savez(out_path, *self.model.get_weights())
 
-  train.train(config(strategy='multi_worker'), model_dir, train_data=tiny_data(10 + index),
+  # keep='last': model.keras then holds the weights SaveWeights records at the end.
+  train.train(config(strategy='multi_worker', keep='last'), model_dir,
+              train_data=tiny_data(10 + index),
               validation_data=tiny_data(20 + index), strategy=strategy,
               callbacks=[SaveWeights()])
 

@@ -93,15 +93,23 @@ def test_predict_dataset_collects_labels_scores_and_metadata():
 def test_write_report_files_json_and_markdown(tmp_path):
   pred = _predictions()
   evaluation = _evaluation(pred, md.Decision(threshold=0.5))
-  paths = report.write_report(str(tmp_path), evaluation,
-                              history={'loss': [0.9, 0.5], 'val_loss': [1.0, 0.7],
-                                       'auc': [0.6, 0.8]})
+  # history.json of covidlib.train: the lists, the kept epoch's record, one extension.
+  history = {'loss': [0.9, 0.5], 'val_loss': [1.0, 0.7], 'val_auc': [0.8, 0.6],
+             'kept_epoch': 1, 'kept_by': 'val_auc', 'kept_reason': 'highest val_auc',
+             'kept_metrics': {'loss': 0.9, 'val_loss': 1.0, 'val_auc': 0.8},
+             'extended_from_epochs': 1}
+  paths = report.write_report(str(tmp_path), evaluation, history=history)
   assert sorted(os.listdir(tmp_path)) == sorted([
       'confusion_matrix.png', 'roc.png', 'pr.png', 'reliability.png', 'training_curves.png',
       'gradcam_grid.png', 'report.json', 'report.md', 'predictions.csv'])
   data = json.loads((tmp_path / 'report.json').read_text())
   assert data['files']['roc'] == 'roc.png'
-  assert data['history'] == {'epochs': 2, 'last': {'auc': 0.8, 'loss': 0.5, 'val_loss': 0.7}}
+  kept_text = 'epoch 1 of 2 (highest val_auc): val_auc 0.8000, val_loss 1.0000'
+  assert data['history'] == {
+      'epochs': 2, 'last': {'loss': 0.5, 'val_auc': 0.6, 'val_loss': 0.7},
+      'kept': {'epoch': 1, 'by': 'val_auc', 'reason': 'highest val_auc', 'text': kept_text,
+               'metrics': {'loss': 0.9, 'val_auc': 0.8, 'val_loss': 1.0}},
+      'extended_from_epochs': 1}
   kaggle = data['groups']['source']['kaggle_pediatric']
   assert kaggle['n_covid'] == 0 and kaggle['figures']['roc_auc']['value'] is None
   assert 'only one class present' in kaggle['figures']['roc_auc']['reason']
@@ -117,9 +125,25 @@ def test_write_report_files_json_and_markdown(tmp_path):
   assert cells[1] == str(kaggle['n']) and cells[4] == '—' and cells[6] == '—'
   assert cells[5].startswith(f'{kaggle["figures"]["specificity"]["value"]:.3f} [')
   assert 'Not chosen now: threshold 0.5000' in text
+  assert (f'## Training\n\n2 epochs (extended from 1). The model holds {kept_text}. Last epoch: '
+          'loss 0.5000, val_auc 0.6000, val_loss 0.7000.\n') in text
   assert data['gradcam']['lung_focus']['empty_maps'] == 0
   assert 'all-zero map' not in text
   assert paths['report_md'] == str(tmp_path / 'report.md')
+
+
+def test_a_history_without_the_kept_record():
+  # history.json of a covidlib before keep: no kept epoch to name; without validation the
+  # kept epoch's figures are the training ones.
+  old = {'loss': [0.9, 0.5], 'auc': [0.6, 0.8]}
+  assert report._history_summary(old) == {'epochs': 2, 'last': {'auc': 0.8, 'loss': 0.5}}
+  assert report.kept_epoch_text(old) is None and report.kept_epoch_text(None) is None
+  no_validation = {**old, 'kept_epoch': 2, 'kept_by': 'last',
+                   'kept_reason': 'the last epoch: keep=best found no validation data',
+                   'kept_metrics': {'loss': 0.5, 'auc': 0.8}}
+  assert report.kept_epoch_text(no_validation) == (
+      'epoch 2 of 2 (the last epoch: keep=best found no validation data): auc 0.8000, '
+      'loss 0.5000')
 
 
 def test_without_matplotlib_plots_are_skipped_and_said(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@
 import json
 import math
 import os
+import shutil
 
 import keras
 import numpy as np
@@ -46,17 +47,20 @@ def fit(config, model_dir, **kwargs):
 
 
 class Recorder(keras.callbacks.Callback):
-  """Weights at train begin and after each epoch; optionally dies at (epoch, batch)."""
+  """Weights (and optimizer steps) at train begin, weights after each epoch; optionally dies at
+  (epoch, batch)."""
 
   def __init__(self, die_at=None):
     super().__init__()
     self.die_at = die_at
     self.epochs_run = []
     self.begin_weights = None
+    self.begin_iterations = None
     self.epoch_weights = {}
 
   def on_train_begin(self, logs=None):
     self.begin_weights = self.model.get_weights()
+    self.begin_iterations = int(self.model.optimizer.iterations.numpy())
 
   def on_epoch_begin(self, epoch, logs=None):
     self.epochs_run.append(epoch + 1)
@@ -74,6 +78,16 @@ def assert_same_weights(a, b):
   assert len(a) == len(b)
   for x, y in zip(a, b):
     np.testing.assert_array_equal(x, y)
+
+
+def per_epoch(history):
+  """The Keras lists of a history.json (without the kept-epoch record)."""
+  return {k: v for k, v in history.items() if isinstance(v, list)}
+
+
+def best_auc_epoch(history):
+  """The reference: the 1-based epoch of the highest val_auc, the earlier on a tie."""
+  return int(np.argmax(history['val_auc'])) + 1  # argmax returns the first maximum.
 
 
 # ------------------------------------------------------------------------------ make_config.
@@ -108,6 +122,7 @@ def test_augment_preset_and_overrides():
     ({'class_weight': 'auto'}, "config class_weight must be 'none' or 'balanced', got 'auto'"),
     ({'early_stopping_patience': -1}, 'config early_stopping_patience must be an integer >= 0'),
     ({'early_stopping_patience': 2, 'validation_split': ''}, 'needs a validation split'),
+    ({'keep': 'first'}, "config keep must be 'best' or 'last', got 'first'"),
     ({'seed': -1}, 'config seed must be a non-negative integer or None, got -1'),
     ({'deterministic': True, 'seed': None}, 'deterministic=True needs a seed'),
     ({'strategy': 'gpu'}, 'config strategy must be one of default, one_device'),
@@ -144,20 +159,30 @@ def test_train_writes_the_model_dir(tmp_path):
   recorder = Recorder()
   history = fit(config, model_dir, callbacks=[recorder])
 
-  assert sorted(history) == ['accuracy', 'auc', 'loss', 'val_accuracy', 'val_auc', 'val_loss']
-  assert all(len(v) == 2 and all(math.isfinite(x) for x in v) for v in history.values())
+  lists = per_epoch(history)
+  assert sorted(lists) == ['accuracy', 'auc', 'loss', 'val_accuracy', 'val_auc', 'val_loss']
+  assert all(len(v) == 2 and all(math.isfinite(x) for x in v) for v in lists.values())
+  best = best_auc_epoch(history)
+  assert (history['kept_epoch'], history['kept_by']) == (best, 'val_auc')
+  assert history['kept_metrics'] == {k: v[best - 1] for k, v in lists.items()}
+  assert 'extended_from_epochs' not in history
   assert json.loads((model_dir / md.HISTORY).read_text()) == history
   assert md.read_json(model_dir / md.CONFIG) == config
-  assert not (model_dir / md.CHECKPOINTS).exists()  # Removed once the model is saved.
+  # checkpoints/ stays, to extend the run from: the committed state, marked finished, and the
+  # last epoch's file (and the kept one's, when another).
+  state = md.read_json(model_dir / md.CHECKPOINTS / train.STATE)
+  assert state['finished'] and state['epoch'] == 2
+  assert sorted(os.listdir(model_dir / md.CHECKPOINTS)) == sorted(
+      {train.STATE, 'epoch-0002.weights.h5', f'epoch-{best:04d}.weights.h5'})
   assert any(f.startswith('events.out.tfevents')
              for _, _, files in os.walk(model_dir / md.LOGS) for f in files)
   # model.keras: the inference model (no augmentation), loadable in safe mode, with the
-  # weights training ended with.
+  # weights of the kept epoch.
   model = md.load_model(model_dir)
   assert model.name == 'seed_cnn'
   assert not any('augment' in layer.name or layer.name.startswith('random')
                  for layer in model.layers)
-  assert_same_weights(model.get_weights(), recorder.epoch_weights[2])
+  assert_same_weights(model.get_weights(), recorder.epoch_weights[best])
   assert not [f for f in os.listdir(model_dir) if f.startswith('.')]  # No temporary files.
 
 
@@ -166,9 +191,21 @@ def test_finished_model_dir_is_refused_unless_overwrite(tmp_path):
   fit(tiny_config(epochs=1), model_dir)
   md.save_decision(model_dir, md.Decision(threshold=0.3, policy='youden'))
   before = (model_dir / md.MODEL).read_bytes()
-  with pytest.raises(errors.UsageError, match='holds a finished run .* pass --overwrite'):
+  with pytest.raises(errors.UsageError, match=r'holds a finished run of 1 epoch \(model.keras\); '
+                     'nothing to train for epochs=1: pass a larger --epochs to extend it, '
+                     '--overwrite to train again from scratch'):
     fit(tiny_config(epochs=1), model_dir)
+  with pytest.raises(errors.UsageError, match=r'holds a finished run \(model.keras\) with another '
+                     r'configuration \(seed: 0 saved, 1 now\); pass --overwrite'):
+    fit(tiny_config(epochs=1, seed=1), model_dir)
   assert (model_dir / md.MODEL).read_bytes() == before
+  # A run of a covidlib that deleted checkpoints/ at the end: nothing to extend it from.
+  saved_checkpoints = tmp_path / 'saved_checkpoints'
+  shutil.move(model_dir / md.CHECKPOINTS, saved_checkpoints)
+  with pytest.raises(errors.UsageError, match=r'holds a finished run \(model.keras\) without '
+                     'checkpoints/state.json to extend it from; pass --overwrite'):
+    fit(tiny_config(epochs=2), model_dir)
+  shutil.move(saved_checkpoints, model_dir / md.CHECKPOINTS)
 
   history = fit(tiny_config(epochs=1, seed=1), model_dir, overwrite=True)
   assert len(history['loss']) == 1
@@ -228,7 +265,7 @@ def test_a_failed_start_leaves_nothing_to_conflict_with(tmp_path):
 
 def test_an_interrupted_run_resumes_from_the_last_epoch(tmp_path):
   model_dir = tmp_path / 'run'
-  config = tiny_config(epochs=3)
+  config = tiny_config(epochs=3, keep='last')
   first = Recorder(die_at=(2, 3))  # Dies in the middle of epoch 2.
   with pytest.raises(KeyboardInterrupt):
     fit(config, model_dir, callbacks=[first])
@@ -244,6 +281,7 @@ def test_an_interrupted_run_resumes_from_the_last_epoch(tmp_path):
   assert len(history['loss']) == 3
   assert history['loss'][0] == state['history']['loss'][0]  # The first run's epoch is kept.
   assert json.loads((model_dir / md.HISTORY).read_text()) == history
+  assert (history['kept_epoch'], history['kept_by']) == (3, 'last')
   assert_same_weights(md.load_model(model_dir).get_weights(), second.epoch_weights[3])
 
 
@@ -278,22 +316,111 @@ def test_nan_loss_stops_with_a_clear_error(tmp_path):
   assert not (model_dir / md.CHECKPOINTS / train.STATE).exists()  # The NaN epoch not committed.
 
 
-def test_early_stopping_restores_the_best_epoch(tmp_path):
+def test_early_stopping_watches_val_loss_and_keeps_the_best_val_auc(tmp_path):
   # Validation labels are the training labels flipped: as training learns, val_loss rises.
   model_dir = tmp_path / 'run'
   recorder = Recorder()
-  history = fit(tiny_config(epochs=8, early_stopping_patience=2, learning_rate=0.01),
-                model_dir, validation_data=tiny_data(0, flip_labels=True), callbacks=[recorder])
+  config = tiny_config(epochs=8, early_stopping_patience=2, learning_rate=0.01)
+  history = fit(config, model_dir, validation_data=tiny_data(0, flip_labels=True),
+                callbacks=[recorder])
   val_loss = history['val_loss']
-  best = int(np.argmin(val_loss)) + 1
-  assert len(val_loss) == best + 2 < 8  # Stopped two epochs without improvement after the best.
+  best_loss = int(np.argmin(val_loss)) + 1
+  assert len(val_loss) == best_loss + 2 < 8  # Stopped two epochs without a lower val_loss.
+  best = best_auc_epoch(history)  # The kept weights follow keep='best', not val_loss.
+  assert history['kept_epoch'] == best
   assert_same_weights(md.load_model(model_dir).get_weights(), recorder.epoch_weights[best])
+  with pytest.raises(errors.UsageError, match=f'stopped early at epoch {len(val_loss)} '
+                     r'\(early_stopping_patience 2\); more epochs would stop again'):
+    fit({**config, 'epochs': 10}, model_dir)
 
 
 def test_early_stopping_without_validation_data_is_refused(tmp_path):
   with pytest.raises(errors.UsageError, match=r'early stopping \(early_stopping_patience=2\) '
                      'needs validation data'):
     fit(tiny_config(early_stopping_patience=2), tmp_path / 'run', validation_data=None)
+
+
+# ------------------------------------------------------------------------ The kept epoch.
+
+@pytest.mark.parametrize('keep', ['best', 'last'])
+def test_keep_saves_the_best_val_auc_epoch_or_the_last(tmp_path, keep):
+  # A learning rate this high makes val_auc swing (0.25, 1.0, 0.5 on this CPU): the best epoch
+  # is not the last one (checked, or the test would prove nothing).
+  model_dir = tmp_path / 'run'
+  recorder = Recorder()
+  history = fit(tiny_config(epochs=3, learning_rate=0.03, keep=keep), model_dir,
+                callbacks=[recorder])
+  saved = md.read_json(model_dir / md.HISTORY)
+  best = best_auc_epoch(saved)
+  auc = saved['val_auc']
+  assert best != 3 and sorted(auc) != auc and sorted(auc, reverse=True) != auc, auc
+  expected = best if keep == 'best' else 3
+  assert saved == history
+  assert (saved['kept_epoch'], saved['kept_by']) == (expected, 'val_auc' if keep == 'best'
+                                                     else 'last')
+  assert saved['kept_metrics']['val_auc'] == saved['val_auc'][expected - 1]
+  assert_same_weights(md.load_model(model_dir).get_weights(), recorder.epoch_weights[expected])
+
+
+def test_the_best_epoch_survives_a_kill_and_resume(tmp_path):
+  model_dir = tmp_path / 'run'
+  config = tiny_config(epochs=3, learning_rate=0.03)  # val_auc swings (see above).
+  validation = tiny_data(1)
+  first = Recorder(die_at=(3, 2))  # Dies in epoch 3, after the best epoch was committed.
+  with pytest.raises(KeyboardInterrupt):
+    fit(config, model_dir, validation_data=validation, callbacks=[first])
+  state = md.read_json(model_dir / md.CHECKPOINTS / train.STATE)
+  assert state['best_auc_epoch'] == best_auc_epoch(state['history'])
+  second = Recorder()
+  history = fit(config, model_dir, validation_data=validation, callbacks=[second])
+  assert second.epochs_run == [3]
+  best = best_auc_epoch(history)
+  assert best < 3, history['val_auc']  # Trained by the killed process.
+  assert history['kept_epoch'] == best
+  assert_same_weights(md.load_model(model_dir).get_weights(), first.epoch_weights[best])
+
+
+# ----------------------------------------------------------------------------- Extending.
+
+def test_a_finished_run_is_extended_by_a_larger_epochs(tmp_path):
+  model_dir = tmp_path / 'run'
+  first = Recorder()
+  original = fit(tiny_config(epochs=2), model_dir, callbacks=[first])
+  md.save_decision(model_dir, md.Decision(threshold=0.3, policy='youden'))
+
+  second = Recorder()
+  history = fit(tiny_config(epochs=3), model_dir, callbacks=[second])
+  assert second.epochs_run == [3]
+  # From the last epoch's weights AND optimizer state (Adam's steps: 2 epochs of 4 batches).
+  assert_same_weights(second.begin_weights, first.epoch_weights[2])
+  assert second.begin_iterations == 8
+  lists = per_epoch(history)
+  assert all(len(v) == 3 and v[:2] == original[k] for k, v in lists.items())
+  assert history['extended_from_epochs'] == 2
+  assert history['kept_epoch'] == best_auc_epoch(history)  # Chosen among all three epochs.
+  weights = {**first.epoch_weights, 3: second.epoch_weights[3]}
+  assert_same_weights(md.load_model(model_dir).get_weights(), weights[history['kept_epoch']])
+  assert md.read_json(model_dir / md.HISTORY) == history
+  assert md.load_config(model_dir)['epochs'] == 3
+  assert not (model_dir / md.DECISION).exists()  # Chosen for the 2-epoch model.
+
+  for epochs in (3, 2):
+    with pytest.raises(errors.UsageError, match='finished run of 3 epochs .* nothing to train '
+                       f'for epochs={epochs}'):
+      fit(tiny_config(epochs=epochs), model_dir)
+  with pytest.raises(errors.UsageError, match=r'another configuration \(learning_rate: 0.001 '
+                     r'saved, 0.01 now\)'):
+    fit(tiny_config(epochs=4, learning_rate=0.01), model_dir)
+
+  # An extension killed before its first epoch is committed resumes as an extension.
+  with pytest.raises(KeyboardInterrupt):
+    fit(tiny_config(epochs=4), model_dir, callbacks=[Recorder(die_at=(4, 2))])
+  third = Recorder()
+  history = fit(tiny_config(epochs=4), model_dir, callbacks=[third])
+  assert third.epochs_run == [4]
+  assert_same_weights(third.begin_weights, second.epoch_weights[3])
+  assert history['extended_from_epochs'] == 3  # The latest extension: 3 -> 4.
+  assert len(history['loss']) == 4 and history['loss'][:3] == lists['loss']
 
 
 def test_mixed_precision_run_saves_a_float32_model(tmp_path):
@@ -307,6 +434,9 @@ def test_mixed_precision_run_saves_a_float32_model(tmp_path):
   model = md.load_model(model_dir)
   assert {layer.dtype_policy.name for layer in model.layers} == {'float32'}
   assert model(np.zeros((1, 32, 32, 1), np.float32)).dtype == tf.float32
+  history = md.read_json(model_dir / md.HISTORY)  # keep='best' without validation: the last.
+  assert (history['kept_epoch'], history['kept_by']) == (1, 'last')
+  assert history['kept_reason'] == 'the last epoch: keep=best found no validation data'
 
 
 def test_standardization_is_in_the_saved_model_under_mixed_precision(tmp_path):

@@ -113,20 +113,48 @@ def test_shortcut_flags_are_recorded_in_config_json(tmp_path, make_folder):
   assert [l.name for l in md.load_model(model_dir).layers[:3]] == ['image', 'crop', 'equalize']
 
 
+def _kept_figures(model_dir, epoch):
+  """The reference: 'val_auc X, val_loss Y' of that epoch, read from history.json's lists."""
+  history = json.loads((model_dir / md.HISTORY).read_text())
+  i = epoch - 1
+  return f'val_auc {history["val_auc"][i]:.4f}, val_loss {history["val_loss"][i]:.4f}'
+
+
 def test_summary_line_and_finished_model_dir_refused(tmp_path, make_folder):
-  flag_values = tiny_flags(tmp_path / 'run', make_folder())
+  model_dir = tmp_path / 'run'
+  flag_values = tiny_flags(model_dir, make_folder())
   status, stdout, stderr = call(**flag_values)
   assert status == 0, stderr
-  assert stdout.startswith('Trained seed_cnn for 1 epochs (loss ')
-  assert stdout.rstrip().endswith(f'wrote {tmp_path}/run/model.keras')
+  assert stdout == (f'Trained seed_cnn for 1 epochs; kept epoch 1 of 1 (highest val_auc): '
+                    f'{_kept_figures(model_dir, 1)}; wrote {model_dir}/model.keras\n')
 
   status, stdout, stderr = call(**flag_values)
   assert status == 2
-  assert stderr == (f"{PROG}: error: model_dir '{tmp_path}/run' holds a finished run "
-                    '(model.keras); pass --overwrite to train again from scratch, or choose '
-                    'another model_dir\n')
+  assert stderr == (f"{PROG}: error: model_dir '{model_dir}' holds a finished run of 1 epoch "
+                    '(model.keras); nothing to train for epochs=1: pass a larger --epochs to '
+                    'extend it, --overwrite to train again from scratch, or choose another '
+                    'model_dir\n')
   status, _, stderr = call(**flag_values, overwrite=True)
   assert status == 0, stderr
+
+
+def test_keep_last_and_a_larger_epochs_extends(tmp_path, make_folder):
+  model_dir = tmp_path / 'run'
+  flag_values = tiny_flags(model_dir, make_folder(), epochs=2, keep='last')
+  status, stdout, stderr = call(**flag_values)
+  assert status == 0, stderr
+  assert md.load_config(model_dir)['keep'] == 'last'
+  first = json.loads((model_dir / md.HISTORY).read_text())
+  status, stdout, stderr = call(**{**flag_values, 'epochs': 3})
+  assert status == 0, stderr
+  assert stdout == (f'Trained seed_cnn for 3 epochs (extended from 2); kept epoch 3 of 3 (the '
+                    f'last epoch, keep=last): {_kept_figures(model_dir, 3)}; wrote '
+                    f'{model_dir}/model.keras\n')
+  history = json.loads((model_dir / md.HISTORY).read_text())
+  assert history['extended_from_epochs'] == 2 and history['loss'][:2] == first['loss']
+  status, _, stderr = call(**{**flag_values, 'epochs': 4, 'keep': 'best'})
+  assert status == 2
+  assert "another configuration (keep: 'last' saved, 'best' now)" in stderr
 
 
 @pytest.mark.parametrize('overrides, status, message', [
@@ -218,7 +246,8 @@ def test_sigkill_in_the_middle_of_an_epoch_then_resume(tmp_path, make_folder):
   assert history['loss'][0] == state['history']['loss'][0]
   model = md.load_model(model_dir)  # safe_mode on.
   assert model.input_shape == (None, 64, 64, 1)
-  assert not (model_dir / md.CHECKPOINTS).exists()
+  final = json.loads((model_dir / md.CHECKPOINTS / train_lib.STATE).read_text())
+  assert final['finished'] and final['epoch'] == 3  # Kept, to extend the run from.
 
 
 @pytest.mark.slow

@@ -121,3 +121,20 @@ def test_card_of_own_data_describes_that_data_only(evaluation):
   card = model_card.render_model_card(config, DECISION, evaluation=None, evaluation_source='r',
                                       parity=None, files=[])
   assert 'add its sources and licences here' in card and 'Not evaluated' in card
+
+
+def test_training_line_names_the_kept_epoch_and_its_figures():
+  history = {'loss': [0.9, 0.5, 0.4], 'val_loss': [1.0, 0.6, 0.8], 'val_auc': [0.7, 0.86, 0.68],
+             'kept_epoch': 2, 'kept_by': 'val_auc', 'kept_reason': 'highest val_auc',
+             'kept_metrics': {'loss': 0.5, 'val_loss': 0.6, 'val_auc': 0.86},
+             'extended_from_epochs': 2}
+  card = model_card.render_model_card(CONFIG, DECISION, evaluation=None, evaluation_source='none',
+                                      parity=None, files=[], history=history)
+  assert ('## Training configuration\n\nTraining: 3 epochs (extended from 2); the model holds '
+          'epoch 2 of 3 (highest val_auc): val_auc 0.8600, val_loss 0.6000.\n') in card
+  old = {k: v for k, v in history.items() if isinstance(v, list)}
+  assert model_card.training_line(old) == (
+      'Training: 3 epochs; history.json does not record which epoch the weights are from '
+      '(written before covidlib recorded it).')
+  assert model_card.training_line(None) == (
+      'Training history: none (no history.json in the model_dir).')
