@@ -118,6 +118,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
     'allow_missing': False,  # even if images its manifest lists are missing (logged, recorded).
     'train_split': 'train',
     'validation_split': 'validation',  # '' = no validation (no val_* metrics, no early stopping).
+    # (label 0, label 1) names; None: the dataset's (a labelled_xrays build records its own,
+    # e.g. normal / pneumonia), else covidlib's normal / covid. Filled in at the start of train().
+    'class_names': None,
     'batch_size': 32,        # Global batch: split evenly over the strategy's replicas.
     'epochs': 10,
     'learning_rate': 1e-3,   # Adam; the article's optimizer and Keras' default rate.
@@ -212,6 +215,12 @@ def make_config(**overrides: Any) -> dict[str, Any]:
     bad('early_stopping_patience', 'an integer >= 0')
   if config['keep'] not in KEEP:
     bad('keep', "'best' or 'last'")
+  names = config['class_names']
+  if names is not None:
+    if not isinstance(names, (list, tuple)) or len(names) != 2 or not all(
+        isinstance(n, str) and n for n in names) or names[0] == names[1]:
+      bad('class_names', 'None or two different names (label 0, label 1)')
+    config['class_names'] = list(names)
   if patience and not config['validation_split']:
     raise errors.UsageError('early stopping (early_stopping_patience='
                             f'{patience}) needs a validation split; validation_split is empty')
@@ -658,6 +667,11 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
   # ---------------------------------------------------------------------- Configuration.
   config = make_config(**config)
   model_dir = os.fspath(model_dir)
+  if config['class_names'] is None and str(config['dataset']).startswith('labelled_xrays/'):
+    try:  # A dataset that is not built fails below, with the message that says how to build it.
+      config['class_names'] = list(data.class_names(config['dataset'], config['data_dir']))
+    except errors.CovidlibError:
+      pass
 
   # ------------------------------------------ Strategy and precision (before other TF ops).
   strategy = strategy or distribute.get_strategy(config['strategy'])

@@ -673,3 +673,30 @@ def test_class_names_of_a_dataset_without_them_are_the_default(built, tmp_path):
   del record['class_names']
   metadata.write_text(json.dumps(record))
   assert data.class_names('labelled_xrays/site', tmp_path / 'old') == data.CLASS_NAMES
+
+
+def test_own_class_names_reach_the_model_dir_report_and_predictions(tmp_path):
+  """normal / Pneumonia from the CSV: config.json, report.json/md and covidlib.predict use them."""
+  from covidlib import model_dir as md
+  from covidlib import predict
+  from covidlib import report
+
+  csv = _small_folder(tmp_path / 'export', labels_=('Pneumonia', 'normal'), patients=16)
+  _build(csv, tmp_path / 'tfds', positive='pneumonia', val_fraction=0.25, test_fraction=0.25)
+  model_dir = str(tmp_path / 'run')
+  config = train.make_config(model='seed_cnn', dataset='labelled_xrays/site',
+                             data_dir=str(tmp_path / 'tfds'), image_size=32, batch_size=4,
+                             epochs=1, seed=0)
+  train.train(config, model_dir, verbose=0)
+  assert md.load_config(model_dir)['class_names'] == ['normal', 'Pneumonia']
+  result = evaluate.evaluate_model_dir(model_dir, split='test', n_bootstrap=0, gradcam=False,
+                                       batch_size=4)
+  assert result.report['class_names'] == ['normal', 'Pneumonia']
+  report.write_report(str(tmp_path / 'eval'), result, plots=False)
+  text = (tmp_path / 'eval' / 'report.md').read_text()
+  assert 'Sensitivity (Pneumonia recall)' in text and 'Sensitivity (COVID-19' not in text
+  image = str(tmp_path / 'export' / 'img000_0.png')
+  (got,) = predict.Predictor(model_dir).predict_files([image])
+  assert got.class_name == ('normal', 'Pneumonia')[got.label]
+  with pytest.raises(errors.UsageError, match='class_names'):
+    train.make_config(class_names=['same', 'same'])
