@@ -132,7 +132,7 @@ def render_markdown(report: dict, plots: dict) -> str:
             'that class alone.', '']
   out += confounds.render_markdown(report.get('confounds'), pos)
   if 'shortcuts' in report:
-    out += shortcuts.render_markdown(report['shortcuts'])
+    out += shortcuts.render_markdown(report['shortcuts'], positive=pos)
   if 'shift' in report:
     out += shift.render_markdown(report['shift'], plots.get('shift_histogram'))
   out += ['## Operating threshold', '']

@@ -282,8 +282,15 @@ def _fmt_figure(figure: dict | None) -> str:
   return metrics.format_figure(figure, reason=True)
 
 
-def render_markdown(section: dict | None, heading: str = '##') -> list[str]:
-  """The shortcut figures as Markdown lines (a heading, four tables, and what they mean)."""
+def render_markdown(section: dict | None, heading: str = '##',
+                    positive: str = 'COVID-19') -> list[str]:
+  """The shortcut figures as Markdown lines (a heading, four tables, and what they mean).
+
+  positive: the display name of label 1. For a user's own classes (not COVID-19) only what was
+  measured is shown, in their names: no covid_xray targets, no empty public-data tables.
+  """
+  if section and positive != 'COVID-19':
+    return _render_own(section, heading, positive)
   out = [f'{heading} Shortcuts: source, not disease?', '']
   if not section:
     return out + ['Not measured (covidlib-evaluate --shortcuts was off, or this report predates '
@@ -346,6 +353,43 @@ def render_markdown(section: dict | None, heading: str = '##') -> list[str]:
     out += ['', probe['note']]
   else:
     out.append('Not run.')
+  for note in section.get('notes') or []:
+    out.append(f'- Not measured: {note}.')
+  return out + ['']
+
+
+def _render_own(section: dict, heading: str, positive: str) -> list[str]:
+  """render_markdown for a user's own two classes: the figures measured, nothing else."""
+  out = [f'{heading} Shortcuts: site, not finding?', '',
+         'Within one site: ROC-AUC with both classes from that site (near 0.5: the model cannot '
+         'tell the classes apart once the site is fixed). Source probe: how well the penultimate '
+         'features tell the sites apart, beside how well they tell the label.', '',
+         f'{heading}# Within one site', '',
+         f'| site | {positive} | negatives | ROC-AUC [95%] |', '|---|---|---|---|']
+  for name, w in section['within_source'].items():
+    out.append(f'| {name} | {w["n_covid"]} | {w["n_negative"]} | {_fmt_figure(w["roc_auc"])} |')
+  if not section['within_source']:
+    out.append('| none: no site of the evaluated data holds both classes | | | |')
+  out.append('')
+  rows = [e for e in section['held_out_source'] if 'skipped' not in e]
+  if rows:
+    out += [f'{heading}# Sites never trained on', '',
+            f'| site | how | label-0 images | specificity [95%] | sensitivity [95%] |',
+            '|---|---|---|---|---|']
+    for e in rows:
+      out.append(f'| {e["source"]} | {e["how"]} | {e["n_normal"]} | '
+                 f'{_fmt_figure(e["specificity"])} | {_fmt_figure(e["sensitivity"])} '
+                 f'(n={e["n_covid"]}) |')
+    out.append('')
+  probe = section.get('source_probe')
+  if probe and len(probe['source']['classes']) > 1:
+    out += [f'{heading}# Source probe', '', '| probe target | images | ROC-AUC |', '|---|---|---|']
+    for name, p in [('label', probe['label']), ('site', probe['source']),
+                    *((f'site, among {k} images only', v)
+                      for k, v in probe['source_within_label'].items())]:
+      auc = '—' if p.get('roc_auc') is None else f'{p["roc_auc"]:.3f}'
+      out.append(f'| {name} | {sum(p["classes"].values())} | {auc} |')
+    out.append('')
   for note in section.get('notes') or []:
     out.append(f'- Not measured: {note}.')
   return out + ['']

@@ -284,7 +284,8 @@ def render_model_card(config: dict, decision: model_dir_lib.Decision, *,
     lines.append(f'| {key} | `{value}` |')
   lines += ['', '## Metrics', '']
   lines += _metrics_section(evaluation, evaluation_source, public, names)
-  lines += shortcuts.render_markdown((evaluation or {}).get('shortcuts'), heading='##')
+  lines += shortcuts.render_markdown((evaluation or {}).get('shortcuts'), heading='##',
+                                     positive=names[1])
   lines += out_of_distribution_section(shift_info, (evaluation or {}).get('shift'), public)
   limits = CONFOUNDS if public else _own_data_limits(config, training_strata, evaluation)
   lines += ['## Known confounds and limitations', '', limits, '',

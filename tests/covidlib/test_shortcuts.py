@@ -13,6 +13,7 @@ from sklearn import metrics as sk
 
 from covidlib import crossval
 from covidlib import hold_out
+from covidlib import metrics
 from covidlib import model_dir as md
 from covidlib import report as report_lib
 from covidlib import scored
@@ -266,3 +267,16 @@ def test_automatic_extra_data_only_for_models_of_public_data(tmp_path):
   public = {'dataset': 'covid_xray/adult', 'data_dir': str(tmp_path), 'train_split': 'train'}
   chosen, notes = evaluate.resolve_unseen('auto', public, str(tmp_path))
   assert chosen == {} and notes  # Not built here: said, not silent.
+
+
+def test_markdown_for_own_classes_shows_only_what_was_measured():
+  rs = np.random.RandomState(5)
+  evaluated = _scored([1, 0] * 20, rs.rand(40), ['north'] * 20 + ['south'] * 20)
+  decision = md.Decision(threshold=0.5)
+  section = shortcuts.shortcut_report(decision, evaluated, probe=False, n_bootstrap=0)
+  text = '\n'.join(shortcuts.render_markdown(section, positive='pneumonia'))
+  assert 'COVID-19' not in text and 'ieee8023' not in text and 'other findings' not in text
+  assert '| site | pneumonia | negatives | ROC-AUC [95%] |' in text
+  auc = section['within_source']['north']['roc_auc']
+  assert f'| north | 10 | 10 | {metrics.format_figure(auc, reason=True)} |' in text
+  assert 'Sites never trained on' not in text  # None was given: nothing said about them.
