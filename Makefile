@@ -128,6 +128,10 @@ $(SAME_SITE_DIR)/%/report/report.md: $(SAME_SITE_DIR)/%/model.keras
 	  --data_dir=$(DATA_DIR) --split=test --threshold_policy=youden --calibrate \
 	  --group_by=source,view --confounds=view --out=$(SAME_SITE_DIR)/$*/report
 
+# Intermediate files of pattern rules, kept: make would otherwise delete the datasets' stamps and
+# the trained models once the reports exist.
+.PRECIOUS: $(DATA_DIR)/.labelled-% $(SAME_SITE_DIR)/%/model.keras
+
 same-site: $(SAME_SITE_REPORTS)
 	@echo "Done: $(foreach r,$(SAME_SITE_REPORTS),$(r))"
 
