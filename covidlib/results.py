@@ -153,7 +153,9 @@ def format_results(predictions: Iterable[Prediction], fmt: str, model: str) -> s
   width = max([len('file')] + [len(r.path) for r in predictions])
   shift_head = '  shift_score  in_dist' if with_shift else ''
   decision_width = max([8] + [len(r.decision or '') for r in predictions])
-  lines = [f'{"file":<{width}}  P(COVID-19)  {"decision":<{decision_width}}  threshold'
+  positive = predictions[0].class_names[1] if predictions else CLASS_NAMES[1]
+  header = f'P({"COVID-19" if positive == "covid" else positive})'
+  lines = [f'{"file":<{width}}  {header:>11}  {"decision":<{decision_width}}  threshold'
            f'{shift_head}  error']
   for r in predictions:
     p = '' if r.probability is None else f'{r.probability:.4f}'

@@ -61,3 +61,12 @@ def test_rows_and_failure_line():
   assert results.failure_message([good, bad]) == (
       '1 of 2 files could not be read: b.png: empty file (0 bytes)')
   assert results.failure_message([good]) is None
+
+
+def test_table_header_names_a_users_positive_class():
+  own = results.prediction('a.png', 0.7, 0.5, class_names=('normal', 'pneumonia'))
+  table = results.format_results([own], 'table', model='m')
+  assert table.split('\n')[0].split()[:2] == ['file', 'P(pneumonia)']
+  assert own.class_name == 'pneumonia' and own.decision == 'pneumonia'
+  stock = results.format_results([results.prediction('a.png', 0.7, 0.5)], 'table', model='m')
+  assert stock.split('\n')[0].split()[:2] == ['file', 'P(COVID-19)']
