@@ -50,7 +50,7 @@ from covidlib import tflite_metadata
 KERAS, SAVED_MODEL, TFLITE = 'keras', 'saved_model', 'tflite'
 ON_SHIFT = ('warn', 'abstain')
 OUT_OF_DISTRIBUTION = 'out_of_distribution'
-_SHIFT_OUTPUT = 'shift_score'  # = exporters.saved_model.SHIFT_OUTPUT = exporters.tflite's.
+_SHIFT_OUTPUT = edge.SHIFT_OUTPUT  # = exporters.saved_model.SHIFT_OUTPUT = exporters.tflite's.
 _PREPROCESSED_SIGNATURE = 'serving_preprocessed'  # = exporters.saved_model.PREPROCESSED_SIGNATURE
 
 
@@ -230,7 +230,7 @@ class Predictor:
       self.shift_threshold = self._edge.shift_threshold
       return
     inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
-    outputs, self._shift_output = _tflite_split_outputs(interpreter, outputs)
+    outputs, self._shift_output = edge.split_outputs(interpreter, outputs)
     if len(inputs) != 1 or len(outputs) != 1:
       raise errors.ModelLoadError(
           f'{self.path}: expected one input and one output, found {len(inputs)} and '
@@ -460,22 +460,6 @@ def _tflite_input_kind(content: bytes) -> str | None:
 # Shared with the TensorFlow-free edge route.
 _quantize = edge.quantize
 _dequantize = edge.dequantize
-
-
-def _tflite_split_outputs(interpreter, outputs: list[dict]) -> tuple[list[dict], dict | None]:
-  """(the other outputs, the `shift_score` output or None), by the signature's output names."""
-  if len(outputs) < 2:
-    return outputs, None
-  try:
-    runner = interpreter.get_signature_runner()
-    named = runner.get_output_details()
-  except (ValueError, KeyError, RuntimeError):
-    return outputs, None
-  if _SHIFT_OUTPUT not in named:
-    return outputs, None
-  index = named[_SHIFT_OUTPUT]['index']
-  shift_output = next((o for o in outputs if o['index'] == index), None)
-  return [o for o in outputs if o['index'] != index], shift_output
 
 
 def _tflite_shift_threshold(content: bytes) -> float | None:
