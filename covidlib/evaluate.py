@@ -179,12 +179,6 @@ def evaluate_predictions(predictions: Scored, decision: md.Decision, *,
 # --------------------------------------------------------------------------------------------
 
 
-def trained_on_public_data(config: dict) -> bool:
-  """True for a model trained on covidlib's covid_xray dataset (public COVID-19 data), whose
-  automatic extra datasets (other findings, unseen normal sources) apply."""
-  return str(config.get('dataset') or '').startswith('covid_xray')
-
-
 def resolve_unseen(spec: Sequence[str] | str, config: dict,
                    data_dir: str | None) -> tuple[dict[str, str], list[str]]:
   """{source: dataset} of normal sources to test as never seen in training; and notes.
@@ -195,7 +189,7 @@ def resolve_unseen(spec: Sequence[str] | str, config: dict,
   not unseen.
   """
   notes = []
-  if (spec == 'auto' or spec == ['auto']) and not trained_on_public_data(config):
+  if (spec == 'auto' or spec == ['auto']) and not md.trained_on_public_data(config):
     return {}, []
   trained = data.training_sources(config)
   if spec == 'auto' or spec == ['auto']:
@@ -280,7 +274,7 @@ def shortcut_section(model, config: dict, decision: md.Decision, evaluated: Scor
       raise errors.UsageError('source probe: the model has no layer named "logit" '
                               '(covidlib.models networks end in Dense "logit")') from None
   notes = []
-  if other_dataset == 'auto' and not trained_on_public_data(config):
+  if other_dataset == 'auto' and not md.trained_on_public_data(config):
     other_dataset = None  # covid_xray's other findings say nothing about a user's own finding.
   elif other_dataset == 'auto':
     other_dataset = OTHER_FINDINGS if data.is_built(OTHER_FINDINGS, data_dir) else None

@@ -117,6 +117,13 @@ def class_names(config: dict | None) -> tuple[str, str]:
   return tuple(names)
 
 
+def trained_on_public_data(config: dict | None) -> bool:
+  """True for a model trained on covidlib's covid_xray dataset (public COVID-19 data): its
+  sources, licences and confounds are known, and its automatic extra datasets (other findings,
+  unseen normal sources) apply. False for a user's own data (labelled_xrays, a folder)."""
+  return str((config or {}).get('dataset') or '').startswith('covid_xray')
+
+
 def display_name(name: str) -> str:
   """How reports write a class: 'covid' is COVID-19; a user's own names stay as given."""
   return 'COVID-19' if name == 'covid' else name

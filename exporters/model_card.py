@@ -91,11 +91,6 @@ never learned from. Out of scope: images other than frontal chest X-rays; sites,
 populations absent from the training data (its figures say nothing about them)."""
 
 
-def is_public_data(config: dict) -> bool:
-  """True for covidlib's covid_xray dataset, whose sources, licences and confounds are known."""
-  return str(config.get('dataset') or '').startswith('covid_xray')
-
-
 def _own_data_lines(config: dict, strata: dict | None) -> list[str]:
   """The training data of a user's own dataset: its sites and classes as the dataset holds
   them (strata: {(site, label): images} of the training split), never covid_xray's text."""
@@ -254,7 +249,7 @@ def render_model_card(config: dict, decision: model_dir_lib.Decision, *,
   stratum_counts), used to describe a user's own dataset (covid_xray's text is fixed);
   `history` its history.json (None: none)."""
   name = config.get('model', '?')
-  public = is_public_data(config)
+  public = model_dir_lib.trained_on_public_data(config)
   names = tuple(model_dir_lib.display_name(n) for n in model_dir_lib.class_names(config))
   size, channels = config.get('image_size', '?'), config.get('channels', 1)
   lines = [

@@ -262,8 +262,8 @@ def test_automatic_extra_data_only_for_models_of_public_data(tmp_path):
 
   own = {'dataset': 'labelled_xrays/mysite', 'data_dir': str(tmp_path), 'train_split': 'train'}
   assert evaluate.resolve_unseen('auto', own, str(tmp_path)) == ({}, [])
-  assert evaluate.trained_on_public_data({'dataset': 'covid_xray/adult'})
-  assert not evaluate.trained_on_public_data(own)
+  assert md.trained_on_public_data({'dataset': 'covid_xray/adult'})
+  assert not md.trained_on_public_data(own)
   public = {'dataset': 'covid_xray/adult', 'data_dir': str(tmp_path), 'train_split': 'train'}
   chosen, notes = evaluate.resolve_unseen('auto', public, str(tmp_path))
   assert chosen == {} and notes  # Not built here: said, not silent.
