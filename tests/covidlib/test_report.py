@@ -219,3 +219,24 @@ def test_a_users_own_class_names_name_everything(tmp_path):
   assert md.display_name('covid') == 'COVID-19' and md.display_name('pneumonia') == 'pneumonia'
   with pytest.raises(errors.DataError, match='class_names must be two names'):
     md.class_names({'class_names': ['a', 'b', 'c']})
+
+
+def test_score_files_matches_the_array_pass(tmp_path, encode):
+  """scoring.score_files (a file list) gives the scores score_images gives on the same tensors."""
+  from covidlib import data
+  from covidlib import models
+
+  model = models.build_model('compact_resnet', image_size=16, channels=1, seed=0)
+  rs = np.random.RandomState(0)
+  paths = []
+  for i in range(3):
+    path = tmp_path / f'{i}.png'
+    path.write_bytes(encode(rs.randint(0, 256, (20, 24)).astype(np.uint8)))
+    paths.append(str(path))
+  scored_files = scoring.score_files(model, paths, [1, 0, 1], {'image_size': 16}, batch_size=2)
+  images = np.concatenate([x for x, _ in data.load_files(paths, [1, 0, 1], image_size=16)])
+  np.testing.assert_allclose(scored_files.scores, scoring.score_images(model, images, 2),
+                             rtol=1e-6)
+  assert list(scored_files.labels) == [1, 0, 1]
+  assert list(scored_files.column('filename')) == paths
+  assert scored_files.features.shape == (3, int(models.feature_layer(model).input.shape[-1]))
