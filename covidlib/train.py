@@ -126,7 +126,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
     'learning_rate': 1e-3,   # Adam; the article's optimizer and Keras' default rate.
     'class_weight': 'none',  # 'balanced': weight n / (2 n_class), for unbalanced splits.
     'early_stopping_patience': 0,  # Epochs without a lower val_loss before stopping; 0 = off.
-  'keep': 'best',          # Weights saved: 'best' val_auc epoch (ties: earlier) or 'last'.
+    'keep': 'best',          # Weights saved: 'best' val_auc epoch (ties: earlier) or 'last'.
+    # A model_dir (or .keras file) whose weights start training instead of a fresh init: another
+    # covidlib model of the same network (e.g. a pneumonia model, or a shipped model adapted to
+    # a site). Layers are matched by name; every weighted layer must match in shape.
+    'init_from': None,
     'seed': 0,               # Shuffling, augmentation, initial weights, dropout.
     'deterministic': False,  # Also make ops deterministic (same weights on every CPU run).
     'strategy': 'auto',
@@ -230,6 +234,12 @@ def make_config(**overrides: Any) -> dict[str, Any]:
     bad('allow_missing', 'true or false')
   if not isinstance(config['deterministic'], bool):
     bad('deterministic', 'true or false')
+  if config['init_from'] is not None:
+    if not isinstance(config['init_from'], str) or not config['init_from']:
+      bad('init_from', 'None or the path of a model_dir or .keras file')
+    if not os.path.exists(config['init_from']):
+      raise errors.UsageError(f'init_from {config["init_from"]!r} does not exist: give a '
+                              'finished model_dir or a .keras file')
   if config['deterministic'] and config['seed'] is None:
     raise errors.UsageError('deterministic=True needs a seed; seed is None')
   if config['strategy'] not in distribute.STRATEGIES:
@@ -576,6 +586,38 @@ def build_models(config: dict) -> tuple[keras.Model, keras.Model]:
   return inference_model, training_model
 
 
+def init_weights_from(model: keras.Model, source: str) -> None:
+  """Copies the weights of `source` (a model_dir or .keras file) into `model`, layer by name.
+
+  Every layer of `model` that holds weights must exist in the source model under the same name
+  with weights of the same shapes (the same network; the input size may differ where the
+  weights do not depend on it). Layers without weights (crop, equalize) are not compared.
+
+  Raises:
+    UsageError: naming the source and the first layer that is missing or differs in shape.
+    ModelLoadError: the source is not a loadable covidlib model.
+  """
+  source_model = md.load_model(source)
+  source_layers = {layer.name: layer for layer in source_model.layers}
+  for layer in model.layers:
+    weights = layer.get_weights()
+    if not weights:
+      continue
+    other = source_layers.get(layer.name)
+    if other is None:
+      raise errors.UsageError(
+          f'init_from {source!r}: its model ({source_model.name}) has no layer {layer.name!r} '
+          f'of {model.name}: init_from needs a model of the same network')
+    other_weights = other.get_weights()
+    shapes = [w.shape for w in weights]
+    other_shapes = [w.shape for w in other_weights]
+    if shapes != other_shapes:
+      raise errors.UsageError(
+          f'init_from {source!r}: layer {layer.name!r} has weights of shapes {other_shapes} '
+          f'there and {shapes} here: init_from needs a model of the same network and input')
+    layer.set_weights(other_weights)
+
+
 def _kept_epoch(state: dict, keep: str, has_validation: bool) -> tuple[int, str, str, str]:
   """(epoch, kept_by, reason, weights file) of the epoch whose weights the model keeps.
 
@@ -721,6 +763,8 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
 
     # ------------------------------------------------------------ Resume or extend.
     checkpoints = os.path.join(model_dir, md.CHECKPOINTS)
+    if config['init_from'] and not state['weights']:
+      init_weights_from(inference_model, config['init_from'])
     if state['weights']:
       training_model.optimizer.build(training_model.trainable_variables)
       training_model.load_weights(os.path.join(checkpoints, state['weights']))

@@ -21,6 +21,10 @@
     # Keep the last epoch's weights instead of the best validation ROC-AUC epoch's (default).
     covidlib-train --model_dir=runs/last --dataset=folder:ROOT --keep=last
 
+    # Start from another model's weights (same network), e.g. a pneumonia model.
+    covidlib-train --model_dir=runs/covid_from_pneumonia --dataset=covid_xray/adult \
+        --data_dir=/tmp/tfds_real --init_from=runs/same_site/nih_pneumonia --learning_rate=1e-4
+
     # A finished 10-epoch run, extended to 15 epochs (same flags, a larger --epochs).
     covidlib-train --model_dir=/work/runs/compact_resnet --data_dir=/tmp/tfds_real --epochs=15
 
@@ -97,6 +101,10 @@ _KEEP = flags.DEFINE_enum(
     'keep', _D['keep'], list(train_lib.KEEP),
     'Weights model.keras keeps: best = the epoch with the highest validation ROC-AUC (val_auc; '
     'ties: the earlier; without validation data, the last); last = the last epoch.')
+_INIT_FROM = flags.DEFINE_string(
+    'init_from', _D['init_from'],
+    'Start from the weights of this model_dir (or .keras file) instead of a fresh init: a model '
+    'of the same --model and input (e.g. a pneumonia model as the start of a COVID-19 one).')
 _STRATEGY = flags.DEFINE_enum(
     'strategy', _D['strategy'], list(distribute.STRATEGIES),
     'auto: mirrored over several GPUs, else default. multi_worker reads TF_CONFIG.')
@@ -193,6 +201,7 @@ def config_from_flags() -> dict:
       batch_size=_BATCH_SIZE.value, epochs=_EPOCHS.value, learning_rate=_LEARNING_RATE.value,
       class_weight=_CLASS_WEIGHT.value,
       early_stopping_patience=_EARLY_STOPPING_PATIENCE.value, keep=_KEEP.value,
+      init_from=_INIT_FROM.value,
       seed=_SEED.value,
       deterministic=_DETERMINISTIC.value, strategy=_STRATEGY.value,
       mixed_precision=_MIXED_PRECISION.value,

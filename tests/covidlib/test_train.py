@@ -546,3 +546,38 @@ def test_input_for_training_turns_the_autotuner_off_on_cpu():
   assert tuned.options().autotune.enabled is False  # This test process hides GPUs.
   assert list(tuned.as_numpy_iterator()) == [0, 2, 4, 6, 8]
   assert train.input_for_training(None) is None
+
+
+# --------------------------------------------------------------------------------------------
+# init_from: training starts from another model's weights.
+# --------------------------------------------------------------------------------------------
+
+
+def test_init_from_starts_training_from_the_source_weights(tmp_path):
+  fit(tiny_config(epochs=1), tmp_path / 'parent')
+  parent = md.load_model(tmp_path / 'parent').get_weights()
+  recorder = Recorder()
+  fit(tiny_config(epochs=1, seed=1, init_from=str(tmp_path / 'parent')), tmp_path / 'child',
+      callbacks=[recorder])
+  assert_same_weights(recorder.begin_weights, parent)  # The training model starts there.
+  fresh = Recorder()
+  fit(tiny_config(epochs=1, seed=1), tmp_path / 'fresh', callbacks=[fresh])
+  assert not all(np.array_equal(a, b) for a, b in zip(fresh.begin_weights, parent))
+  assert json.loads((tmp_path / 'child' / 'config.json').read_text())['init_from'] == \
+      str(tmp_path / 'parent')
+
+
+def test_init_from_another_network_names_the_layer(tmp_path):
+  fit(tiny_config(epochs=1), tmp_path / 'parent')
+  config = tiny_config(model='compact_resnet', init_from=str(tmp_path / 'parent'))
+  with pytest.raises(errors.UsageError, match=r"init_from .*parent.*no layer 'stem_conv'"):
+    fit(config, tmp_path / 'child')
+  wider = tiny_config(image_size=32, init_from=str(tmp_path / 'parent'))  # seed_cnn: Dense grows.
+  with pytest.raises(errors.UsageError, match=r"layer 'dense' has weights of shapes"):
+    fit(wider, tmp_path / 'child2', train_data=tiny_data(0).map(
+        lambda x, y: (tf.image.resize(x, (32, 32)), y)), validation_data=None)
+
+
+def test_init_from_must_exist(tmp_path):
+  with pytest.raises(errors.UsageError, match='init_from .*does not exist'):
+    tiny_config(init_from=str(tmp_path / 'nowhere'))
