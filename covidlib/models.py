@@ -283,3 +283,71 @@ def feature_model(model: keras.Model) -> keras.Model:
   """
   return keras.Model(model.input, [model.output, feature_layer(model).input],
                      name=f'{model.name}_features')
+
+
+# --------------------------------------------------------------------------------------------
+# Features at several depths (the shift score and the site check).
+# --------------------------------------------------------------------------------------------
+#
+# Early layers carry acquisition style (scanner, film digitisation, processing), the penultimate
+# layer what the network learned about the finding; a shift between two sites can show at any
+# depth. The taps are chosen by a rule that needs no per-network list, so every network
+# (keras.applications backbones built flat into the model included) gets them:
+#   among the layers from the first one with weights on (after the input and the weightless
+#   standardization layers) whose output is 4-D (batch, h, w, c), group by floor(log2(h)) (one
+#   group per resolution stage; seed_cnn's valid convolutions shave pixels within a stage); the
+#   LAST layer of each group is a tap, shallow to deep; the penultimate features (the input of
+#   'logit') are the last tap.
+# Each 4-D tap is pooled to 2c numbers: the mean and the standard deviation over h x w of each
+# channel (the first two moments: brightness and contrast of each learned pattern).
+
+PENULTIMATE_TAP = 'penultimate'
+
+
+def feature_taps(model: keras.Model) -> list[str]:
+  """Names of the tap layers of `model`, shallow to deep, PENULTIMATE_TAP last (see above).
+
+  Raises:
+    UsageError: the model has no covidlib head (feature_layer).
+  """
+  head = feature_layer(model)
+  groups: dict[int, str] = {}
+  seen_weights = False
+  for layer in model.layers:
+    if layer is head:
+      break
+    seen_weights = seen_weights or bool(layer.weights)
+    if not seen_weights or isinstance(layer, (keras.layers.InputLayer, keras.Model)):
+      continue
+    try:
+      shape = layer.output.shape
+    except (AttributeError, ValueError):  # A layer used twice has no single output.
+      continue
+    if len(shape) == 4 and shape[1]:
+      groups[int(shape[1]).bit_length()] = layer.name  # Later layers of a stage replace earlier.
+  return [groups[k] for k in sorted(groups, reverse=True)] + [PENULTIMATE_TAP]
+
+
+def _moments(x):
+  """(n, h, w, c) -> (n, 2c): per-channel mean and standard deviation over h x w."""
+  x = keras.ops.cast(x, 'float32')
+  mean = keras.ops.mean(x, axis=(1, 2))
+  var = keras.ops.maximum(keras.ops.mean(keras.ops.square(x), axis=(1, 2))
+                          - keras.ops.square(mean), 0.0)
+  return keras.ops.concatenate([mean, keras.ops.sqrt(var + 1e-12)], axis=-1)
+
+
+def tap_model(model: keras.Model) -> keras.Model:
+  """A Keras model: images -> [the model's output, pooled tap 0, ..., penultimate features].
+
+  Tap i (feature_taps(model)[i]) is (n, 2c) for a 4-D layer (mean and std per channel), and
+  (n, d) for the penultimate features. Shares `model`'s layers (no copy); built anew per call.
+  """
+  outputs = [model.output]
+  for name in feature_taps(model):
+    if name == PENULTIMATE_TAP:
+      f = feature_layer(model).input
+      outputs.append(keras.ops.reshape(keras.ops.cast(f, 'float32'), (-1, int(f.shape[-1]))))
+    else:
+      outputs.append(_moments(model.get_layer(name).output))
+  return keras.Model(model.input, outputs, name=f'{model.name}_taps')

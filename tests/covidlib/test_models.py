@@ -162,3 +162,32 @@ def test_bad_arguments_are_named(kwargs, message):
 def test_seed_cnn_works_at_its_minimum_size():
   model = models.build_model('seed_cnn', image_size=24)
   assert model.get_layer('flatten').output.shape[1] == 128
+
+
+# --------------------------------------------------------------------------------------------
+# Feature taps at several depths.
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('name, size, expected', [
+    ('compact_resnet', 64, ['stem_relu', 'stage1_out', 'stage2_out', 'stage3_out', 'stage4_out',
+                            'penultimate']),
+    # Valid convolutions: conv1 62, conv2 60 | pool2 30, conv3 28 | pool3 14, conv4 12 | pool4 6.
+    ('seed_cnn', 64, ['conv2', 'conv3', 'conv4', 'drop4', 'penultimate']),
+])
+def test_feature_taps_one_per_resolution_stage(name, size, expected):
+  model = models.build_model(name, size, 1, seed=0, crop=0.1, equalize='histogram')
+  assert models.feature_taps(model) == expected  # The weightless crop/equalize layers: no tap.
+
+
+def test_tap_model_pools_mean_and_std_per_channel():
+  model = models.build_model('compact_resnet', 32, 1, seed=0)
+  images = np.random.RandomState(0).uniform(size=(3, 32, 32, 1)).astype(np.float32)
+  outputs = models.tap_model(model)(images)
+  np.testing.assert_allclose(outputs[0], model(images), atol=1e-6)
+  maps = keras.Model(model.input, model.get_layer('stage2_out').output)(images).numpy()
+  expected = np.concatenate([maps.mean((1, 2)), maps.std((1, 2))], -1)
+  np.testing.assert_allclose(outputs[1 + 2], expected, rtol=1e-4, atol=1e-5)
+  penultimate = models.feature_model(model)(images)[1]
+  np.testing.assert_allclose(outputs[-1], penultimate, atol=1e-6)
+  assert [int(o.shape[-1]) for o in outputs[1:]] == [32, 32, 64, 128, 256, 128]
