@@ -9,7 +9,8 @@
 `covidlib.scoring` fills it by running a model over a split, a folder or a file list once. Every
 analysis (metrics, threshold, calibration, shift, shortcuts) takes its arrays. Fields per image:
 label (1 = the positive class), the model's raw score P(positive), the penultimate features when
-the model has covidlib's head, the metadata ('filename', 'source', 'view', 'patient_id', 'age',
+the model has covidlib's head (and, when asked for, the pooled features at every depth: `taps`),
+the metadata ('filename', 'source', 'view', 'patient_id', 'age',
 'sex' and, for some datasets, 'finding'), and the preprocessed images when they were kept (for
 Grad-CAM and the report's grid).
 """
@@ -32,6 +33,9 @@ class Scored:
   metadata: dict[str, np.ndarray]         # Per-image text (object) or numbers, e.g. 'source'.
   images: np.ndarray | None = None        # (n, S, S, C) float32 model inputs, if kept.
   features: np.ndarray | None = None      # (n, d) float32 penultimate features, if computed.
+  # Pooled features at every tap of the network, shallow to deep (covidlib.models.feature_taps:
+  # {layer name: (n, d_i) float32}, 'penultimate' last), if asked for.
+  taps: dict[str, np.ndarray] | None = None
 
   def __len__(self) -> int:
     return int(self.labels.size)
@@ -40,7 +44,8 @@ class Scored:
     return Scored(self.labels[mask], self.scores[mask],
                   {k: v[mask] for k, v in self.metadata.items()},
                   None if self.images is None else self.images[mask],
-                  None if self.features is None else self.features[mask])
+                  None if self.features is None else self.features[mask],
+                  None if self.taps is None else {k: v[mask] for k, v in self.taps.items()})
 
   def column(self, key: str) -> np.ndarray:
     """A metadata column as an object array; '' for every image when it is absent."""
@@ -56,11 +61,14 @@ def concat(parts: Sequence[Scored]) -> Scored:
   keys = set.intersection(*(set(p.metadata) for p in parts))
   with_images = all(p.images is not None for p in parts)
   with_features = all(p.features is not None for p in parts)
+  with_taps = all(p.taps is not None and list(p.taps) == list(parts[0].taps) for p in parts)
   return Scored(np.concatenate([p.labels for p in parts]),
                 np.concatenate([p.scores for p in parts]),
                 {k: np.concatenate([p.metadata[k] for p in parts]) for k in keys},
                 np.concatenate([p.images for p in parts]) if with_images else None,
-                np.concatenate([p.features for p in parts]) if with_features else None)
+                np.concatenate([p.features for p in parts]) if with_features else None,
+                {k: np.concatenate([p.taps[k] for p in parts]) for k in parts[0].taps}
+                if with_taps else None)
 
 
 def as_text(values) -> np.ndarray:

@@ -78,8 +78,17 @@ def load_split(config: dict, split: str, *, dataset: str | None = None,
           f'{dataset} split {split}')
 
 
-def _forward(model, features: bool):
-  """images -> (scores, features or None) for one batch."""
+def _forward(model, features: bool, taps: bool = False):
+  """images -> (scores, features or None[, {tap: pooled features}]) for one batch."""
+  if taps:
+    extractor = models.tap_model(model)  # UsageError naming the model without covidlib's head.
+    names = models.feature_taps(model)
+
+    def run_taps(images):
+      p, *pooled = extractor(images, training=False)
+      pooled = {n: np.asarray(f, np.float32) for n, f in zip(names, pooled)}
+      return p, pooled[models.PENULTIMATE_TAP], pooled
+    return run_taps
   if features and models.has_feature_layer(model):
     extractor = models.feature_model(model)
 
@@ -91,20 +100,23 @@ def _forward(model, features: bool):
 
 
 def score_dataset(model, dataset: tf.data.Dataset, *, keep_images: bool = False,
-                  features: bool = True) -> Scored:
+                  features: bool = True, taps: bool = False) -> Scored:
   """Runs `model` once over a batched dataset of (image, label) or (image, label, metadata).
 
   Args:
     model: a Keras model (or any callable images -> P(positive), then without features).
     keep_images: keep the preprocessed images (Grad-CAM, the report's grid).
     features: also return the penultimate features when the model has covidlib's head.
+    taps: also return the pooled features at every tap (`covidlib.models.tap_model`), in the
+      same forward pass; the model must have covidlib's head.
 
   Raises:
     UsageError: elements that are not batched (image, label[, metadata]).
     DataError: the dataset holds no example.
   """
-  run = _forward(model, features)
+  run = _forward(model, features, taps)
   labels, scores, images, feats = [], [], [], []
+  tap_parts: dict[str, list] = {}
   metadata: dict[str, list] = {}
   for element in dataset:
     if not isinstance(element, (tuple, list)) or len(element) not in (2, 3):
@@ -114,7 +126,9 @@ def score_dataset(model, dataset: tf.data.Dataset, *, keep_images: bool = False,
     if image.shape.rank != 4:
       raise errors.UsageError(
           f'evaluation data must be batched (batch, height, width, channels), got {image.shape}')
-    p, f = run(image)
+    p, f, *pooled = run(image)
+    for name, value in (pooled[0] if pooled else {}).items():
+      tap_parts.setdefault(name, []).append(value)
     scores.append(np.asarray(p, np.float64).reshape(-1))
     labels.append(np.asarray(label).reshape(-1).astype(np.int64))
     if f is not None:
@@ -129,7 +143,8 @@ def score_dataset(model, dataset: tf.data.Dataset, *, keep_images: bool = False,
   return Scored(labels=np.concatenate(labels), scores=np.concatenate(scores),
                 metadata=_metadata(metadata),
                 images=np.concatenate(images) if keep_images else None,
-                features=np.concatenate(feats) if feats else None)
+                features=np.concatenate(feats) if feats else None,
+                taps={k: np.concatenate(v) for k, v in tap_parts.items()} if taps else None)
 
 
 def _metadata(parts: dict[str, list]) -> dict[str, np.ndarray]:
@@ -196,9 +211,9 @@ def score_every_split(model, config: dict, dataset: str, data_dir: str | None, *
 
 
 def score_files(model, paths: Sequence[str], labels: Sequence[int], config: dict, *,
-                batch_size: int = 32, keep_images: bool = False) -> Scored:
+                batch_size: int = 32, keep_images: bool = False, taps: bool = False) -> Scored:
   """The model's answers on a list of labelled image files (metadata: 'filename')."""
   ds = data.load_files(paths, labels, image_size=int(config['image_size']),
                        channels=int(config.get('channels', 1)), batch_size=batch_size,
                        with_metadata=True, cache=False)
-  return score_dataset(model, ds, keep_images=keep_images)
+  return score_dataset(model, ds, keep_images=keep_images, taps=taps)

@@ -12,6 +12,7 @@ import tensorflow as tf
 from covidlib import errors
 from covidlib import evaluate
 from covidlib import model_dir as md
+from covidlib import models
 from covidlib import report
 from covidlib import scored
 from covidlib import scoring
@@ -240,3 +241,20 @@ def test_score_files_matches_the_array_pass(tmp_path, encode):
   assert list(scored_files.labels) == [1, 0, 1]
   assert list(scored_files.column('filename')) == paths
   assert scored_files.features.shape == (3, int(models.feature_layer(model).input.shape[-1]))
+
+
+def test_score_dataset_taps_come_from_the_same_pass():
+  """taps=True: every tap's pooled features, penultimate == features, select/concat keep them."""
+  model = models.build_model('compact_resnet', 32, 1, seed=0)
+  x = np.random.RandomState(1).rand(5, 32, 32, 1).astype(np.float32)
+  ds = tf.data.Dataset.from_tensor_slices((x, np.array([1, 0, 1, 0, 0]))).batch(2)
+  out = scoring.score_dataset(model, ds, taps=True)
+  assert list(out.taps) == models.feature_taps(model)
+  reference = models.tap_model(model)(x)
+  np.testing.assert_allclose(out.scores, np.asarray(reference[0]).reshape(-1), atol=1e-6)
+  for k, name in enumerate(out.taps):
+    np.testing.assert_allclose(out.taps[name], reference[k + 1], rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(out.features, out.taps['penultimate'])
+  both = scored.concat([out.select(out.labels == 1), out.select(out.labels == 0)])
+  np.testing.assert_array_equal(both.taps['stem_relu'][:2], out.taps['stem_relu'][[0, 2]])
+  assert scoring.score_dataset(model, ds).taps is None
