@@ -18,7 +18,7 @@ CLASS_NAMES = ('normal', 'covid')  # index = label; label 1 = COVID-19.
 
 _SUBMODULES = (
     'archive', 'augment', 'calibration', 'confounds', 'crossval', 'data', 'dicom', 'distribute',
-    'errors', 'edge', 'evaluate', 'explain', 'hold_out', 'metrics', 'model_dir', 'models', 'predict',
+    'errors', 'edge', 'ensemble', 'evaluate', 'explain', 'hold_out', 'metrics', 'model_dir', 'models', 'predict',
     'preprocess', 'reference', 'report', 'results', 'scored', 'scoring', 'shift', 'shift_fit',
     'shortcuts',
     'standardize', 'threshold', 'tflite_metadata', 'train',
