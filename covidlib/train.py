@@ -27,15 +27,52 @@ config trains exactly as before:
                    often each class is drawn. With train_data passed in (cross-validation) it
                    only describes how the caller drew that data.
 
+The recipe (issue 18), each part a config key and a covidlib-train flag:
+
+    config = train.make_config(weight_decay=0.05, lr_schedule='cosine', warmup_epochs=2,
+                               label_smoothing=0.1, ema=0.99, mixup=0.2, tta='flip')
+
+  weight_decay     > 0: AdamW (decoupled decay, w -= lr * weight_decay * w per step) of the
+                   kernels only, not biases or batch-norm scales and offsets; 0: Adam.
+  lr_schedule      'cosine': the rate falls from learning_rate to 0 along a half cosine, per
+  warmup_epochs    step; after a linear per-step warm-up from 0 (`learning_rate_schedule`). The
+                   step is the optimizer's, saved with it, so a resumed run goes on at the rate
+                   it stopped at; an extension re-plans the schedule over the new epoch count.
+  label_smoothing  binary cross-entropy against y (1 - s) + s / 2.
+  ema              the optimizer keeps a moving average of the weights (Keras use_ema); the
+                   average is what validation judges (so keep='best' chooses by it), what
+                   model.keras holds and what the next phase starts from; training moves the raw
+                   weights. Both are in every checkpoint (raw weights, averages in the optimizer
+                   state), so a resume goes on with both.
+  mixup            training batches mixed pairwise (`covidlib.augment.mixup`, seeded by `seed`);
+                   validation, the shift score's fit and evaluation see plain images.
+  tta              'flip': model.keras averages the logits of each image and its mirror
+                   (`covidlib.ensemble.flip_average`), so every export runs it; validation
+                   during training does not.
+
+Fine-tuning phases (`freeze_epochs` > 0): epochs 1..freeze_epochs are the 'head' phase, which
+trains the Dense 'logit' alone (`models.feature_layer`) with every layer before it frozen
+(trainable=False: batch norm then runs in inference mode, with its moving statistics, and does
+not update them), at learning_rate; the 'full' phase trains every layer at
+finetune_learning_rate, with a fresh optimizer (and schedule, warm-up included) over its own
+epochs. A checkpoint's phase follows from its epoch and config.json's freeze_epochs, and its
+weights file holds that phase's optimizer state: a run killed in either phase, or at the change,
+reloads its checkpoint into the model compiled for that phase and goes on from there (at the
+change: the full phase starts from the head phase's last weights, its EMA ones with ema). The
+kept epoch may be of either phase, and early stopping may end the run in the head phase.
+
 `train()` reads top to bottom: configuration -> strategy and precision -> model_dir (new,
-resumable, or finished) -> seeds -> input pipeline -> model and optimizer -> resume -> fit ->
-save. What it writes into model_dir is described in `covidlib.model_dir`.
+resumable, or finished) -> seeds -> input pipeline -> model and optimizer -> resume -> fit,
+phase by phase -> save. What it writes into model_dir is described in `covidlib.model_dir`.
 
 Resuming. At the end of every epoch the weights and the optimizer state go to
 `checkpoints/epoch-NNNN.weights.h5` (temporary file, then rename), and then
 `checkpoints/state.json` names that file and holds the history so far (also atomic: it is the
 commit point). A run killed at any moment and started again with the same config reloads the
 last committed epoch and trains the remaining ones; the returned and saved history is complete.
+A config.json written before a key existed reads as what that run did (`_PREDATING`: the recipe
+keys as plain Adam at a constant rate, even where today's default differs), so resuming or
+extending such a run takes those values on the command line; the refusal names each key.
 (Keras' own `BackupAndRestore` writes its weights and metadata in place, so a kill during the
 write leaves a checkpoint that cannot be loaded; hence this small callback.) The data order and
 augmentation draws of a resumed run differ from an uninterrupted one: resuming is exact in
