@@ -194,7 +194,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 # What a config.json written before a key existed ran with: the behaviour before the key, which
-# may differ from its default today (_with_defaults).
+# may differ from its default today (saved_config).
 _PREDATING: dict[str, Any] = {
     'weight_decay': 0.0, 'lr_schedule': 'constant', 'warmup_epochs': 0, 'label_smoothing': 0.0,
     'ema': 0.0, 'mixup': 0.0, 'tta': 'none', 'freeze_epochs': 0,
@@ -343,9 +343,10 @@ def make_config(**overrides: Any) -> dict[str, Any]:
   return config
 
 
-def _with_defaults(saved: dict) -> dict:
-  """A config.json of an older covidlib completed with the defaults of keys it predates (the
-  run used them), so a resumed run compares like with like."""
+def saved_config(saved: dict) -> dict:
+  """A config.json of an older covidlib completed with what the run used for the keys it
+  predates (their defaults then: `_PREDATING`, else DEFAULT_CONFIG), so a resumed run compares
+  like with like and a recipe read back (covidlib-crossval --recipe) is the one that ran."""
   saved = {**DEFAULT_CONFIG, **_PREDATING, **saved}
   saved['augment'] = {**DEFAULT_CONFIG['augment'], **(saved.get('augment') or {})}
   return saved
@@ -423,7 +424,7 @@ def _check_model_dir(model_dir: str, config: dict, overwrite: bool) -> None:
           'scratch, or choose another model_dir')
     _clear_run(model_dir)  # Stopped before its first epoch ended: nothing to resume.
     return
-  saved = _with_defaults(md.read_json(config_path))
+  saved = saved_config(md.read_json(config_path))
   state = _load_state(model_dir)
   if has_model and state['finished']:
     _check_extension(model_dir, saved, config, state)

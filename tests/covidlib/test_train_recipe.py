@@ -108,7 +108,7 @@ def test_recipe_keys_name_the_bad_value(overrides, message):
 def test_a_config_json_from_before_the_recipe_keys_reads_as_the_old_recipe():
   # The run used the behaviour before the keys existed, whatever their defaults are today.
   old = {k: v for k, v in tiny_config().items() if k not in train._PREDATING}
-  completed = train._with_defaults(old)
+  completed = train.saved_config(old)
   assert {k: completed[k] for k in train._PREDATING} == train._PREDATING
   assert train._PREDATING == {'weight_decay': 0.0, 'lr_schedule': 'constant', 'warmup_epochs': 0,
                               'label_smoothing': 0.0, 'ema': 0.0, 'mixup': 0.0, 'tta': 'none',
