@@ -1,0 +1,403 @@
+"""The keras.applications backbones (covidlib.models.BACKBONES) in every path, and their weights.
+
+Each backbone is built as few times as possible (a build takes seconds, a traced training step
+or export tens): one training run per backbone is shared by the path test and the weights test.
+Tiny inputs: 32 px (keras.applications' minimum), float32 (the oneDNN bfloat16 bug of
+covidlib.distribute hits maps of 1 x 1, which every backbone reaches at 32 px).
+"""
+
+import dataclasses
+import os
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from absl import flags
+from absl.testing import flagsaver
+from PIL import Image
+
+from covidlib import errors
+from covidlib import explain
+from covidlib import model_dir as md
+from covidlib import models
+from covidlib import predict
+from covidlib import preprocess
+from covidlib import train
+from covidlib.cli import common
+from covidlib.cli import train as train_cli
+from exporters import export
+from exporters import parity
+
+SIZE = 32
+BACKBONES = sorted(models.BACKBONES)
+
+
+def _xray_like(rs, n):
+  """n uint8 gray images (40-56 px): smooth blobs and noise, brightness varying per image."""
+  images = []
+  for _ in range(n):
+    h, w = rs.randint(40, 57, size=2)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    image = np.zeros((h, w))
+    for _ in range(3):
+      cy, cx, s = rs.rand(), rs.rand(), 0.1 + 0.3 * rs.rand()
+      image += rs.rand() * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * s * s))
+    image = image / image.max() * rs.uniform(100, 215) + rs.normal(0, 8, (h, w))
+    images.append(np.clip(image, 0, 255).astype(np.uint8))
+  return images
+
+
+@pytest.fixture(scope='module')
+def folder(tmp_path_factory):
+  """ROOT/{train,validation}/{covid,normal}/*.png: 8 + 8 train, 12 + 12 validation images."""
+  root = tmp_path_factory.mktemp('backbone_data')
+  rs = np.random.RandomState(0)
+  for split, count in (('train', 8), ('validation', 12)):
+    for label, name in enumerate(('normal', 'covid')):
+      (root / split / name).mkdir(parents=True)
+      for i, image in enumerate(_xray_like(rs, count)):
+        image = np.clip(image.astype(int) + 40 * label, 0, 255).astype(np.uint8)
+        Image.fromarray(image).save(root / split / name / f'{name}_{i:02d}.png')
+  return str(root)
+
+
+def _images(folder, split='validation'):
+  """(float32 (n, SIZE, SIZE, 1) preprocessed images, their paths) of a split."""
+  paths = sorted(os.path.join(dirpath, f) for dirpath, _, files in
+                 os.walk(os.path.join(folder, split)) for f in files)
+  images = np.stack([preprocess.preprocess(predict.read_image(p), SIZE, 1).numpy()
+                     for p in paths])
+  return images, paths
+
+
+@pytest.fixture(scope='module')
+def trained(folder, tmp_path_factory):
+  """{backbone: model_dir}: one training step each (16 images, batch 16), built on demand.
+
+  Then made to look trained, cheaply: after one step the batch-norm moving statistics are still
+  ~90% their initial 0 and 1, so in inference a deep random network gives every image the same
+  features (to 1e-10); one forward pass in training mode with momentum 0 sets them to the
+  statistics of the training images. And the head is rescaled so the logits over the validation
+  images have mean 0 and standard deviation 2: with the scores at one value every decision-
+  agreement check of the export would trivially pass or fail (tests/exporters/conftest.py does
+  the same for its tiny model).
+  """
+  runs = {}
+
+  def get(name):
+    if name not in runs:
+      model_dir = str(tmp_path_factory.mktemp(name) / 'run')
+      config = train.make_config(model=name, image_size=SIZE, dataset=f'folder:{folder}',
+                                 epochs=1, batch_size=16, seed=0, mixed_precision='off')
+      history = train.train(config, model_dir)
+      assert len(history['loss']) == 1 and np.isfinite(history['loss'][0])
+      model = md.load_model(model_dir)
+      norms = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+      for layer in norms:
+        layer.momentum = 0.0
+      model(_images(folder, 'train')[0], training=True)
+      for layer in norms:
+        layer.momentum = models.BN_MOMENTUM
+      images, _ = _images(folder)
+      logits = keras.Model(model.input, model.get_layer('logit').output)(images).numpy()
+      kernel, bias = model.get_layer('logit').get_weights()
+      scale = 2.0 / max(float(logits.std()), 1e-6)
+      model.get_layer('logit').set_weights([kernel * scale, (bias - logits.mean()) * scale])
+      model.save(os.path.join(model_dir, md.MODEL))
+      runs[name] = model_dir
+    return runs[name]
+
+  return get
+
+
+def _last_feature_map(model):
+  """The layer whose output the global pooling 'pool' reads: the backbone's last activation."""
+  source = model.get_layer('pool').input
+  return next(l for l in model.layers if l.output is source)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', BACKBONES)
+def test_backbone_in_every_path(name, trained, folder, tmp_path):
+  model_dir = trained(name)
+  model = md.load_model(model_dir)  # Keras safe_mode on: no Lambda, every layer serializable.
+  images, paths = _images(folder)
+
+  # The covidlib contract: gray float32 'image' in, float32 'probability' = sigmoid('logit') out;
+  # the gray channel repeated and preprocessed inside; the backbone flat in the model.
+  assert model.name == name and model.input.name == 'image'
+  assert model.input_shape == (None, SIZE, SIZE, 1) and model.output_shape == (None, 1)
+  assert [l.name for l in model.layers[:3]] == ['image', 'gray_to_rgb', 'preprocess']
+  assert not any(isinstance(l, keras.Model) for l in model.layers)
+  assert len(model.layers) > 100
+  p = model(images).numpy()
+  logits = keras.Model(model.input, model.get_layer('logit').output)(images).numpy()
+  assert p.dtype == np.float32
+  np.testing.assert_allclose(p, 1 / (1 + np.exp(-logits)), rtol=1e-5)
+  assert 0.05 < p.mean() < 0.95 and p.std() > 0.1  # The rescaled head spreads the scores.
+
+  # Every weighted layer is a convolution, Dense or batch norm: count_flops counts them all.
+  counted = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.Dense)
+  assert all(isinstance(l, counted + (keras.layers.BatchNormalization,))
+             for l in model.layers if l.weights)
+  assert models.count_flops(model) > 0
+
+  # Export: SavedModel and every TFLite variant, each against the Keras model on the split.
+  out = str(tmp_path / 'export')
+  report = export.export_model_dir(model_dir, out, dataset=f'folder:{folder}',
+                                   calibration_images=16, latency_runs=1)
+  assert sorted(report['models']) == sorted(['keras', *export.FORMATS])
+  assert parity.missed_targets(report) == [], parity.missed_targets(report)
+  for fmt in export.FORMATS[1:]:
+    assert os.path.isfile(os.path.join(out, export.tflite_filename(fmt)))
+
+  # predict, from the model_dir and from the int8 file, on the same files.
+  keras_results = predict.Predictor(model_dir).predict_files(paths)
+  np.testing.assert_allclose([r.probability for r in keras_results], p[:, 0], atol=1e-5)
+  int8 = predict.Predictor(os.path.join(out, export.tflite_filename('tflite_int8')))
+  int8_p = np.array([r.probability for r in int8.predict_files(paths)])
+  assert np.abs(int8_p - p[:, 0]).max() < 0.2
+
+  # Grad-CAM: the automatic target is the backbone's last feature map.
+  assert explain.find_target_layer(model) == _last_feature_map(model).name
+  heat = explain.grad_cam(model, images[0])
+  assert heat.shape == (SIZE, SIZE) and np.all(np.isfinite(heat))
+  assert heat.min() >= 0 and heat.max() <= 1
+
+  # Feature taps: one per resolution stage (16, 8, 4, 2, 1 px at 32 px), then the penultimate.
+  taps = models.feature_taps(model)
+  assert taps[-1] == models.PENULTIMATE_TAP
+  assert [model.get_layer(t).output.shape[1] for t in taps[:-1]] == [16, 8, 4, 2, 1]
+  assert taps[-2] == _last_feature_map(model).name
+  outputs = models.tap_model(model)(images[:2])
+  np.testing.assert_allclose(outputs[0], p[:2], atol=1e-5)
+  assert outputs[-1].shape == (2, model.get_layer('logit').input.shape[-1])
+
+  # init_from: a fresh build of the same backbone takes the trained weights, layer by name.
+  fresh = models.build_model(name, SIZE, 1, seed=5)
+  train.init_weights_from(fresh, model_dir)
+  for a, b in zip(fresh.get_weights(), model.get_weights()):
+    np.testing.assert_array_equal(a, b)
+
+
+def _write_legacy_h5(path, layers):
+  """A weights file in the layout of the ImageNet files keras.applications downloads (tf.keras
+  `save_weights('x.h5')`): attrs layer_names; one group per layer, attrs weight_names."""
+  with h5py.File(path, 'w') as f:
+    f.attrs['layer_names'] = [l.name.encode() for l in layers]
+    f.attrs['backend'] = b'tensorflow'
+    f.attrs['keras_version'] = b'2.9.0'
+    for layer in layers:
+      group = f.create_group(layer.name)
+      names = [f'{layer.name}/{w.name}:0'.encode() for w in layer.weights]
+      group.attrs['weight_names'] = names
+      for n, w in zip(names, layer.weights):
+        group.create_dataset(n.decode(), data=np.asarray(w))
+
+
+def _backbone_layers(model):
+  return [l for l in model.layers if l.weights and l.name != 'logit']
+
+
+def _keras_preprocess(name, images255):
+  """keras.applications' own preprocessing of [0, 255] RGB images, for the reference model."""
+  module = {'densenet121': keras.applications.densenet,
+            'resnet50v2': keras.applications.resnet_v2}.get(name)
+  # EfficientNetV2 and MobileNetV3 preprocess inside (include_preprocessing=True, the default).
+  return images255 if module is None else module.preprocess_input(images255)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', BACKBONES)
+def test_weights_file_round_trip_and_keras_reference(name, trained, folder, tmp_path,
+                                                     monkeypatch):
+  """A model's backbone weights written to a Keras weights file and loaded back give identical
+  features; keras.applications itself loads that file as its ImageNet file (same name as ours)
+  and, on its own preprocessing of the same images x 255, computes the same features."""
+  model = md.load_model(trained(name))
+  images, _ = _images(folder)
+  features = models.feature_model(model)(images)[1].numpy()
+  path = str(tmp_path / f'{name}.h5')
+  _write_legacy_h5(path, _backbone_layers(model))
+
+  loaded = models.build_model(name, SIZE, 1, seed=1, weights=path)
+  np.testing.assert_array_equal(models.feature_model(loaded)(images)[1].numpy(), features)
+  for layer in _backbone_layers(loaded):
+    if layer.name != 'logit':
+      for a, b in zip(layer.get_weights(), model.get_layer(layer.name).get_weights()):
+        np.testing.assert_array_equal(a, b)
+  # The head is not in the file: it keeps its seeded initial weights.
+  fresh_head = models.build_model(name, SIZE, 1, seed=1).get_layer('logit').get_weights()
+  np.testing.assert_array_equal(loaded.get_layer('logit').get_weights()[0], fresh_head[0])
+
+  # keras.applications with weights='imagenet' asks its cache for exactly our file name and
+  # hash, and loads our file (its loader matches layers by order: the layout is right).
+  spec = models.BACKBONES[name]
+  module = getattr(keras.applications, spec.builder).__module__
+  asked = []
+
+  def fake_get_file(fname, origin, cache_subdir, file_hash, **kwargs):
+    asked.append((fname, cache_subdir, file_hash))
+    return path
+
+  monkeypatch.setattr(f'{module}.file_utils.get_file', fake_get_file)
+  reference = getattr(keras.applications, spec.builder)(
+      include_top=False, weights='imagenet', input_shape=(SIZE, SIZE, 3), pooling='avg')
+  assert asked == [(spec.weights_file, 'models', spec.weights_md5)]
+  rgb255 = np.repeat(images, 3, axis=-1) * 255.0
+  np.testing.assert_allclose(reference(_keras_preprocess(name, rgb255)).numpy(), features,
+                             rtol=1e-4, atol=1e-4)
+
+  # Keras 3's own weights format (.weights.h5) loads too.
+  keras3 = str(tmp_path / f'{name}.weights.h5')
+  reference.save_weights(keras3)
+  models.load_backbone_weights(loaded, name, keras3)
+  np.testing.assert_array_equal(models.feature_model(loaded)(images)[1].numpy(), features)
+
+
+@pytest.mark.slow
+def test_imagenet_from_the_cache_and_bad_files_name_what_does_not_fit(trained, tmp_path,
+                                                                      monkeypatch):
+  name = 'mobilenetv3small'  # The quickest to build; the code path is the same for all.
+  spec = models.BACKBONES[name]
+  model = md.load_model(trained(name))
+  layers = _backbone_layers(model)
+  monkeypatch.setenv('KERAS_HOME', str(tmp_path / 'keras_home'))
+  cached = os.path.join(models.keras_cache_dir(), spec.weights_file)
+  os.makedirs(os.path.dirname(cached))
+  _write_legacy_h5(cached, layers)
+
+  # Not the file Keras downloads (another md5): refused, as Keras would refuse it.
+  with pytest.raises(errors.UsageError, match=rf'weights=imagenet: {cached} is not the file '
+                     rf'Keras downloads \(md5 [0-9a-f]{{32}}, expected {spec.weights_md5}\)'):
+    models.build_model(name, SIZE, 1, weights='imagenet')
+  # With the md5 of our file standing in for the real one: loaded from the cache.
+  monkeypatch.setitem(models.BACKBONES, name,
+                      dataclasses.replace(spec, weights_md5=models._md5(cached)))
+  from_cache = models.build_model(name, SIZE, 1, seed=2, weights='imagenet')
+  x = np.random.RandomState(0).rand(2, SIZE, SIZE, 1).astype(np.float32)
+  np.testing.assert_array_equal(models.feature_model(from_cache)(x)[1],
+                                models.feature_model(model)(x)[1])
+
+  # A file missing a layer, one with a wrong shape, a whole model file, and a non-HDF5 file.
+  fresh = models.build_model(name, SIZE, 1, seed=3)
+  before = fresh.get_weights()
+  short = str(tmp_path / 'short.h5')
+  _write_legacy_h5(short, layers[:-1])
+  with pytest.raises(errors.UsageError) as e:
+    models.load_backbone_weights(fresh, name, short)
+  assert str(e.value) == (
+      f"weights file {short!r} has no layer {layers[-1].name!r} of {name} (its layers include "
+      f"{', '.join(sorted(l.name for l in layers[:-1])[:3])}): it is not a weights file of "
+      f'{name} (ImageNet: {spec.weights_file})')
+  wrong = str(tmp_path / 'wrong.h5')
+  _write_legacy_h5(wrong, layers)
+  with h5py.File(wrong, 'r+') as f:
+    n = f'{layers[0].name}/{layers[0].weights[0].name}:0'
+    del f[layers[0].name][n]
+    f[layers[0].name].create_dataset(n, data=np.zeros((3, 3, 1, 16), np.float32))
+  with pytest.raises(errors.UsageError,
+                     match=rf"weights file '{wrong}': layer '{layers[0].name}' has weights of "
+                     r'shapes \[\(3, 3, 1, 16\)\] there and \[\(3, 3, 3, 16\)\] in '
+                     rf'{name}: it is not a weights file of {name}'):
+    models.load_backbone_weights(fresh, name, wrong)
+  text = tmp_path / 'notes.h5'
+  text.write_text('not weights')
+  with pytest.raises(errors.UsageError, match=rf"weights file '{text}' is not a Keras HDF5 "
+                     'weights file'):
+    models.load_backbone_weights(fresh, name, str(text))
+  for a, b in zip(before, fresh.get_weights()):  # Nothing half-loaded.
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('name', BACKBONES)
+def test_imagenet_without_the_cache_fails_at_once_naming_the_file(name, tmp_path, monkeypatch):
+  monkeypatch.setenv('KERAS_HOME', str(tmp_path / 'empty'))
+  folder = os.path.join(str(tmp_path / 'empty'), 'models')
+  with pytest.raises(errors.UsageError) as e:
+    models.weights_path(name, 'imagenet')
+  message = str(e.value)
+  assert '\n' not in message
+  assert message.startswith(f'weights=imagenet: {models.BACKBONES[name].weights_file} (the '
+                            f"ImageNet weights of {name}) is not in Keras' cache {folder}:")
+  # Through the config (train() calls make_config first: before any data is read).
+  with pytest.raises(errors.UsageError, match="is not in Keras' cache"):
+    train.make_config(model=name, weights='imagenet')
+
+
+def test_imagenet_cli_error_is_one_line(tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv('KERAS_HOME', str(tmp_path))
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver(model_dir=str(tmp_path / 'run'), model='densenet121',
+                           weights='imagenet', dataset='folder:/nonexistent'):
+    status = common.call_main(train_cli.main, ['covidlib-train'], 'covidlib-train')
+  err = capsys.readouterr().err
+  assert status == 2
+  assert err.strip().count('\n') == 0 and 'Traceback' not in err
+  assert ('densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5 (the ImageNet weights of '
+          f"densenet121) is not in Keras' cache {tmp_path}/models") in err
+  assert not os.path.exists(tmp_path / 'run')
+
+
+@pytest.mark.parametrize('model, weights, message', [
+    ('compact_resnet', 'imagenet', "weights='imagenet': model 'compact_resnet' has no pretrained "
+     "weights (only weights='none'); 'imagenet' and weights files are for densenet121, "
+     'efficientnetv2b0, mobilenetv3small, resnet50v2'),
+    ('seed_cnn', '/some/file.h5', "model 'seed_cnn' has no pretrained weights"),
+    ('densenet121', '/no/such/file.h5', "weights '/no/such/file.h5' is not a file: give none, "
+     'imagenet or the path of a Keras weights file of densenet121'),
+    ('densenet121', '', "weights must be 'none', 'imagenet' or the path of a weights file, "
+     "got ''"),
+])
+def test_bad_weights_are_named(model, weights, message):
+  with pytest.raises(errors.UsageError) as e:
+    train.make_config(model=model, weights=weights)
+  assert message in str(e.value)
+
+
+def test_weights_and_init_from_together_are_refused(tmp_path):
+  weights = tmp_path / 'w.h5'
+  weights.write_bytes(b'')
+  with pytest.raises(errors.UsageError, match='init_from replaces every weight; give one'):
+    train.make_config(model='densenet121', weights=str(weights), init_from=str(tmp_path))
+
+
+def test_build_is_reproducible_names_seed_precision_and_standardization(restore_policy):
+  """Same seed: same weights and layer names (also under mixed precision, whose float32 rebuild
+  train.py saves); another seed: other weights; crop/equalize add layers, not weights."""
+  name = 'mobilenetv3small'
+  a = models.build_model(name, SIZE, 1, seed=7)
+  b = models.build_model(name, SIZE, 1, seed=7)
+  c = models.build_model(name, SIZE, 1, seed=8)
+  names = [l.name for l in a.layers]
+  assert [l.name for l in b.layers] == names
+  assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
+  assert all(not np.array_equal(x, y) for x, y in zip(a.get_weights(), c.get_weights())
+             if x.ndim > 1)
+  keras.config.set_dtype_policy('mixed_bfloat16')
+  mixed = models.build_model(name, SIZE, 1, seed=7, crop=0.1, equalize='histogram')
+  assert [l.name for l in mixed.layers[:4]] == ['image', 'crop', 'equalize', 'gray_to_rgb']
+  assert [l.name for l in mixed.layers[3:]] == names[1:]
+  assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), mixed.get_weights()))
+  assert mixed.get_layer('conv').compute_dtype == 'bfloat16'
+  assert mixed.get_layer('logit').compute_dtype == 'float32'
+  assert mixed(np.zeros((1, SIZE, SIZE, 1), np.float32)).dtype == 'float32'
+  # Batch norm follows covidlib's momentum (keras.applications' 0.999 would lag ~1000 steps).
+  assert {l.momentum for l in a.layers if isinstance(l, keras.layers.BatchNormalization)} == {
+      models.BN_MOMENTUM}
+
+
+@pytest.fixture
+def restore_policy():
+  yield
+  keras.config.set_dtype_policy('float32')
+
+
+@pytest.mark.parametrize('name, minimum', [(n, 32) for n in BACKBONES])
+def test_minimum_image_size(name, minimum):
+  with pytest.raises(errors.UsageError,
+                     match=f"image_size must be an integer >= {minimum} for model '{name}', "
+                     f'got {minimum - 1}'):
+    models.build_model(name, minimum - 1)
