@@ -13,17 +13,21 @@ Rows (each trained once per seed with `covidlib.train.train`, the library covidl
   new + tta        the `new` models flip-averaged (covidlib.ensemble.flip_average): no training
   new: ensemble    the `new` models of all seeds averaged into one model (write_ensemble)
   init_from        NEW started from the other site's `new` model of seed 0
-  BACKBONE         each keras.applications backbone covidlib offers, from scratch, NEW; a first
-                   epoch is timed before the row is committed (--backbone_budget_s)
+  new, 60 epochs   NEW trained twice as long (NIH): is the recipe short of epochs?
+  BACKBONE         each keras.applications backbone covidlib offers, from scratch, NEW; two
+                   epochs are timed before the row is committed (--backbone_budget_s)
 Each model is scored on its site's test split: ROC-AUC with a 1,000-resample bootstrap interval
 and, where the dataset records the view (NIH), within AP and within PA films
-(`covidlib.confounds`); NIH-trained models also on every Guangzhou film (cross-site). Training
-seconds per epoch are wall time of train() over the epochs it ran (the machine is shared: see
-load_average in results.json).
+(`covidlib.confounds`); NIH-trained models also on every Guangzhou film (cross-site). Seconds
+per epoch: the median wall time of an epoch, validation included, the first (tracing, filling
+the input cache) left out (rows trained before the timer existed: train() wall time over the
+epochs; the machine is shared: see load_average in results.json). "val ROC-AUC swing": max - min
+of validation ROC-AUC over the last 5 epochs (how much the run still moves where it stops).
 
 Finished model_dirs are reused and an interrupted run resumes (covidlib.train), so the
-benchmark started again goes on where it stopped; scores are cached in --out/scores/. Writes --out/results.json, --out/results.md, and copies both to
-benchmarks/results/recipes.{json,md}.
+benchmark started again goes on where it stopped; scores are cached in --out/scores/; rows of
+earlier invocations (other --rows) stay in the table. Writes --out/results.json and
+--out/results.md, and copies both to benchmarks/results/recipes.{json,md}.
 """
 
 from __future__ import annotations
@@ -45,11 +49,14 @@ _SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Training seeds.')
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', 128, 'Model input size.')
 _EPOCHS = flags.DEFINE_integer('epochs', 30, 'Epochs per run.')
 _OUT = flags.DEFINE_string('out', 'runs/recipes', 'Where the model_dirs and results go.')
-_ROWS = flags.DEFINE_list('rows', ['all'], 'Row groups to run: today, new, ablation, init_from, '
-                          'backbones, or all.')
+_ROWS = flags.DEFINE_list('rows', ['all'], 'Row groups to run: today, new, init_from, ablation, '
+                          'long, backbones, or all.')
 _BACKBONE_BUDGET_S = flags.DEFINE_float(
-    'backbone_budget_s', 1800.0, 'A backbone row runs all seeds only if its timed first epoch '
-    'x epochs x seeds fits in this many seconds; else fewer seeds, then fewer epochs.')
+    'backbone_budget_s', 1800.0, 'A backbone row runs all seeds only if its timed epoch x '
+    'epochs x seeds fits in this many seconds; else fewer seeds, then fewer epochs.')
+_ABLATIONS = flags.DEFINE_list(
+    'ablations', ['cosine', 'ema', 'mixup', 'label_smoothing', 'adamw'],
+    'The parts of NEW the ablation rows leave out, one row each.')
 _RESULTS = flags.DEFINE_string('results', 'benchmarks/results', 'Where recipes.{md,json} go.')
 
 NIH = 'labelled_xrays/nih_pneumonia'
@@ -58,11 +65,11 @@ SITES = {'nih': NIH, 'guangzhou': GUANGZHOU}
 NEW = dict(weight_decay=0.05, lr_schedule='cosine', warmup_epochs=2, label_smoothing=0.1,
            ema=0.99, mixup=0.2)
 ABLATIONS = {  # The NEW config without one part.
-    'adamw': dict(weight_decay=0.0),
     'cosine': dict(lr_schedule='constant', warmup_epochs=0),
-    'label_smoothing': dict(label_smoothing=0.0),
     'ema': dict(ema=0.0),
     'mixup': dict(mixup=0.0),
+    'label_smoothing': dict(label_smoothing=0.0),
+    'adamw': dict(weight_decay=0.0),
 }
 BACKBONES = ('mobilenetv3small', 'efficientnetv2b0', 'densenet121', 'resnet50v2')
 
@@ -85,12 +92,28 @@ def _train(site: str, name: str, seed: int, overrides: dict, epochs: int | None 
   timing_path = os.path.join(model_dir, 'benchmark_timing.json')
   if os.path.exists(os.path.join(model_dir, md.MODEL)) and os.path.exists(timing_path):
     return {**md.read_json(timing_path), 'model_dir': model_dir}
+  class EpochTimer(keras.callbacks.Callback):
+    def __init__(self):
+      super().__init__()
+      self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+      self.start = time.time()
+
+    def on_epoch_end(self, epoch, logs=None):
+      self.seconds.append(time.time() - self.start)
+
+  timer = EpochTimer()
   load_before = os.getloadavg()[0]
   start = time.time()
-  history = train.train(config, model_dir, verbose=0)
+  history = train.train(config, model_dir, verbose=0, callbacks=[timer])
   seconds = time.time() - start
+  # An epoch's wall time, validation included; the first (tracing, filling the cache) left out
+  # when there are others.
+  steady = timer.seconds[1:] or timer.seconds
   timing = {'train_seconds': round(seconds, 1), 'epochs_run': len(history['loss']),
-            'seconds_per_epoch': round(seconds / len(history['loss']), 2),
+            'seconds_per_epoch': round(statistics.median(steady), 2),
+            'first_epoch_seconds': round(timer.seconds[0], 2) if timer.seconds else None,
             'load_average': [round(load_before, 1), round(os.getloadavg()[0], 1)],
             'kept_epoch': history['kept_epoch']}
   md.write_json(timing_path, timing)
@@ -158,7 +181,17 @@ def _row(label: str, site: str, runs: list[dict], scores: list[dict], note: str 
   per_epoch = [r['seconds_per_epoch'] for r in runs if r.get('seconds_per_epoch')]
   if per_epoch:
     row['seconds_per_epoch'] = _mean_sd(per_epoch)
+  swings = [_swing(r['model_dir']) for r in runs]
+  if swings:
+    row['val_swing'] = _mean_sd(swings)
   return row
+
+
+def _swing(model_dir: str, last: int = 5) -> float:
+  """How much validation ROC-AUC still moves at the end: max - min over the last epochs."""
+  with open(os.path.join(model_dir, 'history.json')) as f:
+    values = json.load(f)['val_auc'][-last:]
+  return max(values) - min(values)
 
 
 def _recipe_rows(site: str, name: str, overrides: dict, seeds: list[int],
@@ -169,9 +202,10 @@ def _recipe_rows(site: str, name: str, overrides: dict, seeds: list[int],
   return _row(label or name, site, runs, scores, note), runs
 
 
-def _first_epoch_seconds(site: str, model: str) -> float:
-  """Wall seconds of one epoch of `model` (NEW recipe), trained into a scratch model_dir."""
-  probe = _train(site, f'probe_{model}', 0, {**NEW, 'model': model}, epochs=1)
+def _epoch_seconds(site: str, model: str) -> float:
+  """Wall seconds of the second epoch of `model` (NEW recipe), trained into a scratch model_dir
+  (the first traces the model and fills the input cache)."""
+  probe = _train(site, f'probe_{model}', 0, {**NEW, 'model': model}, epochs=2)
   return probe['seconds_per_epoch']
 
 
@@ -235,7 +269,8 @@ def main(argv):
                                label=f'new, init_from {other} new seed 0')[0])
       save()
   if run_all or 'ablation' in groups:
-    for part, change in ABLATIONS.items():
+    for part in _ABLATIONS.value:
+      change = ABLATIONS[part]
       rows.append(_recipe_rows('nih', f'new_without_{part}', {**NEW, **change}, seeds,
                                label=f'new - {part}')[0])
       save()
@@ -245,7 +280,7 @@ def main(argv):
         rows.append({'row': backbone, 'site': 'nih', 'n': 0,
                      'note': 'not measured: not a covidlib model in this build'})
         continue
-      per_epoch = _first_epoch_seconds('nih', backbone)
+      per_epoch = _epoch_seconds('nih', backbone)
       n_seeds, epochs = len(seeds), _EPOCHS.value
       while n_seeds > 1 and per_epoch * epochs * n_seeds > _BACKBONE_BUDGET_S.value:
         n_seeds -= 1
@@ -261,11 +296,15 @@ def main(argv):
         cut.append(f'{n_seeds} seed{"s" if n_seeds > 1 else ""}')
       if epochs < _EPOCHS.value:
         cut.append(f'{epochs} epochs')
-      note = f'cut to {" and ".join(cut)} (first epoch {per_epoch:.0f} s)' if cut else ''
+      note = f'cut to {" and ".join(cut)} ({per_epoch:.0f} s/epoch)' if cut else ''
       rows.append(_recipe_rows('nih', f'{backbone}_new', {**NEW, 'model': backbone},
                                seeds[:n_seeds], label=f'{backbone}, new', epochs=epochs,
                                note=note)[0])
       save()
+  if run_all or 'long' in groups:  # Is the NEW recipe short of epochs? Twice as many, NIH.
+    rows.append(_recipe_rows('nih', 'new_60_epochs', NEW, seeds, label='new, 60 epochs',
+                             epochs=2 * _EPOCHS.value)[0])
+    save()
   sys.stdout.write(save())
 
 
@@ -275,11 +314,13 @@ def _fmt(pair, digits: int = 3) -> str:
 
 def _markdown(rows: list[dict]) -> str:
   out = ['| site | row | n | test ROC-AUC | within AP | within PA | cross-site (all Guangzhou) '
-         '| s/epoch | note |', '|---|---|---|---|---|---|---|---|---|']
+         '| val ROC-AUC swing, last 5 epochs | s/epoch | note |',
+         '|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     out.append(f'| {r["site"]} | {r["row"]} | {r["n"]} | {_fmt(r.get("test"))} | '
                f'{_fmt(r.get("AP"))} | {_fmt(r.get("PA"))} | {_fmt(r.get("cross_site"))} | '
-               f'{_fmt(r.get("seconds_per_epoch"), 1)} | {r.get("note", "")} |')
+               f'{_fmt(r.get("val_swing"))} | {_fmt(r.get("seconds_per_epoch"), 1)} | '
+               f'{r.get("note", "")} |')
   return '\n'.join(out) + '\n'
 
 

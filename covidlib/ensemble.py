@@ -23,11 +23,11 @@ The averaged model is an ordinary covidlib inference model (float32 'image' (S, 
 -> (B, 1) 'probability'), so evaluation, every export, the edge route and predict run it
 unchanged. Its graph:
 
-    image -> member 0's own layers, names unchanged, up to its 'logit' -----+
-          -> 'member_1' (member 1, a nested model: image -> its logit) ------+-> Average
-          -> ...                                                            |   'ensemble_logit'
-                                                                            |   (flip: 'flip_logit')
-                                                                            +-> sigmoid 'probability'
+    image -> member 0's own layers, names unchanged, up to its 'logit' ---+
+          -> 'member_1' (member 1, a nested model: image -> its logit) ----+-> Average
+          -> ...                                                          |  'ensemble_logit'
+                                                                          |  (flip: 'flip_logit')
+                                                                          +-> sigmoid 'probability'
 
 The rule for everything that needs ONE network's layers: member 0 stands for the averaged model.
 Its layers are the model's top-level layers, with their names, while the other members are
