@@ -367,3 +367,25 @@ def test_a_run_killed_in_each_phase_resumes_across_the_phase_change(tmp_path):
   fit({**config, 'epochs': 5}, model_dir, callbacks=[fourth])
   assert fourth.begins[0][1:] == (8, n_all)  # Epochs 3 and 4 of the full phase.
   assert_same(fourth.begins[0][0], third.epoch_weights[4])
+
+
+@pytest.mark.slow
+def test_freeze_epochs_freeze_a_keras_applications_backbone_and_its_batch_norm(tmp_path):
+  # The use the phases are for: a (pretrained) backbone under a new head.
+  config = tiny_config(model='mobilenetv3small', image_size=32, epochs=2, freeze_epochs=1,
+                       keep='last')
+  recorder = Recorder()
+  fit(config, tmp_path / 'run', callbacks=[recorder])
+  model = models.build_model('mobilenetv3small', 32, 1)
+  head = head_weights(model)
+  moving = {i for i, v in enumerate(model.weights) if 'moving' in v.path}
+  assert moving and len(head) == 2
+  begin, after_head, after_full = (recorder.begins[0][0], recorder.epoch_weights[1],
+                                   recorder.epoch_weights[2])
+  for i, (a, b) in enumerate(zip(begin, after_head)):
+    if i not in head:  # BN moving statistics included: inference mode.
+      np.testing.assert_array_equal(a, b, err_msg=model.weights[i].path)
+  # (A random backbone in inference mode gives near-zero features, and P = 0.5 on balanced
+  # batches leaves the bias's gradient at 0: the kernel is what must move.)
+  assert any(not np.array_equal(begin[i], after_head[i]) for i in head)
+  assert any(not np.array_equal(after_head[i], after_full[i]) for i in moving)  # BN trains now.
