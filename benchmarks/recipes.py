@@ -10,6 +10,7 @@ Rows (each trained once per seed with `covidlib.train.train`, the library covidl
                    EMA, mixup)
   new - X          NEW without one part (the ablation that says which parts earn their place);
                    NIH only
+  steady           STEADY below: NEW without mixup, label smoothing and weight decay
   new + tta        the `new` models flip-averaged (covidlib.ensemble.flip_average): no training
   new: ensemble    the `new` models of all seeds averaged into one model (write_ensemble)
   init_from        NEW started from the other site's `new` model of seed 0
@@ -50,7 +51,7 @@ _IMAGE_SIZE = flags.DEFINE_integer('image_size', 128, 'Model input size.')
 _EPOCHS = flags.DEFINE_integer('epochs', 30, 'Epochs per run.')
 _OUT = flags.DEFINE_string('out', 'runs/recipes', 'Where the model_dirs and results go.')
 _ROWS = flags.DEFINE_list('rows', ['all'], 'Row groups to run: today, new, init_from, ablation, '
-                          'long, backbones, or all.')
+                          'steady, backbones, long, or all.')
 _BACKBONE_BUDGET_S = flags.DEFINE_float(
     'backbone_budget_s', 1800.0, 'A backbone row runs all seeds only if its timed epoch x '
     'epochs x seeds fits in this many seconds; else fewer seeds, then fewer epochs.')
@@ -71,6 +72,9 @@ ABLATIONS = {  # The NEW config without one part.
     'label_smoothing': dict(label_smoothing=0.0),
     'adamw': dict(weight_decay=0.0),
 }
+# The parts of NEW that steady the end of a run (see BENCHMARKS.md), without mixup, label
+# smoothing and weight decay: the candidate default.
+STEADY = dict(lr_schedule='cosine', warmup_epochs=2, ema=0.99)
 BACKBONES = ('mobilenetv3small', 'efficientnetv2b0', 'densenet121', 'resnet50v2')
 
 
@@ -273,6 +277,11 @@ def main(argv):
       change = ABLATIONS[part]
       rows.append(_recipe_rows('nih', f'new_without_{part}', {**NEW, **change}, seeds,
                                label=f'new - {part}')[0])
+      save()
+  if run_all or 'steady' in groups:
+    for site in SITES:
+      rows.append(_recipe_rows(site, 'steady', STEADY, seeds,
+                               label='steady: cosine + warm-up + EMA')[0])
       save()
   if run_all or 'backbones' in groups:
     for backbone in BACKBONES:

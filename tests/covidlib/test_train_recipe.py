@@ -185,7 +185,7 @@ def ema_reference(batch_weights, momentum):
 @pytest.mark.slow
 def test_ema_weights_are_saved_validated_and_survive_a_resume(tmp_path):
   model_dir = tmp_path / 'run'
-  config = tiny_config(epochs=3, ema=0.8, keep='last', learning_rate=0.01)
+  config = tiny_config(epochs=3, ema=0.8, keep='best', learning_rate=0.01)
   first = Recorder(die_at=(2, 3))  # Dies in epoch 2: its two batches are lost.
   with pytest.raises(KeyboardInterrupt):
     fit(config, model_dir, callbacks=[first])
@@ -196,16 +196,19 @@ def test_ema_weights_are_saved_validated_and_survive_a_resume(tmp_path):
   assert_same(second.begins[0][0], first.epoch_weights[1])
   steps = first.batch_weights[:4] + second.batch_weights  # The committed steps only.
   assert len(steps) == 12
+  # model.keras: the average over the steps up to the kept epoch (keep='best').
+  kept = history['kept_epoch']
+  assert kept == int(np.argmax(history['val_auc'])) + 1
   saved = md.load_model(model_dir)
-  expected = ema_reference(steps, 0.8)
+  expected = ema_reference(steps[:4 * kept], 0.8)
   for got, want in zip(saved.trainable_weights, expected):
     np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-6)
-  raw = second.batch_weights[-1]
+  raw = steps[4 * kept - 1]
   assert not all(np.allclose(a, b) for a, b in zip(raw, expected))  # The average differs.
   # Validation judged the average: its loss is the saved model's loss on the validation data.
   saved.compile(loss=keras.losses.BinaryCrossentropy())
-  assert saved.evaluate(tiny_data(1), verbose=0) == pytest.approx(history['val_loss'][-1],
-                                                                  rel=1e-4)
+  assert saved.evaluate(tiny_data(1), verbose=0) == pytest.approx(
+      history['val_loss'][kept - 1], rel=1e-4)
 
 
 # ------------------------------------------------------------------------------ Mixup.
