@@ -58,6 +58,12 @@ _BACKBONE_BUDGET_S = flags.DEFINE_float(
 _ABLATIONS = flags.DEFINE_list(
     'ablations', ['cosine', 'ema', 'mixup', 'label_smoothing', 'adamw'],
     'The parts of NEW the ablation rows leave out, one row each.')
+_BACKBONE_MIN_EPOCHS = flags.DEFINE_integer(
+    'backbone_min_epochs', 10, 'A backbone row cut below this many epochs is not run: a '
+    'network trained from scratch for fewer says nothing about the recipe.')
+_BACKBONE_EPOCH_SECONDS = flags.DEFINE_list(
+    'backbone_epoch_seconds', [], 'NAME:SECONDS per epoch already measured here (e.g. by '
+    'benchmarks/backbones.py): no timing run for those.')
 _RESULTS = flags.DEFINE_string('results', 'benchmarks/results', 'Where recipes.{md,json} go.')
 
 NIH = 'labelled_xrays/nih_pneumonia'
@@ -289,15 +295,19 @@ def main(argv):
         rows.append({'row': backbone, 'site': 'nih', 'n': 0,
                      'note': 'not measured: not a covidlib model in this build'})
         continue
-      per_epoch = _epoch_seconds('nih', backbone)
+      known = dict(item.split(':') for item in _BACKBONE_EPOCH_SECONDS.value)
+      per_epoch = float(known[backbone]) if backbone in known else _epoch_seconds('nih', backbone)
+      budget = _BACKBONE_BUDGET_S.value
       n_seeds, epochs = len(seeds), _EPOCHS.value
-      while n_seeds > 1 and per_epoch * epochs * n_seeds > _BACKBONE_BUDGET_S.value:
+      while n_seeds > 1 and per_epoch * epochs * n_seeds > budget:
         n_seeds -= 1
-      while epochs > 5 and per_epoch * epochs * n_seeds > _BACKBONE_BUDGET_S.value:
-        epochs -= 5
-      if per_epoch * epochs * n_seeds > _BACKBONE_BUDGET_S.value:
-        rows.append({'row': backbone, 'site': 'nih', 'n': 0,
-                     'note': f'not measured ({per_epoch:.0f} s/epoch here)'})
+      while epochs > 0 and per_epoch * epochs * n_seeds > budget:
+        epochs -= 5  # In steps of 5 epochs.
+      if epochs < _BACKBONE_MIN_EPOCHS.value:
+        rows.append({'row': f'{backbone}, new', 'site': 'nih', 'n': 0,
+                     'note': f'not measured ({per_epoch:.0f} s/epoch here: '
+                             f'{_EPOCHS.value} epochs x {len(seeds)} seeds = '
+                             f'{per_epoch * _EPOCHS.value * len(seeds) / 3600:.1f} h)'})
         save()
         continue
       cut = []

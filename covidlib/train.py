@@ -184,13 +184,15 @@ DEFAULT_CONFIG: dict[str, Any] = {
     'augment_preset': 'article',  # Base of 'augment': covidlib.augment.PRESETS ('strong').
     'augment': dict(augment.PRESETS['article']),  # build_augmentation arguments; keys given
                                                   # here override the preset's.
-    # The recipe (issue 18; see "The recipe" above).
-    'weight_decay': 0.0,     # > 0: AdamW with this decoupled decay of the kernels; 0: Adam.
-    'lr_schedule': 'constant',  # 'cosine': per-step cosine decay to 0 over each phase.
-    'warmup_epochs': 0,      # Linear per-step warm-up from 0 over the first epochs of a phase.
-    'label_smoothing': 0.0,  # Targets y (1 - s) + s / 2 in the loss.
-    'ema': 0.0,              # Momentum of a moving average of the weights (saved); 0 = off.
-    'mixup': 0.0,            # Beta(a, a) mixup of training batches (covidlib.augment); 0 = off.
+    # The recipe (issue 18; see "The recipe" above). Defaults: the best recipe measured on the
+    # same-site sets (BENCHMARKS.md, "Training recipes"); tta stays off (no gain, twice the
+    # inference). _PREDATING holds the recipe before.
+    'weight_decay': 0.05,    # > 0: AdamW with this decoupled decay of the kernels; 0: Adam.
+    'lr_schedule': 'cosine',  # Per-step cosine decay to 0 over each phase; or 'constant'.
+    'warmup_epochs': 2,      # Linear per-step warm-up from 0 over the first epochs of a phase.
+    'label_smoothing': 0.1,  # Targets y (1 - s) + s / 2 in the loss; 0 = off.
+    'ema': 0.99,             # Momentum of a moving average of the weights (saved); 0 = off.
+    'mixup': 0.2,            # Beta(a, a) mixup of training batches (covidlib.augment); 0 = off.
     'tta': 'none',           # 'flip': model.keras averages the image and its mirror.
     'freeze_epochs': 0,      # Epochs that train the head only, backbone frozen; 0 = none.
     'finetune_learning_rate': 1e-4,  # Peak rate after the freeze_epochs (unused without them).

@@ -25,10 +25,24 @@
     covidlib-train --model_dir=runs/covid_from_pneumonia --dataset=covid_xray/adult \
         --data_dir=/tmp/tfds_real --init_from=runs/same_site/nih_pneumonia --learning_rate=1e-4
 
+    # The recipe. Default: Adam, per-step cosine decay after 2 warm-up epochs, a moving average
+    # of the weights (0.99) that validation judges and model.keras holds. The other parts are
+    # flags, off by default (they did not help beyond noise: BENCHMARKS.md, "Training recipes");
+    # here all of them, and the recipe before issue 18 (Adam at a constant 1e-3) below it.
+    covidlib-train --model_dir=runs/all_parts --dataset=folder:ROOT --weight_decay=0.05 \
+        --label_smoothing=0.1 --mixup=0.2 --tta=flip
+    covidlib-train --model_dir=runs/plain --dataset=folder:ROOT --lr_schedule=constant \
+        --warmup_epochs=0 --ema=0
+
     # A keras.applications backbone from ImageNet weights (in Keras' cache: never downloaded;
     # without the file the error names it and the folder), or from a weights file.
     covidlib-train --model_dir=runs/densenet --dataset=folder:ROOT --model=densenet121 \
         --weights=imagenet
+
+    # Fine-tuning it: 5 epochs of the head alone (backbone and its batch norm frozen), then
+    # every layer at --finetune_learning_rate. A kill in either phase resumes.
+    covidlib-train --model_dir=runs/densenet_ft --dataset=folder:ROOT --model=densenet121 \
+        --weights=imagenet --freeze_epochs=5 --finetune_learning_rate=1e-4
 
     # A finished 10-epoch run, extended to 15 epochs (same flags, a larger --epochs).
     covidlib-train --model_dir=/work/runs/compact_resnet --data_dir=/tmp/tfds_real --epochs=15
@@ -96,7 +110,8 @@ _EPOCHS = flags.DEFINE_integer(
     "run's in --model_dir: extend it.")
 _LEARNING_RATE = flags.DEFINE_float(
     'learning_rate', _D['learning_rate'],
-    'Peak learning rate (Adam, or AdamW with --weight_decay); of the head with --freeze_epochs.')
+    'Peak learning rate (Adam, or AdamW with --weight_decay), reached after --warmup_epochs; of '
+    'the head with --freeze_epochs.')
 _WEIGHT_DECAY = flags.DEFINE_float(
     'weight_decay', _D['weight_decay'],
     'AdamW: decoupled weight decay of the kernels (not biases or batch norm); 0 = Adam.')
@@ -113,7 +128,7 @@ _LABEL_SMOOTHING = flags.DEFINE_float(
 _EMA = flags.DEFINE_float(
     'ema', _D['ema'],
     'Momentum of an exponential moving average of the weights, which validation judges and '
-    'model.keras holds; 0 = off (e.g. 0.99).')
+    'model.keras holds; 0 = off.')
 _MIXUP = flags.DEFINE_float(
     'mixup', _D['mixup'],
     'Mixup of training batches: example pairs mixed with weights ~ Beta(a, a), labels alike; '

@@ -177,7 +177,7 @@ def test_keep_last_and_a_larger_epochs_extends(tmp_path, make_folder):
 
 
 @pytest.mark.parametrize('overrides, status, message', [
-    ({'learning_rate': 1e30}, 1, 'loss became NaN at epoch 1, batch '),
+    ({'learning_rate': 1e30, 'warmup_epochs': 0}, 1, 'loss became NaN at epoch 1, batch '),
     ({'channels': 2}, 2, 'config channels must be 1 or 3, got 2'),
     ({'dataset': 'folder:/nonexistent/xrays'}, 2, '/nonexistent/xrays/train: no such folder'),
     ({'dataset': 'covid_xray/seed', 'data_dir': '/nonexistent/tfds'}, 1,
@@ -214,7 +214,8 @@ def test_usage_errors_from_the_command_line(tmp_path):
   cases = {
       'missing model_dir': ([], 'flag --model_dir is required'),
       'unknown model': ([f'--model_dir={tmp_path}/a', '--model=vgg16'],
-                        "unknown model 'vgg16'; valid models: compact_resnet, seed_cnn"),
+                        "unknown model 'vgg16'; valid models: compact_resnet, densenet121, "
+                        'efficientnetv2b0, mobilenetv3small, resnet50v2, seed_cnn'),
       'unknown equalize': ([f'--model_dir={tmp_path}/a', '--equalize=adaptive'],
                            'flag --equalize=adaptive: value should be one of '
                            '<none|histogram|clahe>'),

@@ -20,6 +20,8 @@ from covidlib import models
 from covidlib import train
 
 SIZE = 24
+PLAIN = dict(weight_decay=0.0, lr_schedule='constant', warmup_epochs=0, label_smoothing=0.0,
+             ema=0.0, mixup=0.0)
 
 
 def tiny_data(seed, n=16, batch=4, flip_labels=False, size=SIZE):
@@ -34,8 +36,10 @@ def tiny_data(seed, n=16, batch=4, flip_labels=False, size=SIZE):
 
 
 def tiny_config(**overrides):
+  """A tiny config on the plain recipe (the one before issue 18: Adam at a constant rate,
+  nothing else): each test turns on the keys it tests."""
   base = dict(model='seed_cnn', image_size=SIZE, batch_size=4, epochs=2, dataset='in-memory',
-              mixed_precision='off', seed=0)
+              mixed_precision='off', seed=0, **PLAIN)
   return train.make_config(**{**base, **overrides})
 
 
