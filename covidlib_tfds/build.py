@@ -153,8 +153,8 @@ def beam_options(text: str | None):
   except ImportError:
     raise errors.UsageError("--beam needs Apache Beam, which is not installed: pip install "
                             "'covidlib[beam]'") from None
-  from covidlib_tfds.labelled_xrays import beam_build
-  return beam_build.pipeline_options(text)
+  from covidlib import beam_options as options_lib
+  return options_lib.parse(text)
 
 
 def build_labelled(labels_csv: str, name: str, *, data_dir: str | None, salt: str | None,

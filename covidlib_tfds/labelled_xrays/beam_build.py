@@ -5,10 +5,10 @@
     ... --beam_pipeline_options=runner=DirectRunner,direct_running_mode=multi_processing,\
 direct_num_workers=8
 
-or, through TFDS's own API, `builder.download_and_prepare(download_config=
-tfds.download.DownloadConfig(beam_options=beam_build.pipeline_options(None)))`: a labelled_xrays
-build runs on Beam whenever its DownloadConfig names a beam_runner or beam_options (so
-`tfds build ... --beam_pipeline_options=...` does too).
+or, through TFDS's own API, `builder.download_and_prepare(download_config=tfds.download.
+DownloadConfig(beam_options=covidlib.beam_options.parse(None)))`: a labelled_xrays build runs on
+Beam whenever its DownloadConfig names a beam_runner or beam_options (so `tfds build ...
+--beam_pipeline_options=...` does too).
 
 A build reads every file twice with one global step between the passes; on Beam each pass is a
 pipeline and the global step stays in the launching process, so that the dataset is the streaming
@@ -47,9 +47,10 @@ from typing import Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options import pipeline_options as beam_options
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
 from etils import epath
 
+from covidlib import beam_options as options_lib
 from covidlib import errors
 from covidlib_tfds import labels as labels_lib
 from covidlib_tfds import privacy
@@ -58,31 +59,6 @@ from covidlib_tfds.labelled_xrays import labelled_xrays_dataset_builder as build
 # A covidlib error raised on a worker reaches the launcher as text inside the runner's error.
 _WORKER_ERROR = re.compile(r'covidlib\.errors\.(\w+): (.+?)(?: \[while running [^\]]*\])?$',
                            re.MULTILINE)
-
-
-def default_options() -> list[str]:
-  """The embedded default: the DirectRunner, one worker process per core."""
-  return ['--runner=DirectRunner', '--direct_running_mode=multi_processing',
-          f'--direct_num_workers={os.cpu_count() or 1}']
-
-
-def pipeline_options(text: str | None) -> beam_options.PipelineOptions:
-  """PipelineOptions from 'name=value,name=value' (the syntax of `tfds build
-  --beam_pipeline_options`); None or '' gives `default_options()`.
-
-  Raises:
-    UsageError: an item that is not name=value or --name=value.
-  """
-  if not text:
-    return beam_options.PipelineOptions(default_options())
-  items = []
-  for item in text.split(','):
-    item = item.strip()
-    if not re.fullmatch(r'(--)?[A-Za-z_][A-Za-z0-9_]*(=.*)?', item):
-      raise errors.UsageError(f'--beam_pipeline_options: {item!r} is not name=value (e.g. '
-                              'runner=DirectRunner,direct_num_workers=2)')
-    items.append(item if item.startswith('--') else f'--{item}')
-  return beam_options.PipelineOptions(items)
 
 
 def covidlib_error(error: BaseException) -> errors.CovidlibError | None:
@@ -98,10 +74,10 @@ def covidlib_error(error: BaseException) -> errors.CovidlibError | None:
 class BeamBuild:
   """One labelled_xrays build's Beam side: its runner, options and private work folder."""
 
-  def __init__(self, runner, options: beam_options.PipelineOptions | None, name: str):
+  def __init__(self, runner, options: PipelineOptions | None, name: str):
     self.runner = runner
-    self.options = options if options is not None else pipeline_options(None)
-    temp = self.options.view_as(beam_options.GoogleCloudOptions).temp_location
+    self.options = options if options is not None else options_lib.parse(None)
+    temp = self.options.view_as(GoogleCloudOptions).temp_location
     if temp:
       self.work = FileSystems.join(temp, f'labelled_xrays-{name}-{uuid.uuid4().hex[:12]}')
       FileSystems.mkdirs(self.work)

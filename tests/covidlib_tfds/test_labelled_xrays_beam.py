@@ -29,6 +29,7 @@ beam = pytest.importorskip('apache_beam', reason="apache-beam is not installed: 
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
+from covidlib import beam_options  # noqa: E402
 from covidlib import errors  # noqa: E402
 from covidlib_tfds import build  # noqa: E402
 from covidlib_tfds import cli  # noqa: E402
@@ -143,7 +144,7 @@ def _digests(builder) -> dict[str, list[str]]:
 ])
 def test_beam_builds_the_streaming_dataset(labels_csv, tmp_path, kwargs):
   streamed = _build(labels_csv, tmp_path / 'streaming', **kwargs)
-  on_beam = _build(labels_csv, tmp_path / 'beam', beam_build.pipeline_options(IN_PROCESS),
+  on_beam = _build(labels_csv, tmp_path / 'beam', beam_options.parse(IN_PROCESS),
                    **kwargs)
   expected = _digests(streamed)
   assert _digests(on_beam) == expected
@@ -158,7 +159,7 @@ def test_beam_builds_the_streaming_dataset(labels_csv, tmp_path, kwargs):
 
 def test_bad_files_fail_the_beam_build_as_the_streaming_one(labels_csv, tmp_path):
   messages = []
-  for options in (None, beam_build.pipeline_options(IN_PROCESS)):
+  for options in (None, beam_options.parse(IN_PROCESS)):
     with pytest.raises(errors.DataError) as error:
       _build(labels_csv, tmp_path / str(len(messages)), options)
     messages.append(str(error.value).split('. All of them are listed in')[0])
@@ -180,7 +181,7 @@ def test_work_files_hold_no_header_id_and_are_deleted(labels_csv, tmp_path, monk
     close(self)
     seen['deleted'] = not os.path.exists(self.work)
   monkeypatch.setattr(beam_build.BeamBuild, 'close', snapshot)
-  _build(labels_csv, tmp_path, beam_build.pipeline_options(IN_PROCESS), skip_bad=True,
+  _build(labels_csv, tmp_path, beam_options.parse(IN_PROCESS), skip_bad=True,
          val_fraction=0.25, test_fraction=0.25)
   assert seen.pop('deleted')
   assert {'rows.jsonl', 'examples-train.jsonl'} <= set(seen)
@@ -206,7 +207,7 @@ def test_a_file_that_fails_on_the_second_pass_is_one_line(labels_csv, tmp_path, 
     return read_image(root, path)
   monkeypatch.setattr(builder_lib, 'read_image', changing)
   with pytest.raises(errors.DataError) as error:
-    _build(labels_csv, tmp_path, beam_build.pipeline_options(IN_PROCESS), skip_bad=True)
+    _build(labels_csv, tmp_path, beam_options.parse(IN_PROCESS), skip_bad=True)
   assert str(error.value) == 'south/p10.png: not a decodable image (on a Beam worker)'
 
 
@@ -247,7 +248,7 @@ def test_the_binary_builds_on_beam_and_its_errors_are_one_line(labels_csv, tmp_p
 
 
 def test_the_default_options_are_the_multiprocess_direct_runner():
-  options = beam_build.pipeline_options(None).get_all_options()
+  options = beam_options.parse(None).get_all_options()
   assert (options['runner'], options['direct_running_mode'], options['direct_num_workers']) == (
       'DirectRunner', 'multi_processing', os.cpu_count())
 

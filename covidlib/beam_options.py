@@ -1,0 +1,48 @@
+"""Apache Beam pipeline options for covidlib's Beam steps (covidlib[beam]).
+
+    from covidlib import beam_options
+    options = beam_options.parse(None)   # the embedded default: DirectRunner, a process per core
+    options = beam_options.parse('runner=FlinkRunner,flink_master=HOST:8081,'
+                                 'environment_type=LOOPBACK')
+
+One syntax for both Beam steps (`python -m covidlib_tfds.build --beam_pipeline_options=...`,
+`covidlib-predict-beam --beam_pipeline_options=...`): `tfds build`'s, comma-separated
+name=value items without the leading dashes (they are accepted too).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from apache_beam.options import pipeline_options
+
+from covidlib import errors
+
+_ITEM = re.compile(r'(--)?[A-Za-z_][A-Za-z0-9_]*(=.*)?')
+
+
+def default_flags() -> list[str]:
+  """The embedded default: the DirectRunner, one worker process per core, the workers' logging
+  at ERROR (a worker's error still fails the pipeline, with its message; at INFO each worker
+  logs its gRPC set-up, and without torch Beam 2.77 warns twice per model load that it cannot
+  measure memory)."""
+  return ['--runner=DirectRunner', '--direct_running_mode=multi_processing',
+          f'--direct_num_workers={os.cpu_count() or 1}', '--default_sdk_harness_log_level=ERROR']
+
+
+def parse(text: str | None) -> pipeline_options.PipelineOptions:
+  """PipelineOptions from 'name=value,name=value'; None or '' gives `default_flags()`.
+
+  Raises:
+    UsageError: an item that is not name=value (or a bare name, for a boolean option).
+  """
+  if not text:
+    return pipeline_options.PipelineOptions(default_flags())
+  items = []
+  for item in (i.strip() for i in text.split(',')):
+    if not _ITEM.fullmatch(item):
+      raise errors.UsageError(f'--beam_pipeline_options: {item!r} is not name=value (e.g. '
+                              'runner=DirectRunner,direct_num_workers=2)')
+    items.append(item if item.startswith('--') else f'--{item}')
+  return pipeline_options.PipelineOptions(items)
