@@ -21,7 +21,7 @@ Measured per run: wall time, CPU time (user + system of the process and every ch
 from wait4), the 1-minute load average before and after (the machine is shared), and peak RSS
 (VmHWM, read from /proc every 0.2 s) of the launching process and of each Beam worker process
 (the SDK harness subprocesses), the largest worker shown. Writes benchmarks/results/beam.md and
-beam.json.
+beam.json (beam_build.* or beam_score.* with --steps=build or --steps=score).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def _is_worker(pid: int) -> bool:
       argv = f.read().split(b'\0')
   except OSError:
     return False
-  return b'sdk_worker_main' in argv and not argv[0].endswith(b'sh')
+  return any(b'sdk_worker_main' in a for a in argv) and not argv[0].endswith(b'sh')
 
 
 def run_measured(command: list[str], log: str, stdout: str | None = None) -> dict:
@@ -269,11 +269,12 @@ def main(argv):
     if model and n in score_sizes:
       rows += bench_score(root, n, work, model)
   os.makedirs(_RESULTS, exist_ok=True)
-  with open(os.path.join(_RESULTS, 'beam.json'), 'w') as f:
+  name = 'beam' + ''.join(f'_{s}' for s in _STEPS.value if len(_STEPS.value) == 1)
+  with open(os.path.join(_RESULTS, f'{name}.json'), 'w') as f:
     json.dump({'command': ' '.join(sys.argv), 'rows': rows}, f, indent=2)
   text = (f'`{" ".join(sys.argv)}`, {time.strftime("%Y-%m-%d")}, {os.cpu_count()} cores\n\n'
           + _table(rows))
-  with open(os.path.join(_RESULTS, 'beam.md'), 'w') as f:
+  with open(os.path.join(_RESULTS, f'{name}.md'), 'w') as f:
     f.write(text)
   print(text)
 
