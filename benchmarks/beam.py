@@ -18,7 +18,8 @@ and runs, each as a child process measured from outside:
   or absolute, the rest equal) and rows + error rows counted against N.
 
 Measured per run: wall time, CPU time (user + system of the process and every child it reaped,
-from wait4), the 1-minute load average before and after (the machine is shared), and peak RSS
+from wait4; and, sampled from /proc, the launcher's own and the Beam workers' together), the
+1-minute load average before and after (the machine is shared), and peak RSS
 (VmHWM, read from /proc every 0.2 s) of the launching process and of each Beam worker process
 (the SDK harness subprocesses), the largest worker shown. Writes benchmarks/results/beam.md and
 beam.json (beam_build.* or beam_score.* with --steps=build or --steps=score).
@@ -79,6 +80,19 @@ def _children(pid: int) -> list[int]:
   return found
 
 
+_TICKS = os.sysconf('SC_CLK_TCK')
+
+
+def _cpu_s(pid: int) -> float | None:
+  """User + system CPU seconds of a process so far (its own, not its children's)."""
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      fields = f.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+  except (OSError, IndexError, ValueError):
+    return None
+
+
 def _peak_kib(pid: int) -> int | None:
   try:
     with open(f'/proc/{pid}/status') as f:
@@ -106,6 +120,7 @@ def run_measured(command: list[str], log: str, stdout: str | None = None) -> dic
              CUDA_VISIBLE_DEVICES='')
   load_before = os.getloadavg()[0]
   peaks: dict[int, int] = {}
+  cpu: dict[int, float] = {}
   workers: set[int] = set()
   done = threading.Event()
   start = time.perf_counter()
@@ -116,7 +131,9 @@ def run_measured(command: list[str], log: str, stdout: str | None = None) -> dic
     def sample():
       while not done.is_set():
         for pid in [child.pid] + _children(child.pid):
-          peak = _peak_kib(pid)
+          peak, used = _peak_kib(pid), _cpu_s(pid)
+          if used is not None:
+            cpu[pid] = max(cpu.get(pid, 0.0), used)
           if peak is not None:
             peaks[pid] = max(peaks.get(pid, 0), peak)
             if pid not in workers and _is_worker(pid):
@@ -133,6 +150,9 @@ def run_measured(command: list[str], log: str, stdout: str | None = None) -> dic
   return {'status': os.waitstatus_to_exitcode(status), 'wall_s': wall,
           'cpu_s': usage.ru_utime + usage.ru_stime, 'launcher_rss_mib': peaks.get(child.pid, 0)
           / 1024, 'workers': len(workers), 'worker_rss_mib': max(worker_peaks, default=0.0),
+          # Sampled every 0.2 s: up to 0.2 s of each process's last CPU is not seen.
+          'launcher_cpu_s': cpu.get(child.pid, 0.0),
+          'workers_cpu_s': sum(cpu.get(p, 0.0) for p in workers),
           'load_before': load_before, 'load_after': os.getloadavg()[0]}
 
 
@@ -237,13 +257,17 @@ def bench_score(root: str, n: int, work: str, model: str) -> list[dict]:
 
 
 def _table(rows: list[dict]) -> str:
-  lines = ['| step | files | how | files/s | wall | CPU | peak RSS launcher | peak RSS per worker '
-           '| load avg before / after | check |', '|---|---|---|---|---|---|---|---|---|---|']
+  lines = ['| step | files | how | files/s | wall | CPU: all (launcher + workers) '
+           '| peak RSS launcher | peak RSS per worker (processes) | load avg before / after '
+           '| check |', '|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
-    worker = f'{r["worker_rss_mib"]:.0f} MiB x {r["workers"]}' if r['workers'] else '-'
+    worker = f'{r["worker_rss_mib"]:.0f} MiB ({r["workers"]})' if r['workers'] else '-'
+    split = (f' ({r["launcher_cpu_s"]:.0f} + {r["workers_cpu_s"]:.0f})' if r['workers']
+             else '')
     lines.append(f'| {r["step"]} | {r["files"]:,} | {r["how"]} | {r["files_per_s"]:.0f} | '
-                 f'{r["wall_s"]:.0f} s | {r["cpu_s"]:.0f} s | {r["launcher_rss_mib"]:.0f} MiB | '
-                 f'{worker} | {r["load_before"]:.1f} / {r["load_after"]:.1f} | {r["check"]} |')
+                 f'{r["wall_s"]:.0f} s | {r["cpu_s"]:.0f} s{split} | '
+                 f'{r["launcher_rss_mib"]:.0f} MiB | {worker} | {r["load_before"]:.1f} / '
+                 f'{r["load_after"]:.1f} | {r["check"]} |')
   return '\n'.join(lines) + '\n'
 
 

@@ -79,6 +79,13 @@ Builder arguments (build time only; none is stored in the dataset but in the fin
     split out). Ignored when the CSV has a split column.
   frontal_only: keep PA and AP views only.
   hash_filenames: store hashed file names instead of the CSV's paths.
+
+On Apache Beam: a download config naming a beam_runner or beam_options (`python -m
+covidlib_tfds.build ... --beam`, `tfds build ... --beam_pipeline_options=...`) runs both passes
+over the files on Beam workers, and step 3 with the checks in the launching process, on the
+same functions: the same dataset, example for example (beam_build.py). Without labels_csv, the
+download config's manual_dir may hold it as labels.csv (`tfds build labelled_xrays/NAME
+--imports=covidlib_tfds --manual_dir=FOLDER`).
 """
 
 from __future__ import annotations
