@@ -159,7 +159,7 @@ def run_measured(command: list[str], log: str, stdout: str | None = None) -> dic
 def _digests(data_dir: str) -> dict[str, list[str]]:
   import tensorflow as tf
   out = {}
-  for path in glob.glob(os.path.join(data_dir, 'labelled_xrays', 'bench', '1.0.0',
+  for path in glob.glob(os.path.join(data_dir, 'labelled_xrays', 'bench', '*',
                                      '*.tfrecord-*')):
     split = os.path.basename(path).split('-')[1].split('.')[0]
     out.setdefault(split, []).extend(

@@ -43,7 +43,7 @@ import os
 import re
 import tempfile
 import uuid
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -95,12 +95,11 @@ class BeamBuild:
       f.write(''.join(f'{line}\n' for line in lines).encode('utf-8'))
     return path
 
-  def _read_lines(self, pattern: str) -> list[str]:
-    lines = []
+  def _read_lines(self, pattern: str) -> Iterator[str]:
+    """The lines of the files matching `pattern`, one file in memory at a time."""
     for match in FileSystems.match([pattern])[0].metadata_list:
       with FileSystems.open(match.path) as f:
-        lines += f.read().decode('utf-8').splitlines()
-    return lines
+        yield from f.read().decode('utf-8').splitlines()
 
   def inspect(self, rows: Sequence[labels_lib.Row], root: epath.Path, salt: str,
               hash_filenames: bool, class_names: Sequence[str]
@@ -116,19 +115,16 @@ class BeamBuild:
            | 'Inspect' >> beam.Map(_inspect_line, root=os.fspath(root), salt=salt,
                                    hash_filenames=hash_filenames, class_names=list(class_names))
            | 'WriteRecords' >> beam.io.WriteToText(out, file_name_suffix='.jsonl'))
-    records = {}
+    results = [None] * len(rows)
     for line in self._read_lines(f'{out}*.jsonl'):
       record = json.loads(line)
-      records[record.pop('index')] = record
-    results = []
-    for k, row in enumerate(rows):
-      record = records.get(k)
-      if record is None:  # Nothing is lost silently, a runner's fault included.
+      path = rows[record['index']].path
+      results[record['index']] = (
+          labels_lib.BadFile(path, record['reason']) if 'reason' in record
+          else builder_lib._Image(**{**record['image'], 'path': path}))
+    for row, result in zip(rows, results):
+      if result is None:  # Nothing is lost silently, a runner's fault included.
         raise errors.DataError(f'{row.path}: the Beam inspect pass returned no record for it')
-      if 'reason' in record:
-        results.append(labels_lib.BadFile(row.path, record['reason']))
-      else:
-        results.append(builder_lib._Image(**{**record['image'], 'path': row.path}))
     return results
 
   def examples(self, split: str, root: epath.Path, images: Sequence[builder_lib._Image]
