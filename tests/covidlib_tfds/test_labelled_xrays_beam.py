@@ -3,9 +3,9 @@
     .venv/bin/python -m pytest tests/covidlib_tfds/test_labelled_xrays_beam.py -q
 
 The folder mixes DICOM (patient ids in the header only), PNG with ids in the CSV, images with no
-patient id at all (file-name series: IM-0101-0001.png, ...), a near-duplicate, bad files and an
-unlisted one. Each Beam build runs on the DirectRunner in this process (in_memory: fast, and
-what runs on the workers is the same code as with multi_processing). Examples are compared by
+patient id at all (one file-name series: anon/extubation-1.png, -2, -13), a near-duplicate, bad
+files and an unlisted one. Each Beam build runs on the DirectRunner in this process (in_memory:
+fast, and what runs on the workers is the same code as with multi_processing). Examples are compared by
 the sha256 of each record parsed and serialized deterministically: the bytes of a TFRecord
 written in another process differ only in the order of the Example's feature map.
 Skipped, with the reason in pytest's summary, where apache-beam is not installed
@@ -94,10 +94,10 @@ def _write_folder(root) -> str:
       lines.append(f'{path},{n % 2},{patient},south,AP,{40 + n}')
   files['south/copy.png'] = files['south/p00.png']  # A near-duplicate under another patient.
   lines.append('south/copy.png,normal,CSVZQ1999,south,AP,')
-  # No patient id anywhere: the file names form series.
-  for name, label in (('IM-0101-0001', 'normal'), ('IM-0101-0002', 'normal'),
-                      ('IM-0102-0001', 'covid'), ('person7_bacteria_30', 'covid'),
-                      ('person7_virus_31', 'covid')):
+  # No patient id anywhere: split by file-name series (anon/extubation: 3 images).
+  for name, label in (('extubation-1', 'covid'), ('extubation-2', 'covid'),
+                      ('extubation-13', 'covid'), ('person7_bacteria_30', 'normal'),
+                      ('person7_virus_31', 'normal')):
     files[f'anon/{name}.png'] = _png(pixels())
     lines.append(f'anon/{name}.png,{label},,east,,')
   good = _png(pixels())
@@ -153,6 +153,8 @@ def test_beam_builds_the_streaming_dataset(labels_csv, tmp_path, kwargs):
   assert dict(on_beam.info.metadata) == dict(streamed.info.metadata)
   assert len(on_beam.info.metadata['bad_files']) == 3
   assert on_beam.info.metadata['images_without_patient_id'] == 5
+  [series] = on_beam.info.metadata['unknown_patient_series'].values()  # The same rule.
+  assert len(series) == 3
   assert {s: i.num_examples for s, i in on_beam.info.splits.items()} == {
       s: i.num_examples for s, i in streamed.info.splits.items()}
 
@@ -270,3 +272,14 @@ def test_tfds_build_builds_a_named_config_from_the_manual_dir(labels_csv, tmp_pa
   builder = tfds.builder('labelled_xrays/mine', data_dir=tmp_path)
   assert sum(s.num_examples for s in builder.info.splits.values()) == 20
   assert len(builder.info.metadata['bad_files']) == 3
+
+
+def test_the_listed_example_config_takes_only_its_own_options():
+  """labelled_xrays lists one config (so that `tfds build` takes config names): building that
+  name with other options is refused in one line; any other name is the user's."""
+  listed = builder_lib.Builder.builder_configs[builder_lib.EXAMPLE_CONFIG]
+  assert builder_lib.make_config('dummy') is listed
+  with pytest.raises(errors.UsageError, match="dataset name 'dummy' is the shipped example's"):
+    builder_lib.make_config('dummy', val_fraction=0.2)
+  assert builder_lib.make_config('site_2025').name == 'site_2025'
+  assert cli.check_name('labelled_xrays/site_2025') == 'labelled_xrays/site_2025'
