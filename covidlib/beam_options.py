@@ -7,17 +7,35 @@
 
 One syntax for both Beam steps (`python -m covidlib_tfds.build --beam_pipeline_options=...`,
 `covidlib-predict-beam --beam_pipeline_options=...`): `tfds build`'s, comma-separated
-name=value items without the leading dashes (they are accepted too).
+name=value items without the leading dashes (they are accepted too). Import this module before
+apache_beam (the Beam modules of covidlib do): it imports apache_beam without the warning
+apache-beam 2.77 logs when its GCP extras are absent.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
-from apache_beam.options import pipeline_options
 
-from covidlib import errors
+class _NoApitoolsWarning(logging.Filter):
+  """apache-beam 2.77 warns on its first import that apitools (its BigQuery client, in the
+  apache-beam[gcp] extra) is missing: covidlib does not use it, and a usage error's one line on
+  stderr must stay one line. Dataflow users install apache-beam[gcp], which has it."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith('apitools not found')
+
+
+_quiet = _NoApitoolsWarning()
+logging.getLogger().addFilter(_quiet)
+try:
+  from apache_beam.options import pipeline_options  # noqa: E402  Imports apache_beam itself.
+finally:
+  logging.getLogger().removeFilter(_quiet)
+
+from covidlib import errors  # noqa: E402
 
 _ITEM = re.compile(r'(--)?[A-Za-z_][A-Za-z0-9_]*(=.*)?')
 

@@ -41,15 +41,15 @@ import os
 import uuid
 from typing import Iterable, Sequence
 
-import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.ml.inference import base as inference
-from apache_beam.options.pipeline_options import PipelineOptions
+from covidlib import beam_options as options_lib  # First: imports apache_beam quietly (see there).
+import apache_beam as beam  # noqa: E402
+from apache_beam.io.filesystems import FileSystems  # noqa: E402
+from apache_beam.ml.inference import base as inference  # noqa: E402
+from apache_beam.options.pipeline_options import PipelineOptions  # noqa: E402
 
-from covidlib import beam_options as options_lib
-from covidlib import errors
-from covidlib import predict
-from covidlib import results
+from covidlib import errors  # noqa: E402
+from covidlib import predict  # noqa: E402
+from covidlib import results  # noqa: E402
 
 SHARD_SIZE = 1000  # Files per output shard: the unit that a re-run skips or redoes.
 _SHOWN = 20  # Failed files named in a message.

@@ -149,11 +149,12 @@ def beam_options(text: str | None):
     UsageError: apache-beam is not installed, or the text is not name=value,...
   """
   try:
-    import apache_beam  # noqa: F401  Optional: only a Beam build needs it.
-  except ImportError:
+    from covidlib import beam_options as options_lib  # Imports apache_beam: only Beam needs it.
+  except ImportError as e:
+    if not (e.name or '').startswith('apache_beam'):
+      raise
     raise errors.UsageError("--beam needs Apache Beam, which is not installed: pip install "
                             "'covidlib[beam]'") from None
-  from covidlib import beam_options as options_lib
   return options_lib.parse(text)
 
 

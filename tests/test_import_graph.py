@@ -45,6 +45,7 @@ OPTIONAL_IN = {
     'data': ('covidlib_tfds',),                       # Registers the builders when installed.
     # covidlib-predict-beam: these import apache-beam (covidlib[beam]); without it, one line.
     'cli': ('covidlib.beam_scoring', 'covidlib.beam_options'),
+    'beam_options': ('apache_beam',),  # Imported under a logging filter (see there).
 }
 
 

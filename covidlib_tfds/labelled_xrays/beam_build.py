@@ -45,16 +45,16 @@ import tempfile
 import uuid
 from typing import Iterator, Sequence
 
-import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions
-from etils import epath
+from covidlib import beam_options as options_lib  # First: imports apache_beam quietly (see there).
+import apache_beam as beam  # noqa: E402
+from apache_beam.io.filesystems import FileSystems  # noqa: E402
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions  # noqa: E402
+from etils import epath  # noqa: E402
 
-from covidlib import beam_options as options_lib
-from covidlib import errors
-from covidlib_tfds import labels as labels_lib
-from covidlib_tfds import privacy
-from covidlib_tfds.labelled_xrays import labelled_xrays_dataset_builder as builder_lib
+from covidlib import errors  # noqa: E402
+from covidlib_tfds import labels as labels_lib  # noqa: E402
+from covidlib_tfds import privacy  # noqa: E402
+from covidlib_tfds.labelled_xrays import labelled_xrays_dataset_builder as builder_lib  # noqa: E402
 
 # A covidlib error raised on a worker reaches the launcher as text inside the runner's error.
 _WORKER_ERROR = re.compile(r'covidlib\.errors\.(\w+): (.+?)(?: \[while running [^\]]*\])?$',

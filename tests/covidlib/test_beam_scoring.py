@@ -205,9 +205,11 @@ def test_usage_errors_are_one_line(setup, tmp_path, capsys, monkeypatch):
                beam_pipeline_options='runner DirectRunner') == 2
   assert error_line()[0].startswith("covidlib-predict-beam: error: --beam_pipeline_options: "
                                     "'runner DirectRunner' is not name=value")
-  monkeypatch.setitem(sys.modules, 'apache_beam', None)  # As if not installed.
-  monkeypatch.delitem(sys.modules, 'covidlib.beam_scoring')
-  monkeypatch.delattr(covidlib, 'beam_scoring')
+  for name in [m for m in sys.modules if m.split('.')[0] == 'apache_beam']:
+    monkeypatch.setitem(sys.modules, name, None)  # As if not installed.
+  for name in ('beam_scoring', 'beam_options'):  # Both import apache_beam.
+    monkeypatch.delitem(sys.modules, f'covidlib.{name}')
+    monkeypatch.delattr(covidlib, name)
   assert _main([setup['images']], model=setup['tflite'], output=str(tmp_path / 'r')) == 2
   assert error_line() == ["covidlib-predict-beam: error: covidlib-predict-beam needs Apache "
                           "Beam, which is not installed: pip install 'covidlib[beam]'"]

@@ -29,6 +29,8 @@ beam = pytest.importorskip('apache_beam', reason="apache-beam is not installed: 
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
+import covidlib  # noqa: E402
+
 from covidlib import beam_options  # noqa: E402
 from covidlib import errors  # noqa: E402
 from covidlib_tfds import build  # noqa: E402
@@ -243,7 +245,10 @@ def test_the_binary_builds_on_beam_and_its_errors_are_one_line(labels_csv, tmp_p
   assert _error_lines(capsys.readouterr().err) == [
       "covidlib_tfds.build: error: --beam_pipeline_options: 'runner DirectRunner' is not "
       "name=value (e.g. runner=DirectRunner,direct_num_workers=2)"]
-  monkeypatch.setitem(sys.modules, 'apache_beam', None)  # As if not installed.
+  for name in [m for m in sys.modules if m.split('.')[0] == 'apache_beam']:
+    monkeypatch.setitem(sys.modules, name, None)  # As if not installed.
+  monkeypatch.delitem(sys.modules, 'covidlib.beam_options')  # It imports apache_beam.
+  monkeypatch.delattr(covidlib, 'beam_options')
   assert _run_build(csv, '--name=y', data_dir, '--beam') == 2
   assert _error_lines(capsys.readouterr().err) == [
       "covidlib_tfds.build: error: --beam needs Apache Beam, which is not installed: pip "
