@@ -32,6 +32,9 @@ _quiet = _NoApitoolsWarning()
 logging.getLogger().addFilter(_quiet)
 try:
   from apache_beam.options import pipeline_options  # noqa: E402  Imports apache_beam itself.
+  from apache_beam.portability.api import beam_provision_api_pb2  # noqa: E402  (the same)
+  from apache_beam.runners.portability import portable_runner  # noqa: E402  (the same)
+  from apache_beam.runners.portability.fn_api_runner import fn_runner  # noqa: E402  (the same)
 finally:
   logging.getLogger().removeFilter(_quiet)
 
@@ -47,6 +50,24 @@ def default_flags() -> list[str]:
   measure memory)."""
   return ['--runner=DirectRunner', '--direct_running_mode=multi_processing',
           f'--direct_num_workers={os.cpu_count() or 1}', '--default_sdk_harness_log_level=ERROR']
+
+
+def runner(options: pipeline_options.PipelineOptions):
+  """The runner to run `options` with: for the DirectRunner (named, or no runner named), its
+  own engine, Beam's FnApiRunner, handed the options its workers read; None for any other runner
+  (Beam then makes the one `options` names).
+
+  Not the DirectRunner itself: apache-beam 2.77's DirectRunner first tries its Prism runner,
+  which it downloads from GitHub at run time (covidlib downloads nothing at run time, a hospital
+  network may forbid it, and Prism does not run direct_running_mode's worker processes); where
+  the download fails it falls back to this same FnApiRunner.
+  """
+  name = (options.view_as(pipeline_options.StandardOptions).runner or 'DirectRunner')
+  if not isinstance(name, str) or name.lower() not in ('directrunner', 'direct'):
+    return None
+  encoded = portable_runner.JobServiceHandle.encode_pipeline_options(options.get_all_options())
+  return fn_runner.FnApiRunner(provision_info=fn_runner.ExtendedProvisionInfo(
+      beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded)))
 
 
 def parse(text: str | None) -> pipeline_options.PipelineOptions:

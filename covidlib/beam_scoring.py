@@ -216,7 +216,8 @@ def score_files(model: str, paths: Sequence[str], output: str, *,
     on_shift: as covidlib-predict's --on_shift: 'warn' or 'abstain'.
     options: Beam PipelineOptions (default: `covidlib.beam_options.parse(None)`, the
       DirectRunner with one worker process per core).
-    runner: a Beam runner object, if not the one the options name.
+    runner: a Beam runner object, if not the one the options name (default:
+      `covidlib.beam_options.runner(options)`).
 
   Raises:
     UsageError: no paths, a bad argument, or an output holding another run's shards.
@@ -250,6 +251,7 @@ def score_files(model: str, paths: Sequence[str], output: str, *,
                       if first <= i < last and i // shard_size not in done).encode('utf-8'))
     try:
       options = options if options is not None else options_lib.parse(None)
+      runner = runner if runner is not None else options_lib.runner(options)
       with beam.Pipeline(runner=runner, options=options) as pipeline:
         _ = (pipeline
              | 'ReadInputs' >> beam.io.ReadFromText(inputs)

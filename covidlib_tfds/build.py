@@ -55,6 +55,7 @@ It writes the dataset a streaming build writes, example for example.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -155,6 +156,8 @@ def beam_options(text: str | None):
       raise
     raise errors.UsageError("--beam needs Apache Beam, which is not installed: pip install "
                             "'covidlib[beam]'") from None
+  # Beam logs a line per type hint and per stage at INFO: the build's own lines drown in them.
+  logging.getLogger('apache_beam').setLevel(logging.WARNING)
   return options_lib.parse(text)
 
 

@@ -26,6 +26,10 @@ build's, example for example:
 3. Examples (the split generators TFDS runs as pipeline 2): each kept file read again and turned
    into the streaming build's example (`example`); TFDS's Beam writer encodes and writes them.
 
+Runner: the one the download config names; for the DirectRunner (or none named), both pipelines
+run on its engine, the FnApiRunner, made here (covidlib.beam_options.runner): apache-beam 2.77's
+DirectRunner would first download its Prism runner from GitHub.
+
 Work files (JSON lines: pipeline 1's input and output, the example lists) go to a private folder,
 deleted when the build ends: a new local temporary folder (mode 0700) unless the options give
 --temp_location (a cluster's workers do not see the launcher's /tmp: then a new folder under
@@ -71,12 +75,17 @@ def covidlib_error(error: BaseException) -> errors.CovidlibError | None:
       f'{message.strip()} (on a Beam worker)')
 
 
+# The runner of the DirectRunner's pipelines (TFDS's included): see covidlib.beam_options.
+runner = options_lib.runner
+
+
 class BeamBuild:
   """One labelled_xrays build's Beam side: its runner, options and private work folder."""
 
   def __init__(self, runner, options: PipelineOptions | None, name: str):
-    self.runner = runner
     self.options = options if options is not None else options_lib.parse(None)
+    # The DirectRunner as covidlib runs it (never its Prism download: see beam_options.runner).
+    self.runner = runner if runner is not None else options_lib.runner(self.options)
     temp = self.options.view_as(GoogleCloudOptions).temp_location
     if temp:
       self.work = FileSystems.join(temp, f'labelled_xrays-{name}-{uuid.uuid4().hex[:12]}')

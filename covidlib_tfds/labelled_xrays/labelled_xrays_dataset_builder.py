@@ -255,6 +255,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     from covidlib_tfds.labelled_xrays import beam_build  # Needs apache-beam (covidlib[beam]).
     self._beam = beam_build.BeamBuild(download_config.beam_runner, download_config.beam_options,
                                       self.builder_config.name)
+    if download_config.beam_runner is None:  # TFDS's pipeline on the same kind of runner.
+      download_config = dataclasses.replace(
+          download_config, beam_runner=beam_build.runner(self._beam.options))
     try:
       super().download_and_prepare(download_dir=download_dir, download_config=download_config,
                                    **kwargs)

@@ -213,3 +213,12 @@ def test_usage_errors_are_one_line(setup, tmp_path, capsys, monkeypatch):
   assert _main([setup['images']], model=setup['tflite'], output=str(tmp_path / 'r')) == 2
   assert error_line() == ["covidlib-predict-beam: error: covidlib-predict-beam needs Apache "
                           "Beam, which is not installed: pip install 'covidlib[beam]'"]
+
+
+def test_the_direct_runner_is_run_without_its_prism_download():
+  """Beam 2.77's DirectRunner first downloads its Prism runner from GitHub; covidlib runs the
+  DirectRunner's own engine (the FnApiRunner, with the options for its workers) instead."""
+  from apache_beam.runners.portability.fn_api_runner import fn_runner
+  for text in (None, 'runner=DirectRunner,direct_num_workers=2', 'direct_num_workers=1'):
+    assert isinstance(beam_options.runner(beam_options.parse(text)), fn_runner.FnApiRunner)
+  assert beam_options.runner(beam_options.parse('runner=FlinkRunner')) is None
