@@ -19,9 +19,11 @@ temperature of the model's decision.json:
                             decoding here) and resizes it in its graph; it runs through
                             `covidlib.edge`.
 
-Distribution shift (issue #10, `covidlib.shift`): when the model carries a shift score (shift.npz
-and shift.json in the model_dir; the `shift_score` output of a SavedModel or .tflite export),
-every Prediction also has `shift_score` and `in_distribution` (score <= the stored threshold);
+Distribution shift (issues #10 and #17, `covidlib.shift`): when the model carries a shift score
+(shift.npz and shift.json in the model_dir, scored here from the pooled features at several
+depths of the same forward pass; the `shift_score` output of a SavedModel or .tflite export,
+which computes the same score in its graph), every Prediction also has `shift_score` and
+`in_distribution` (score <= the stored threshold);
 both are None for a model without one. `on_shift='warn'` (default) still gives the label of a
 flagged image; `on_shift='abstain'` gives it no label, and its `decision` is
 'out_of_distribution'.
@@ -41,10 +43,10 @@ from covidlib import dicom
 from covidlib import edge
 from covidlib import errors
 from covidlib import model_dir as model_dir_lib
-from covidlib import models
 from covidlib import preprocess
 from covidlib import results
 from covidlib import shift as shift_lib
+from covidlib import shift_fit
 from covidlib import tflite_metadata
 
 KERAS, SAVED_MODEL, TFLITE = 'keras', 'saved_model', 'tflite'
@@ -303,21 +305,16 @@ class Predictor:
       fitted = shift_lib.load(folder)
       if fitted is None or fitted.threshold is None:
         return
-      extractor = models.feature_model(self.model)
-      dim = int(extractor.outputs[1].shape[-1])
-      if dim != fitted.feature_dim:
-        raise errors.ModelLoadError(
-            f'{os.path.join(folder, shift_lib.SHIFT_NPZ)}: fitted on {fitted.feature_dim} '
-            f'features, the model has {dim}: it belongs to another model; refit it with '
-            f'covidlib-fit-shift --model_dir={folder}')
+      extractor = shift_fit.tap_extractor(self.model, fitted, folder)
       temperature = self.decision.temperature
 
       def run(images):
-        p, features = extractor(images, training=False)
+        p, *features = extractor(images, training=False)
         p = np.asarray(p, np.float32).reshape(-1)
         if temperature != 1.0:
           p = calibration.apply_temperature(p, temperature).astype(np.float32)
-        return p, fitted.score(np.asarray(features, np.float32).reshape(len(p), -1))
+        return p, fitted.score([np.asarray(f, np.float32).reshape(len(p), -1)
+                                for f in features])
       self.shift_threshold, self._run_shift = float(fitted.threshold), run
     elif self.format == SAVED_MODEL:
       signature = self._loaded.signatures[_PREPROCESSED_SIGNATURE]

@@ -26,23 +26,26 @@ hands over the bitmap; `covidlib.edge` runs it without TensorFlow.
 Labels and the operating point travel inside the file: entries `covidlib_labels` and
 `covidlib_decision` of the flatbuffer's `metadata` table, defined (written and read, without
 TensorFlow) by `covidlib.tflite_metadata`; `read_metadata` here is that module's.
-A shift score (issue #10) adds the entry `covidlib_shift` (shift.json of `covidlib.shift`:
-{"threshold", "policy", ...}; in_distribution = shift_score <= threshold) and a second output
-tensor `shift_score`.
+A shift score (issues #10, #17) adds the entry `covidlib_shift` (shift.json of `covidlib.shift`:
+{"threshold", "policy", "taps", ...}; in_distribution = shift_score <= threshold) and a second
+output tensor `shift_score`.
 The exporter also writes labels.txt and decision.json next to the .tflite files.
 
 Shift score (`covidlib.shift`): when given one (or converting a SavedModel that returns one),
-every variant has a second output `shift_score` (float32 (1,); int8 with int8_io), the squared
-Mahalanobis distance computed from the penultimate features with ordinary ops (FULLY_CONNECTED,
-SUB, MUL, SUM, MIN), in the same invocation as `probability`; the uint8_image variant computes it
-on the image after its in-graph resize and scaling, i.e. on the same tensor as the others. Find the outputs by name with the
-interpreter's signature runner (`get_signature_runner().get_output_details()`); `probability`
-is output 0 for apps that read outputs by position. The int8
-variant's score is quantized on the calibration images' range, and large scores saturate at
-its top. The training images alone all score below the threshold (the density was fitted on
-them), so a far-out image would saturate below it and pass as in distribution; the converter
-therefore appends to the calibration images SHIFT_ANCHORS inverted copies (1 - x) of them that
-score above the threshold (checked with the float model), which stretches the range past it.
+every variant has a second output `shift_score` (float32 (1,); int8 with int8_io): at each depth
+the score reads (`covidlib.models.tap_model`: the per-channel mean and standard deviation of a
+stage's output, and the penultimate features), the standardised squared Mahalanobis distance to
+the nearest class mean, then the largest of them, all with ordinary ops (MEAN, SQRT,
+FULLY_CONNECTED, SUB, MUL, SUM, MIN, PACK, MAX), in the same invocation as `probability`; the
+uint8_image variant computes it on the image after its in-graph resize and scaling, i.e. on the
+same tensor as the others. Find the outputs by name with the interpreter's signature runner
+(`get_signature_runner().get_output_details()`); `probability` is output 0 for apps that read
+outputs by position. The int8 variant's score is quantized on the calibration images' range,
+and large scores saturate at its top. The training images alone all score below the threshold
+(the density was fitted on them), so a far-out image would saturate below it and pass as in
+distribution; the converter therefore appends to the calibration images SHIFT_ANCHORS inverted
+copies (1 - x) of them that score above the threshold (checked with the float model), which
+stretches the range past it.
 The flag then survives where the value does not (tests/exporters/test_shift_exports.py).
 """
 
@@ -60,9 +63,9 @@ import tensorflow as tf
 
 from covidlib import errors
 from covidlib import model_dir as model_dir_lib
-from covidlib import models
 from covidlib import scoring
 from covidlib import shift as shift_lib
+from covidlib import shift_fit
 from covidlib import tflite_metadata
 from exporters import saved_model as saved_model_lib
 from exporters import serving
@@ -124,11 +127,11 @@ def _outputs(source: keras.Model, shift_model, archive):
   archive.track(source)
   if shift_model is None:
     return lambda images: {OUTPUT: tf.reshape(source(images, training=False), [-1])}
-  with_features = models.feature_model(source)
+  with_features = shift_fit.tap_extractor(source, shift_model)
   archive.track(with_features)
 
   def outputs(images):
-    probability, features = with_features(images, training=False)
+    probability, *features = with_features(images, training=False)
     return {OUTPUT: tf.reshape(probability, [-1]),
             SHIFT_OUTPUT: serving.shift_score_tf(shift_model, features)}
   return outputs
@@ -270,7 +273,9 @@ def _with_shift_anchors(source, images: np.ndarray, threshold: float, shift_mode
     return images  # _representative reports the problem.
   candidates = 1.0 - images[:8 * SHIFT_ANCHORS]
   if isinstance(source, keras.Model):
-    scores = shift_model.score(scoring.penultimate_features(source, candidates))
+    batches = tf.data.Dataset.from_tensor_slices(
+        (candidates, np.zeros(len(candidates), np.int64))).batch(8 * SHIFT_ANCHORS)
+    scores = shift_model.score(scoring.score_dataset(source, batches, taps=True).taps)
   else:
     signature = tf.saved_model.load(source).signatures[saved_model_lib.PREPROCESSED_SIGNATURE]
     scores = signature(images=tf.constant(candidates))[SHIFT_OUTPUT].numpy()
