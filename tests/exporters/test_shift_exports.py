@@ -359,6 +359,7 @@ def test_model_card_explains_out_of_distribution(shift_exports, decision):
   assert f'above {fitted.threshold:.4g}' in section and '10%' in section
   assert 'Not flagged does not mean correct' in section
   assert 'knows only the feature distribution of the training images' in section
+  assert 'at 2 depths of the network' in section and 'the largest of them' in section
   measured = '\n'.join(model_card.out_of_distribution_section(fitted.info(), evaluated))
   assert 'Normals of unseen source nih: 40.0% of 5 flagged' in measured
   bare = model_card.render_model_card(config, decision, evaluation=None,
