@@ -20,8 +20,9 @@ model, its own test split and every film of the other site, one scoring pass eac
     and the share of films above the ensemble's threshold at that depth.
   - combinations of depths that need no out-of-distribution data, at quantile:0.99 (why the
     library takes the maximum of standardised depths: covidlib/shift.py).
-  - TFLite fp32 and int8 (calibrated on 100 training films) with the old and the new score: the
-    flag's agreement with the Keras model on the own test split and 200 unseen-site films.
+  - TFLite fp32, fp16, dynamic and int8 (calibrated on 100 training films) with the old and
+    the new score: the flag's agreement with the Keras model's score of the same depths (int8
+    carries the penultimate depth alone) on the own test split and 200 unseen-site films.
   - latency (NIH model), batch of one, median of 50: Keras alone and the Predictor's Keras path
     (tap model + numpy score), TFLite fp32 and int8 (1 thread) without and with each score.
 Writes <sites_out>.json and .md.
@@ -540,23 +541,28 @@ def _tflite_figures(model_dir: str, name: str, other: str, data_dir: str) -> dic
   unseen = images(f'labelled_xrays/{other}', ['train', 'validation', 'test'], 200)
   contents = {'calibration': calibration}
   out = {}
+  taps = [scoring.score_dataset(model, _batches(x), taps=True).taps for x in (test, unseen)]
   for label, fitted in (('old', shift.load(os.path.join(model_dir, 'shift_format_1'))),
                         ('new', shift.load(model_dir))):
-    keras_scores = [fitted.score(scoring.score_dataset(model, _batches(x), taps=True).taps)
-                    for x in (test, unseen)]
-    for quant in ('fp32', 'int8'):
+    for quant in ('fp32', 'fp16', 'dynamic', 'int8'):
+      # What the variant carries: int8 the penultimate depth alone (tflite.int8_shift_model).
+      carried = tflite.int8_shift_model(fitted) if quant == 'int8' else fitted
+      keras_scores = [carried.score(t) for t in taps]
       content = tflite.convert_tflite(model, quant, calibration if quant == 'int8' else None,
                                       decision=decision, shift_model=fitted)
       interpreter = Interpreter(model_content=content, num_threads=1)
       runner = interpreter.get_signature_runner()
       got = [np.array([float(runner(images=x[None])['shift_score'][0]) for x in part])
              for part in (test, unseen)]
-      agree = [float(np.mean((g > fitted.threshold) == (k > fitted.threshold)))
+      threshold = carried.threshold
+      agree = [float(np.mean((g > threshold) == (k > threshold)))
                for g, k in zip(got, keras_scores)]
       out[f'{label}_{quant}'] = {
+          'taps': list(carried.tap_names), 'threshold': threshold,
           'flag_agreement_own_test': agree[0], 'flag_agreement_unseen': agree[1],
-          'unseen_flagged': float(np.mean(got[1] > fitted.threshold)),
-          'own_test_flagged': float(np.mean(got[0] > fitted.threshold)),
+          'unseen_flagged': float(np.mean(got[1] > threshold)),
+          'own_test_flagged': float(np.mean(got[0] > threshold)),
+          'keras_unseen_flagged': float(np.mean(keras_scores[1] > threshold)),
           'size_bytes': len(content)}
       contents[(label, quant)] = content
   return out, contents, test[:1]
@@ -687,16 +693,22 @@ def render_cross_site(r: dict) -> str:
       cells.append(f'{_pct(c["unseen_flagged"])} / {_pct(c["own_test_flagged"])} / '
                    f'{c["auc"]:.3f}')
     lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
-  lines += ['', 'TFLite: the flag against the Keras model\'s on the same images (own test split, '
-            '200 unseen-site films), and what each variant flags:', '',
-            '| model | variant | flag agreement own test | flag agreement unseen | '
-            'unseen flagged | own test flagged | file |', '|---|---|---|---|---|---|---|']
+  lines += ['', 'TFLite: the flag against the Keras model\'s score of the same depths on the same '
+            'images (own test split, 200 unseen-site films), and what each variant flags. The '
+            'int8 file carries the penultimate depth alone, with its own threshold (8-bit '
+            'activations do not carry the earlier depths):', '',
+            '| model | variant | score carried | flag agreement own test | flag agreement '
+            'unseen | unseen flagged (Keras, same depths) | own test flagged | file |',
+            '|---|---|---|---|---|---|---|---|']
   for name, m in r['models'].items():
     for key, t in m['tflite'].items():
       label, quant = key.split('_')
-      lines.append(f'| {name} | {quant}, {label} score | {t["flag_agreement_own_test"]:.3f} | '
-                   f'{t["flag_agreement_unseen"]:.3f} | {_pct(t["unseen_flagged"])} | '
-                   f'{_pct(t["own_test_flagged"])} | {t["size_bytes"] / 1e6:.2f} MB |')
+      carried = ('issue 10' if label == 'old' else
+                 'penultimate alone' if len(t['taps']) == 1 else f'{len(t["taps"])} depths')
+      lines.append(f'| {name} | {quant} | {carried} | {t["flag_agreement_own_test"]:.3f} | '
+                   f'{t["flag_agreement_unseen"]:.3f} | {_pct(t["unseen_flagged"])} '
+                   f'({_pct(t["keras_unseen_flagged"])}) | {_pct(t["own_test_flagged"])} | '
+                   f'{t["size_bytes"] / 1e6:.2f} MB |')
   lat = r['latency']
   lines += ['', f'Latency, one image, median of 50 ({names[0]} model; TFLite 1 thread):', '',
             '| path | no score | old score | new score |', '|---|---|---|---|',

@@ -20,13 +20,15 @@ Otherwise the decision already in model_dir is used (threshold 0.5, T = 1 if the
 The evaluation split is then predicted, calibrated with T, and labelled score >= threshold.
 
 Distribution shift: when the model_dir holds a shift score (`covidlib.shift`), report['shift']
-gives the share flagged per source, metrics on answered vs abstained images, the histogram of
-scores and the score's ROC-AUC for normals of unseen sources against the evaluated split.
+gives the share flagged per source, metrics on answered vs abstained images, which depths of the
+network flag, the histogram of scores and the score's ROC-AUC for normals of unseen sources
+against the evaluated split.
 
 How it is composed: each dataset is scored once (`covidlib.scoring`: scores, labels, penultimate
-features and metadata per image), then the analyses run on those arrays (`covidlib.metrics`,
-`covidlib.threshold`, `covidlib.calibration`, `covidlib.shortcuts`, `covidlib.shift`), then
-`covidlib.report` writes them. The datasets scored: the threshold split (when an operating
+features and metadata per image, and with a shift score the pooled features at every depth),
+then the analyses run on those arrays (`covidlib.metrics`, `covidlib.threshold`,
+`covidlib.calibration`, `covidlib.shortcuts`, `covidlib.shift`), then `covidlib.report` writes
+them. The datasets scored: the threshold split (when an operating
 point is chosen), the evaluated split, the other findings and each unseen source's dataset (for
 the shortcut and shift sections), each split of them once.
 

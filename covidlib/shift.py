@@ -66,9 +66,13 @@ Stored in the model_dir beside decision.json, with no pickle (format 2):
   shift.npz    per tap i: projection_i W (d_i, d_i), centers_i m_c (C, d_i) and
                class_means_i mu_c (C, d_i), float64 (np.savez, read with allow_pickle=False).
   shift.json   {"format": 2, "taps": [{"name", "feature_dim", "shrinkage", "offset",
-                "scale"}, ...], "combine": "max", "normalised_on", "threshold", "policy",
-                "split", "feature_dim", "n_per_class", "fit_split", "score", "description"};
-               offset and scale are each tap's validation mean and standard deviation.
+                "scale", "threshold"}, ...], "combine": "max", "normalised_on", "threshold",
+                "policy", "split", "feature_dim", "n_per_class", "fit_split", "score",
+                "description"}; offset and scale are each tap's validation mean and standard
+               deviation, a tap's threshold that of its depth alone (same policy, same
+               images): the int8 TFLite variant carries the penultimate depth alone (8-bit
+               activations do not carry the whitened features of the earlier depths:
+               exporters/tflite.py).
 Format 1 (issue #10, before the depths: shift.json without "format", shift.npz with one
 projection, centers and class_means of the penultimate features) still loads, as a one-tap
 ensemble with offset 0 and scale 1, i.e. the very same score; `covidlib-fit-shift` refits it in
@@ -128,6 +132,9 @@ class TapScore:
   shrinkage: float
   offset: float = 0.0          # The distance's mean on the validation images.
   scale: float = 1.0           # Its standard deviation there.
+  # The threshold of this depth alone, by the same policy on the same images: what a variant
+  # that can carry only this depth (the int8 TFLite file: the penultimate one) flags with.
+  threshold: float | None = None
 
   @property
   def feature_dim(self) -> int:
@@ -145,7 +152,7 @@ class TapScore:
 
   def info(self) -> dict:
     return {'name': self.name, 'feature_dim': self.feature_dim, 'shrinkage': self.shrinkage,
-            'offset': self.offset, 'scale': self.scale}
+            'offset': self.offset, 'scale': self.scale, 'threshold': self.threshold}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,6 +221,23 @@ class ShiftModel:
   def score(self, features) -> np.ndarray:
     """Features (see tap_features) -> (n,) float64 shift scores."""
     return self.tap_scores(features).max(axis=1)
+
+  def single_tap(self, name: str) -> 'ShiftModel':
+    """The score of one depth alone, with that depth's own threshold (TapScore.threshold).
+
+    Raises:
+      UsageError: no such tap, or no threshold chosen for it.
+    """
+    if name not in self.tap_names:
+      raise errors.UsageError(f'the shift score has no tap {name!r}; its taps are '
+                              f'{list(self.tap_names)}')
+    if len(self.taps) == 1:
+      return self
+    tap = self.taps[self.tap_names.index(name)]
+    if tap.threshold is None:
+      raise errors.UsageError(f'the shift score has no threshold for tap {name!r} alone: refit '
+                              'it with covidlib-fit-shift')
+    return dataclasses.replace(self, taps=(tap,), threshold=tap.threshold)
 
   def in_distribution(self, scores) -> np.ndarray:
     """scores <= threshold; UsageError when no threshold was chosen."""
@@ -380,15 +404,25 @@ def parse_policy(policy: str) -> float:
 
 
 def choose_threshold(shift_model: ShiftModel, scores, policy: str = DEFAULT_POLICY,
-                     split: str = 'validation') -> ShiftModel:
-  """The shift model with its threshold chosen on `scores` (in-distribution images) by policy."""
+                     split: str = 'validation', tap_scores=None) -> ShiftModel:
+  """The shift model with its threshold chosen on `scores` (in-distribution images) by policy;
+  with `tap_scores` ((n, k), shift_model.tap_scores of the same images), each depth's own
+  threshold too (TapScore.threshold, for ShiftModel.single_tap)."""
   q = parse_policy(policy)
   scores = np.asarray(scores, np.float64).reshape(-1)
   if not scores.size:
     raise errors.DataError(f'shift policy {policy!r}: no scores on split {split!r}')
   threshold = float(np.quantile(scores, q))
-  return dataclasses.replace(shift_model, threshold=threshold, policy=f'quantile:{q:g}',
-                             split=split)
+  taps = shift_model.taps
+  if tap_scores is not None:
+    tap_scores = np.asarray(tap_scores, np.float64)
+    if tap_scores.shape != (scores.size, len(taps)):
+      raise errors.UsageError(f'shift tap_scores must have shape ({scores.size}, {len(taps)}), '
+                              f'got {tap_scores.shape}')
+    taps = tuple(dataclasses.replace(t, threshold=float(np.quantile(tap_scores[:, k], q)))
+                 for k, t in enumerate(taps))
+  return dataclasses.replace(shift_model, taps=taps, threshold=threshold,
+                             policy=f'quantile:{q:g}', split=split)
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,7 +497,9 @@ def load(folder: str | os.PathLike) -> ShiftModel | None:
         taps.append(TapScore(name=name, projection=projection, centers=centers,
                              class_means=class_means, shrinkage=float(tap.get('shrinkage', 0)),
                              offset=float(tap.get('offset', 0.0)),
-                             scale=float(tap.get('scale', 1.0))))
+                             scale=float(tap.get('scale', 1.0)),
+                             threshold=None if tap.get('threshold') is None
+                             else float(tap['threshold'])))
   except errors.CovidlibError:
     raise
   except Exception as e:  # KeyError, ValueError (pickled content refused), BadZipFile, OSError.

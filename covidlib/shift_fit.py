@@ -123,7 +123,8 @@ def fit_scored(train: Scored, validation: Scored, *, policy: str = shift.DEFAULT
                                 fit_split=fit_split, validation=validation.taps,
                                 normalised_on=threshold_split)
   shift_model = shift.choose_threshold(shift_model, shift_model.score(validation.taps), policy,
-                                       threshold_split)
+                                       threshold_split,
+                                       tap_scores=shift_model.tap_scores(validation.taps))
   return shift_model, make_reference(validation, train)
 
 

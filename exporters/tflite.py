@@ -40,8 +40,10 @@ FULLY_CONNECTED, SUB, MUL, SUM, MIN, PACK, MAX), in the same invocation as `prob
 uint8_image variant computes it on the image after its in-graph resize and scaling, i.e. on the
 same tensor as the others. Find the outputs by name with the interpreter's signature runner
 (`get_signature_runner().get_output_details()`); `probability` is output 0 for apps that read
-outputs by position. The int8 variant's score is quantized on the calibration images' range,
-and large scores saturate at its top. The training images alone all score below the threshold
+outputs by position. The int8 variant carries the penultimate depth alone, with that depth's
+own threshold (`int8_shift_model`: 8-bit activations do not carry the whitened features of the
+earlier depths); its covidlib_shift entry says so ("taps": the penultimate only, "variant").
+Its score is quantized on the calibration images' range, and large scores saturate at its top. The training images alone all score below the threshold
 (the density was fitted on them), so a far-out image would saturate below it and pass as in
 distribution; the converter therefore appends to the calibration images SHIFT_ANCHORS inverted
 copies (1 - x) of them that score above the threshold (checked with the float model), which
@@ -78,6 +80,8 @@ INPUT = 'images'
 SHIFT_METADATA = tflite_metadata.SHIFT
 SHIFT_OUTPUT = 'shift_score'
 SHIFT_ANCHORS = 2  # Out-of-distribution calibration images for int8 (see the module docstring).
+INT8_SHIFT_NOTE = ('int8: the shift score of the penultimate depth alone, with its own threshold; '
+                   '8-bit activations do not carry the whitened features of the earlier depths')
 
 
 def _probability_saved_model(source: keras.Model | str, out_dir: str,
@@ -219,7 +223,9 @@ def convert_tflite(source: keras.Model | str | os.PathLike, quant_type: str,
       raise errors.UsageError('a SavedModel carries its own shift score; pass shift_model=None')
     source = os.fspath(source)
     decision = _saved_model_decision(source)
-  shift_entry = _shift_entry(source, shift_model)
+  if quant_type == 'int8':
+    shift_model = int8_shift_model(shift_model)
+  shift_entry = _shift_entry(source, shift_model, int8=quant_type == 'int8')
 
   with tempfile.TemporaryDirectory(prefix='covidlib_tflite_') as tmp:
     size, channels = _probability_saved_model(source, tmp, shift_model)
@@ -288,17 +294,40 @@ def _with_shift_anchors(source, images: np.ndarray, threshold: float, shift_mode
   return np.concatenate([images, candidates[chosen]])
 
 
-def _shift_entry(source, shift_model) -> bytes | None:
+def int8_shift_model(shift_model):
+  """The shift score the int8 variant carries: the deepest depth alone (the penultimate
+  features), with its own threshold; a one-depth score as it is.
+
+  Why: in the int8 file every activation is rounded to 8 bits, and the whitening of the earlier
+  depths' pooled features (directions of tiny variance, which carry much of a site's signature)
+  amplifies that rounding into errors of several standard deviations (measured on the same-site
+  models: up to 22 at the first stage even with the score's own arithmetic in float; 0.4 at the
+  penultimate features; benchmarks/shift.py), so the multi-depth flag would not survive.
+  """
+  if shift_model is None or len(shift_model.taps) == 1:
+    return shift_model
+  return shift_model.single_tap(shift_model.tap_names[-1])
+
+
+def _shift_entry(source, shift_model, int8: bool = False) -> bytes | None:
   """shift.json for the metadata: from the shift model, or the SavedModel's assets.extra."""
   if shift_model is not None:
     if shift_model.threshold is None:
       raise errors.UsageError('the shift model has no threshold: choose one before exporting')
-    return shift_lib.info_json(shift_model).encode()
+    info = shift_model.info()
+    if int8 and shift_model.format > 1:
+      info['variant'] = INT8_SHIFT_NOTE
+    return (json.dumps(info, indent=2, sort_keys=True) + '\n').encode()
   if isinstance(source, str):
     path = os.path.join(source, 'assets.extra', shift_lib.SHIFT_JSON)
     if os.path.isfile(path):
       with open(path, 'rb') as f:
-        return f.read()
+        content = f.read()
+      if int8 and len(json.loads(content).get('taps') or [None]) > 1:
+        raise errors.UsageError(
+            f'{source}: its shift score reads several depths, which int8 cannot carry: convert '
+            'the int8 variant from the Keras model (covidlib-export does)')
+      return content
   return None
 
 

@@ -97,6 +97,25 @@ def test_ensemble_is_the_largest_standardised_distance():
                                 model.score({**queries, 'other': np.zeros((9, 2))}))
 
 
+def test_each_depth_gets_its_own_threshold_for_a_variant_that_carries_it_alone():
+  train, labels = _taps()
+  validation = _taps(1)[0]
+  model = shift.fit_shift(train, labels, validation=validation)
+  with pytest.raises(errors.UsageError, match="no threshold for tap 'stem' alone"):
+    model.single_tap('stem')
+  chosen = shift.choose_threshold(model, model.score(validation), 'quantile:0.9',
+                                  tap_scores=model.tap_scores(validation))
+  z = model.tap_scores(validation)
+  for k, tap in enumerate(chosen.taps):
+    assert tap.threshold == pytest.approx(np.quantile(z[:, k], 0.9))
+  alone = chosen.single_tap('penultimate')
+  assert alone.tap_names == ('penultimate',) and alone.threshold == chosen.taps[-1].threshold
+  np.testing.assert_array_equal(alone.score(validation), z[:, -1])
+  assert chosen.threshold == pytest.approx(np.quantile(z.max(1), 0.9))
+  with pytest.raises(errors.UsageError, match="no tap 'stage9'"):
+    chosen.single_tap('stage9')
+
+
 def test_several_taps_need_validation_features():
   train, labels = _taps()
   with pytest.raises(errors.UsageError, match='3 taps need validation features'):

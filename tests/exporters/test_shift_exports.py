@@ -12,8 +12,11 @@ far-out ones tens to thousands. Tolerances, from what each variant changes:
                               directions: values within 25%, or within 0.25 near zero (a
                               quarter of the validation images' standard deviation at a
                               depth), and the flag agreeing on >= 90% of images.
-  tflite_int8                 8-bit activations and a saturating output: flags only (>= 80%
-                              on in-distribution images, and every far-out image flagged).
+  tflite_int8                 carries the penultimate depth alone, with its own threshold
+                              (8-bit activations do not carry the earlier depths); 8-bit
+                              activations and a saturating output: flags only (>= 80% agreeing
+                              with the Keras score of that depth on in-distribution images, and
+                              every far-out image flagged).
 The uint8_image variants (fp32, dynamic) take the decoded image and score it after their
 in-graph resize; they are held to the fp32 and dynamic tolerances against the Keras model on
 the same images through covidlib.preprocess, and run through the TensorFlow-free edge route.
@@ -108,7 +111,8 @@ def shift_exports(tmp_path_factory, tiny_model, calibration_images, decision, he
   val_taps = _taps(tiny_model, validation)
   fitted = shift.fit_shift(train, labels, validation=val_taps)
   assert len(fitted.taps) == 2
-  fitted = shift.choose_threshold(fitted, fitted.score(val_taps), 'quantile:0.9')
+  fitted = shift.choose_threshold(fitted, fitted.score(val_taps), 'quantile:0.9',
+                                  tap_scores=fitted.tap_scores(val_taps))
   shift.save(fitted, run)
   paths = {'model_dir': run,
            'saved_model': saved_model.export_saved_model(run, root / 'saved_model',
@@ -148,13 +152,32 @@ def test_variant_scores_match_keras(shift_exports, name):
     assert agree >= FLAG_AGREEMENT[name]
 
 
-def test_int8_flags_agree_and_far_out_images_are_flagged(shift_exports):
+def test_int8_carries_the_penultimate_depth_and_its_flags_agree(shift_exports):
+  """8-bit activations cannot carry the earlier depths (exporters.tflite.int8_shift_model): the
+  int8 file's score is the penultimate depth alone, with that depth's own threshold, and its
+  flags agree with the Keras model's score of that depth."""
+  from covidlib import tflite_metadata
+
   fitted, paths, validation = shift_exports
-  _, reference = predict.Predictor(paths['model_dir']).predict_preprocessed_with_shift(validation)
+  keras_route = predict.Predictor(paths['model_dir'])
+  reference, threshold = keras_route.shift_scores_at(validation, 'penultimate')
+  assert threshold == fitted.taps[-1].threshold != fitted.threshold
   predictor = predict.Predictor(paths['tflite_int8'])
+  assert predictor.shift_taps == ('penultimate',) and keras_route.shift_taps == fitted.tap_names
+  assert predictor.shift_threshold == pytest.approx(threshold, rel=1e-6)
+  entry = tflite_metadata.read_model_info(open(paths['tflite_int8'], 'rb').read()).extra['shift']
+  assert [t['name'] for t in entry['taps']] == ['penultimate'] and 'int8' in entry['variant']
   _, scores = predictor.predict_preprocessed_with_shift(validation)
-  agree = np.mean((scores <= fitted.threshold) == (reference <= fitted.threshold))
+  agree = np.mean((scores <= threshold) == (reference <= threshold))
   assert agree >= FLAG_AGREEMENT['tflite_int8']
+
+
+def test_int8_from_a_saved_model_with_several_depths_is_refused(shift_exports, calibration_images):
+  from covidlib import errors
+  from exporters import tflite
+
+  with pytest.raises(errors.UsageError, match='reads several depths, which int8 cannot carry'):
+    tflite.convert_tflite(shift_exports[1]['saved_model'], 'int8', calibration_images)
 
 
 @pytest.mark.parametrize('name', ['model_dir', 'saved_model', 'tflite_fp32', 'tflite_fp16',
@@ -246,7 +269,9 @@ def test_parity_report_has_the_shift_table(shift_exports, uint8_exports, helpers
       'tflite_uint8_image'] + 1e-3
   text = parity.render_markdown(report)
   table = text.split('## Shift score')[1]
-  assert '| tflite_int8 |' in table and '| tflite_uint8_image |' in table
+  assert '| tflite_int8 (*) |' in table and '| tflite_uint8_image |' in table
+  assert report['models']['tflite_int8']['shift']['taps'] == ['penultimate']
+  assert 'taps' not in report['models']['tflite_fp32']['shift']
   assert 'no shift_score output' not in table
 
 
@@ -282,10 +307,17 @@ def test_edge_route_flags_far_out_images(shift_exports, uint8_exports, helpers, 
   assert all(keras_route.predict_array(x).in_distribution is False for x in gray)
   ours = edge.EdgePredictor({**paths, **uint8_exports}[name])
   got = [ours.predict_array(x) for x in gray]
-  assert all(r.in_distribution is False and r.shift_score > fitted.threshold for r in got)
+  assert all(r.in_distribution is False and r.shift_score > ours.shift_threshold for r in got)
   assert all(r.label in (0, 1) for r in got)  # Flagged, still labelled (no abstention here).
   inside = [ours.predict_array(x) for x in _validation_raw(helpers)]
-  reference = [keras_route.predict_array(x).in_distribution for x in _validation_raw(helpers)]
+  if name == 'tflite_int8':  # The penultimate depth alone, with its own threshold.
+    scores, threshold = keras_route.shift_scores_at(
+        helpers.preprocessed(_validation_raw(helpers)), 'penultimate')
+    assert ours.shift_threshold == pytest.approx(threshold, rel=1e-6)
+    reference = list(scores <= threshold)
+  else:
+    assert ours.shift_threshold == pytest.approx(fitted.threshold, rel=1e-6)
+    reference = [keras_route.predict_array(x).in_distribution for x in _validation_raw(helpers)]
   agree = np.mean([r.in_distribution == want for r, want in zip(inside, reference)])
   assert agree >= FLAG_AGREEMENT.get(name.replace('uint8_image_', ''), 0.9)
 
