@@ -314,7 +314,8 @@ def out_of_distribution_section(shift_info: dict | None, evaluated: dict | None,
         'which sees what the model learned about the finding. At each depth it is a squared '
         'Mahalanobis distance to the nearest class, standardised by its mean and spread on the '
         'validation images; the score is the largest of them, so a film unusual at any one '
-        'depth scores high. ')
+        'depth scores high (the int8 TFLite file carries the last of these depths alone, with '
+        'its own threshold: 8-bit activations do not carry the earlier ones). ')
   else:
     measured = (
         'Every output comes with `shift_score` and `in_distribution`. The score measures how '
