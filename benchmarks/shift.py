@@ -23,8 +23,9 @@ model, its own test split and every film of the other site, one scoring pass eac
   - TFLite fp32, fp16, dynamic and int8 (calibrated on 100 training films) with the old and
     the new score: the flag's agreement with the Keras model's score of the same depths (int8
     carries the penultimate depth alone) on the own test split and 200 unseen-site films.
-  - latency (NIH model), batch of one, median of 50: Keras alone and the Predictor's Keras path
-    (tap model + numpy score), TFLite fp32 and int8 (1 thread) without and with each score.
+  - latency (NIH model), batch of one, median of 200 with the paths compared called in turn:
+    Keras alone and the Predictor's Keras path (tap model + numpy score), TFLite fp32 and int8
+    (1 thread) without and with each score.
 Writes <sites_out>.json and .md.
 
 issue10 (the default; the covid_xray models of issue 10):
@@ -578,9 +579,14 @@ def _batches(x):
   return tf.data.Dataset.from_tensor_slices((x, np.zeros(len(x), np.int64))).batch(32)
 
 
+LATENCY_RUNS = 200
+
+
 def _site_latency(model_dir: str, contents: dict, x) -> dict:
-  """Batch of one, median of 50 runs: Keras alone, Keras taps + numpy score (the Predictor's
-  Keras path), and TFLite (1 thread) without / with each score."""
+  """Batch of one, median of LATENCY_RUNS: Keras alone, Keras taps + numpy score (the
+  Predictor's Keras path), and TFLite (1 thread) without / with each score. The paths compared
+  run in turn, one call each per round, so a change of load on the shared machine hits all
+  alike."""
   import numpy as np
   from ai_edge_litert.interpreter import Interpreter
 
@@ -590,19 +596,21 @@ def _site_latency(model_dir: str, contents: dict, x) -> dict:
   from exporters import tflite
 
   model = md.load_model(model_dir)
-  out = {'keras_model_ms': _median_ms(lambda: model(x, training=False))}
+  keras_paths = {'keras_model_ms': lambda: model(x, training=False)}
   for label, fitted in (('old', shift.load(os.path.join(model_dir, 'shift_format_1'))),
                         ('new', shift.load(model_dir))):
     extractor = shift_fit.tap_extractor(model, fitted, model_dir)
 
-    def keras_path():
+    def keras_path(extractor=extractor, fitted=fitted):
       _, *features = extractor(x, training=False)
       return fitted.score([np.asarray(f) for f in features])
-    out[f'keras_{label}_ms'] = _median_ms(keras_path)
+    keras_paths[f'keras_{label}_ms'] = keras_path
+  out = _interleaved_median_ms(keras_paths)
   decision = md.load_decision(model_dir)
   for quant in ('fp32', 'int8'):
     plain = tflite.convert_tflite(model, quant, contents['calibration'] if quant == 'int8'
                                   else None, decision=decision)
+    runs = {}
     for label, content in (('none', plain), ('old', contents[('old', quant)]),
                            ('new', contents[('new', quant)])):
       interpreter = Interpreter(model_content=content, num_threads=1)
@@ -610,11 +618,28 @@ def _site_latency(model_dir: str, contents: dict, x) -> dict:
       detail = interpreter.get_input_details()[0]
       image = edge_quantize(x, detail)
 
-      def run():
+      def run(interpreter=interpreter, detail=detail, image=image):
         interpreter.set_tensor(detail['index'], image)
         interpreter.invoke()
-      out[f'tflite_{quant}_{label}_ms'] = _median_ms(run)
+      runs[f'tflite_{quant}_{label}_ms'] = run
+    out.update(_interleaved_median_ms(runs))
   return out
+
+
+def _interleaved_median_ms(fns: dict, runs: int = LATENCY_RUNS, warmup: int = 5) -> dict:
+  """{name: median ms} of each function, called in turn `runs` times after a warm-up."""
+  import numpy as np
+
+  times = {name: [] for name in fns}
+  for _ in range(warmup):
+    for fn in fns.values():
+      fn()
+  for _ in range(runs):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t) * 1000) for name, t in times.items()}
 
 
 def edge_quantize(x, detail):
@@ -713,7 +738,8 @@ def render_cross_site(r: dict) -> str:
                    f'({_pct(t["keras_unseen_flagged"])}) | {_pct(t["own_test_flagged"])} | '
                    f'{t["size_bytes"] / 1e6:.2f} MB |')
   lat = r['latency']
-  lines += ['', f'Latency, one image, median of 50 ({names[0]} model; TFLite 1 thread):', '',
+  lines += ['', f'Latency, one image, median of {LATENCY_RUNS}, the paths of a row called in '
+            f'turn ({names[0]} model; TFLite 1 thread):', '',
             '| path | no score | old score | new score |', '|---|---|---|---|',
             f'| Keras (Predictor: tap model + numpy score) | {lat["keras_model_ms"]:.2f} ms | '
             f'{lat["keras_old_ms"]:.2f} ms | {lat["keras_new_ms"]:.2f} ms |']
