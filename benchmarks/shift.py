@@ -548,12 +548,22 @@ def _tflite_figures(model_dir: str, name: str, other: str, data_dir: str) -> dic
   taps = [scoring.score_dataset(model, _batches(x), taps=True).taps for x in (test, unseen)]
   for label, fitted in (('old', shift.load(os.path.join(model_dir, 'shift_format_1'))),
                         ('new', shift.load(model_dir))):
-    for quant in ('fp32', 'fp16', 'dynamic', 'int8'):
+    for quant in ('fp32', 'fp16', 'dynamic', 'int8') + (('int8-all-depths',) if label == 'new'
+                                                         else ()):
       # What the variant carries: int8 the penultimate depth alone (tflite.int8_shift_model).
+      # 'int8-all-depths' is the alternative not shipped: every depth in the int8 file.
       carried = tflite.int8_shift_model(fitted) if quant == 'int8' else fitted
       keras_scores = [carried.score(t) for t in taps]
-      content = tflite.convert_tflite(model, quant, calibration if quant == 'int8' else None,
-                                      decision=decision, shift_model=fitted)
+      shipped = tflite.int8_shift_model
+      if quant == 'int8-all-depths':
+        tflite.int8_shift_model = lambda m: m
+      try:
+        content = tflite.convert_tflite(
+            model, quant[:4] if quant.startswith('int8') else quant,
+            calibration if quant.startswith('int8') else None, decision=decision,
+            shift_model=fitted)
+      finally:
+        tflite.int8_shift_model = shipped
       interpreter = Interpreter(model_content=content, num_threads=1)
       runner = interpreter.get_signature_runner()
       got = [np.array([float(runner(images=x[None])['shift_score'][0]) for x in part])
@@ -730,9 +740,12 @@ def render_cross_site(r: dict) -> str:
             '|---|---|---|---|---|---|---|---|']
   for name, m in r['models'].items():
     for key, t in m['tflite'].items():
-      label, quant = key.split('_')
+      label, quant = key.split('_', 1)
       carried = ('issue 10' if label == 'old' else
                  'penultimate alone' if len(t['taps']) == 1 else f'{len(t["taps"])} depths')
+      if quant == 'int8-all-depths':
+        quant, carried = 'int8', f'{len(t["taps"])} depths (not shipped)'
+
       lines.append(f'| {name} | {quant} | {carried} | {t["flag_agreement_own_test"]:.3f} | '
                    f'{t["flag_agreement_unseen"]:.3f} | {_pct(t["unseen_flagged"])} '
                    f'({_pct(t["keras_unseen_flagged"])}) | {_pct(t["own_test_flagged"])} | '
