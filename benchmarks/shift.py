@@ -1,7 +1,7 @@
 """Does the shift score (issues #10, #17) flag images unlike the training data? Measured on real
 data, in two parts (--parts, comma-separated).
 
-cross_site (issue 17), about 25 min on 2 shared cores:
+cross_site (issue 17), about 10 min on 2 shared cores:
 
     .venv/bin/python benchmarks/shift.py --parts=cross_site --runs_dir=runs \\
         --same_site_src=/work/main/runs/same_site --same_site_data_dir=/work/main/tfds_data \\
