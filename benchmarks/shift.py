@@ -189,13 +189,13 @@ def _latency(model_dir: str, images) -> dict:
   import numpy as np
 
   from covidlib import model_dir as md
+  from covidlib import models
   from covidlib import shift
-  from covidlib import shift_fit
   from exporters import tflite
 
   model = md.load_model(model_dir)
   fitted = shift.load(model_dir)
-  extractor = shift_fit.tap_extractor(model, fitted, model_dir)
+  extractor = models.tap_model(model, fitted.tap_names, fitted.feature_dims)
   x = images[:1]
   features = [np.asarray(f) for f in extractor(x, training=False)[1:]]
 
@@ -601,15 +601,15 @@ def _site_latency(model_dir: str, contents: dict, x) -> dict:
   from ai_edge_litert.interpreter import Interpreter
 
   from covidlib import model_dir as md
+  from covidlib import models
   from covidlib import shift
-  from covidlib import shift_fit
   from exporters import tflite
 
   model = md.load_model(model_dir)
   keras_paths = {'keras_model_ms': lambda: model(x, training=False)}
   for label, fitted in (('old', shift.load(os.path.join(model_dir, 'shift_format_1'))),
                         ('new', shift.load(model_dir))):
-    extractor = shift_fit.tap_extractor(model, fitted, model_dir)
+    extractor = models.tap_model(model, fitted.tap_names, fitted.feature_dims)
 
     def keras_path(extractor=extractor, fitted=fitted):
       _, *features = extractor(x, training=False)

@@ -345,17 +345,18 @@ def _moments(x):
                                 keras.ops.sqrt(var + 1e-12)], axis=-1)
 
 
-def tap_model(model: keras.Model, taps: list[str] | tuple[str, ...] | None = None
-              ) -> keras.Model:
+def tap_model(model: keras.Model, taps: list[str] | tuple[str, ...] | None = None,
+              dims: list[int] | tuple[int, ...] | None = None) -> keras.Model:
   """A Keras model: images -> [the model's output, pooled tap 0, ..., penultimate features].
 
   Tap i (feature_taps(model)[i]) is (n, 2c) for a 4-D layer (mean and std per channel), and
   (n, d) for the penultimate features. With `taps`, only those (names of feature_taps, in the
-  order given): what a fitted shift score reads. Shares `model`'s layers (no copy); built anew
-  per call.
+  order given): what a fitted shift score reads; with `dims`, their feature counts are checked.
+  Shares `model`'s layers (no copy); built anew per call.
 
   Raises:
-    UsageError: a name in `taps` that is not a tap of the model.
+    UsageError: a name in `taps` that is not a tap of the model, or a tap whose feature count
+      is not the one in `dims`.
   """
   names = feature_taps(model)
   if taps is not None:
@@ -371,4 +372,8 @@ def tap_model(model: keras.Model, taps: list[str] | tuple[str, ...] | None = Non
       outputs.append(keras.ops.reshape(keras.ops.cast(f, 'float32'), (-1, int(f.shape[-1]))))
     else:
       outputs.append(_moments(model.get_layer(name).output))
+  for name, output, want in zip(names, outputs[1:], dims or ()):
+    if int(output.shape[-1]) != int(want):
+      raise errors.UsageError(f'tap {name!r} of model {model.name!r} has '
+                              f'{int(output.shape[-1])} features, not {int(want)}')
   return keras.Model(model.input, outputs, name=f'{model.name}_taps')

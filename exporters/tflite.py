@@ -65,9 +65,9 @@ import tensorflow as tf
 
 from covidlib import errors
 from covidlib import model_dir as model_dir_lib
+from covidlib import models
 from covidlib import scoring
 from covidlib import shift as shift_lib
-from covidlib import shift_fit
 from covidlib import tflite_metadata
 from exporters import saved_model as saved_model_lib
 from exporters import serving
@@ -131,7 +131,7 @@ def _outputs(source: keras.Model, shift_model, archive):
   archive.track(source)
   if shift_model is None:
     return lambda images: {OUTPUT: tf.reshape(source(images, training=False), [-1])}
-  with_features = shift_fit.tap_extractor(source, shift_model)
+  with_features = models.tap_model(source, shift_model.tap_names, shift_model.feature_dims)
   archive.track(with_features)
 
   def outputs(images):

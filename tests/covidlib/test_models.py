@@ -203,6 +203,10 @@ def test_tap_model_with_a_subset_of_taps():
   np.testing.assert_allclose(some[2], every[-1], rtol=1e-6)
   with pytest.raises(errors.UsageError, match=r"has no taps \['stage9_out'\]"):
     models.tap_model(model, ['stage9_out'])
+  assert len(models.tap_model(model, ['stage2_out'], [64]).outputs) == 2
+  with pytest.raises(errors.UsageError, match="tap 'stage2_out' of model .* has 64 features, "
+                     'not 63'):
+    models.tap_model(model, ['stage2_out'], [63])
 
 
 def test_tap_std_of_a_nearly_constant_channel_does_not_cancel():
