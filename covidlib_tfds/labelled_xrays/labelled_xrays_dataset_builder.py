@@ -24,7 +24,8 @@ What the build does, streaming (one image in memory at a time, per worker thread
    LUT / window, 12/16 bits, MONOCHROME1), keeping only a perceptual hash and a few header
    fields: PatientID where the CSV row has no patient_id, ViewPosition where it has no view,
    PatientAge / PatientSex where it has no age / sex. No other header element is read.
-3. Splits by patient (site + patient id) and near-duplicate image (covidlib_tfds.splitting,
+3. Splits by patient (site + patient id; without one, the file-name series, below) and
+   near-duplicate image (covidlib_tfds.splitting,
    balance_groups=True: each split gets its share of the images, of each class's images and of
    the patients, within about one patient's images, whatever the patients' sizes), unless the
    CSV has a `split` column, which is then used as is.
@@ -56,10 +57,19 @@ that the message names; unless skip_bad=True: then it goes on without them, logs
 warning, and lists them in `info.metadata['bad_files']` ('<name>: <reason>').
 A file path that shows its patient's id or DICOM name fails the build (CSV line numbers named)
 unless hash_filenames=True. Images with no patient id at all (neither in the CSV nor in a
-DICOM header) are split as their own patients; they are counted in the log and in
-`info.metadata['images_without_patient_id']`. With frontal_only, views other than PA/AP are
-left out and listed in `info.metadata['excluded_files']`; files of unknown view are kept (and
-counted in the log).
+DICOM header) are split by the series their path names (covidlib_tfds.splitting.series_key with
+the folder kept: `scans/extubation-1.png` ... `scans/extubation-13.png` are series
+`scans/extubation`, `<32 hex>-<4 hex>-<n>.jpg` uploads of one hash another; `x/scan-1.png` and
+`y/scan-2.png` are two), each series as one group, as if it were one patient; a name without a
+trailing counter is a series of its own. The rule reads names only: generic names with a counter
+in one folder (`img_1.png`, `img_2.png`) become one group, whoever they show, so give patient
+ids where you have them (then the rule is not used). They are counted in the log and in
+`info.metadata['images_without_patient_id']`; the series of two or more images are listed in
+`info.metadata['unknown_patient_series']` ({'series:<site>:<series>': [image/filename, ...]},
+the series hashed with hash_filenames), which `covidlib_tfds.audit` checks. With a CSV split
+column, series it puts on two sides are counted in `info.metadata['series_in_two_splits']`.
+With frontal_only, views other than PA/AP are left out and listed in
+`info.metadata['excluded_files']`; files of unknown view are kept (and counted in the log).
 
 A build records what it was made from in `info.metadata['inputs']` (`input_fingerprint`: the
 CSV's sha256, a digest of every file's path, size and mtime, a slow hash of the salt, the
@@ -79,6 +89,13 @@ Builder arguments (build time only; none is stored in the dataset but in the fin
     split out). Ignored when the CSV has a split column.
   frontal_only: keep PA and AP views only.
   hash_filenames: store hashed file names instead of the CSV's paths.
+
+On Apache Beam: a download config naming a beam_runner or beam_options (`python -m
+covidlib_tfds.build ... --beam`, `tfds build ... --beam_pipeline_options=...`) runs both passes
+over the files on Beam workers, and step 3 with the checks in the launching process, on the
+same functions: the same dataset, example for example (beam_build.py). Without labels_csv, the
+download config's manual_dir may hold it as labels.csv (`tfds build labelled_xrays/NAME
+--imports=covidlib_tfds --manual_dir=FOLDER`).
 """
 
 from __future__ import annotations
@@ -141,7 +158,8 @@ class _Image:
   label: int  # Index into the class names: 1 = the positive class.
   split: str
   patient_id: str  # The pseudonym.
-  group_key: str  # site NUL raw patient id, '' if unknown; for splitting only.
+  group_key: str  # 'patient' NUL site NUL raw patient id, '' if unknown; for splitting only.
+  series: str  # Without a patient id: 'series:<site>:<folder/series>' (memory only), else ''.
   source: str
   view: str
   age: int
@@ -160,9 +178,18 @@ def features() -> tfds.features.FeaturesDict:
 class Builder(tfds.core.GeneratorBasedBuilder):
   """Your labelled X-rays, split by patient; one config per data set, named when built."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-  BUILDER_CONFIGS = []  # Named by the user: labelled_xrays/<name>.
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '1.1.0': 'Images without a patient id (in neither the CSV nor a DICOM header) are split by '
+               'file-name series (folder kept: scans/extubation-1.png ... -13.png as one group), '
+               'not each as its own patient, so splits with such images change; '
+               '`info.metadata["unknown_patient_series"]` and, with a CSV split, '
+               '`["series_in_two_splits"]`.',
+  }
+  # Named by the user: labelled_xrays/<name>. One is listed, the shipped example's (set at the
+  # end of this module): `tfds build` refuses every config name of a builder that lists none.
+  BUILDER_CONFIGS = []
 
   def __init__(self, *, config: str | LabelledXraysConfig | None = None,
                labels_csv: epath.PathLike | None = None, salt: str | None = None,
@@ -185,6 +212,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     if positive is not None and (not isinstance(positive, str) or not positive.strip()):
       raise errors.UsageError(f'positive must be a label of the CSV, got {positive!r}')
     self._labels_csv = epath.Path(labels_csv) if labels_csv else None
+    self._beam = None  # A beam_build.BeamBuild while a build runs on Beam.
     self._salt = salt
     self._skip_bad = skip_bad
     self._unlisted = unlisted
@@ -204,17 +232,43 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def download_and_prepare(self, *, download_dir=None, download_config=None, **kwargs) -> None:
     """TFDS's, but a build from a labels CSV reuses a built config only if its inputs match.
 
+    Without labels_csv, the download config's manual_dir may hold it as labels.csv (`tfds build
+    labelled_xrays/NAME --manual_dir=FOLDER`). A download config that names a beam_runner or
+    beam_options runs the build's per-file work on Beam (beam_build.py).
+
     Raises:
       UsageError: the config is built in data_dir from other inputs (CSV, files, salt or
         arguments; see `input_fingerprint`), and the download mode does not overwrite it.
     """
-    mode = tfds.download.GenerateMode(
-        (download_config or tfds.download.DownloadConfig()).download_mode)
+    download_config = download_config or tfds.download.DownloadConfig()
+    mode = tfds.download.GenerateMode(download_config.download_mode)
+    if self._labels_csv is None and download_config.manual_dir:
+      found = epath.Path(download_config.manual_dir) / 'labels.csv'
+      self._labels_csv = found if found.is_file() else None
     if (self._labels_csv is not None and not mode.overwrite_dataset
         and mode != tfds.download.GenerateMode.UPDATE_DATASET_INFO and self.data_path.exists()):
       self._check_same_inputs()
-    super().download_and_prepare(download_dir=download_dir, download_config=download_config,
-                                 **kwargs)
+    if download_config.beam_runner is None and download_config.beam_options is None:
+      super().download_and_prepare(download_dir=download_dir, download_config=download_config,
+                                   **kwargs)
+      return
+    from covidlib_tfds.labelled_xrays import beam_build  # Needs apache-beam (covidlib[beam]).
+    self._beam = beam_build.BeamBuild(download_config.beam_runner, download_config.beam_options,
+                                      self.builder_config.name)
+    if download_config.beam_runner is None:  # TFDS's pipeline on the same kind of runner.
+      download_config = dataclasses.replace(
+          download_config, beam_runner=beam_build.runner(self._beam.options))
+    try:
+      super().download_and_prepare(download_dir=download_dir, download_config=download_config,
+                                   **kwargs)
+    except Exception as e:  # A covidlib error on a worker arrives as the runner's error text.
+      error = beam_build.covidlib_error(e)
+      if error is None:
+        raise
+      raise error from None
+    finally:
+      self._beam.close()
+      self._beam = None
 
   def _arguments(self) -> dict:
     """The build arguments that shape the dataset, as recorded in its fingerprint."""
@@ -280,10 +334,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     logging.info('%s: %d rows to read (%s)', csv_path.name, len(rows), ', '.join(columns))
 
     images = []
-    progress = tfds.core.utils.tqdm(
-        bounded_map(lambda row: _inspect(root, row, salt, config.hash_filenames, class_names),
-                    rows),
-        total=len(rows), desc='Reading and checking files', unit=' files', leave=False)
+    if self._beam is None:
+      progress = tfds.core.utils.tqdm(
+          bounded_map(lambda row: _inspect(root, row, salt, config.hash_filenames, class_names),
+                      rows),
+          total=len(rows), desc='Reading and checking files', unit=' files', leave=False)
+    else:  # The same _inspect, on the Beam workers (beam_build.py).
+      progress = self._beam.inspect(rows, root, salt, config.hash_filenames, class_names)
     for result in progress:
       (bad if isinstance(result, labels_lib.BadFile) else images).append(result)
 
@@ -327,10 +384,16 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       raise errors.DataError(f'{csv_path.name}: no usable image is left to build from')
     anonymous = sum(1 for i in images if not i.group_key)
     self.info.metadata['images_without_patient_id'] = anonymous
+    series = _unknown_patient_series(images, salt, config.hash_filenames)
+    self.info.metadata['unknown_patient_series'] = series
     if anonymous:
       logging.warning('%d of %d images have no patient id (no patient_id in the CSV, no '
-                      'PatientID in a DICOM header): each is split as its own patient, grouped '
-                      'only with its near-duplicates', anonymous, len(images))
+                      'PatientID in a DICOM header): %s; %d of them are in %d file-name series '
+                      'of 2 or more (info.metadata["unknown_patient_series"])',
+                      anonymous, len(images),
+                      'each file-name series is split as one group' if splitting.GROUP_SERIES
+                      else 'each is split on its own (splitting.GROUP_SERIES is off)',
+                      sum(map(len, series.values())), len(series))
     if 'split' in columns:
       self.info.metadata['split_from'] = 'csv'
       _warn_patients_in_two_splits(images, self.info.metadata)
@@ -342,12 +405,15 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       names = list(fractions)
     for name in names:
       counts = collections.Counter(class_names[i.label] for i in images if i.split == name)
-      patients = len({i.group_key or i.path for i in images if i.split == name})
+      patients = len({_split_key(i) or i.path for i in images if i.split == name})
       logging.info('labelled_xrays/%s %s: %d images of %d patients (%s)', config.name, name,
                    sum(counts.values()), patients,
                    ', '.join(f'{k} {v}' for k, v in sorted(counts.items())))
     # Last: a build that failed above records nothing, and the inputs are those read at start.
     self.info.metadata['inputs'] = fingerprint
+    if self._beam is not None:
+      return {name: self._beam.examples(name, root, [i for i in images if i.split == name])
+              for name in names}
     return {name: self._generate_examples(root, [i for i in images if i.split == name])
             for name in names}
 
@@ -356,17 +422,22 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       return image, read_image(root, image.path)[0]
 
     for image, pixels in bounded_map(load, images):
-      yield image.filename, {
-          'image': pixels,
-          'label': image.label,
-          'image/filename': image.filename,
-          'patient_id': image.patient_id,
-          'source': image.source,
-          'view': image.view,
-          'age': image.age,
-          'sex': image.sex,
-          'finding': image.finding,
-      }
+      yield image.filename, example(image, pixels)
+
+
+def example(image: _Image, pixels: np.ndarray) -> dict:
+  """The stored example of one image (the streaming and the Beam build share it)."""
+  return {
+      'image': pixels,
+      'label': image.label,
+      'image/filename': image.filename,
+      'patient_id': image.patient_id,
+      'source': image.source,
+      'view': image.view,
+      'age': image.age,
+      'sex': image.sex,
+      'finding': image.finding,
+  }
 
 
 def make_config(name: str, *, val_fraction: float = DEFAULT_FRACTION,
@@ -383,13 +454,22 @@ def make_config(name: str, *, val_fraction: float = DEFAULT_FRACTION,
   split_fractions(val_fraction, test_fraction)
   kept = 'PA and AP views only' if frontal_only else 'every view'
   files = 'hashed file names' if hash_filenames else 'file names as in the labels CSV'
-  return LabelledXraysConfig(
+  config = LabelledXraysConfig(
       name=name, val_fraction=val_fraction, test_fraction=test_fraction,
       frontal_only=frontal_only, hash_filenames=hash_filenames,
       description=(f'Labelled chest X-rays "{name}" built from a labels CSV: split by patient '
                    f'and near-duplicate image (validation {val_fraction:g}, test '
                    f'{test_fraction:g}) unless the CSV gives the split; {kept}; {files}; '
                    'patient ids as salted hashes.'))
+  # TFDS refuses a config named as a listed one unless it is that very object.
+  listed = next((c for c in Builder.BUILDER_CONFIGS if c.name == name), None)
+  if listed is None:
+    return config
+  if listed != config:
+    raise errors.UsageError(f'dataset name {name!r} is the shipped example\'s (dummy_data/, '
+                            'default options): choose another name')
+  return listed
+
 
 
 def split_fractions(val_fraction: float, test_fraction: float) -> dict[str, float]:
@@ -571,7 +651,10 @@ def _inspect(root: epath.Path, row: labels_lib.Row, salt: str, hash_filenames: b
       label=class_names.index(row.label),
       split=row.split,
       patient_id=privacy.pseudonym(salt, row.site, patient),
-      group_key=f'{row.site}\0{patient}' if patient else '',
+      # 'patient' first: no patient key can equal a series key, which starts with 'series:'.
+      group_key=f'patient\0{row.site}\0{patient}' if patient else '',
+      series='' if patient else splitting.series_group_key(
+          row.site, splitting.series_key(row.path, keep_folder=True)),
       source=row.site,
       view=row.view or header.get('view', ''),
       age=min(age, MAX_AGE),
@@ -589,9 +672,36 @@ def _stored_name(path: str, salt: str, hash_filenames: bool) -> str:
 # ---------------------------------------------------------------------------------------------
 # Splitting.
 
+def _split_key(image: _Image) -> str:
+  """What splits group by: the patient, else (splitting.GROUP_SERIES) the file-name series."""
+  return image.group_key or (image.series if splitting.GROUP_SERIES else '')
+
+
+def _unknown_patient_series(images: list[_Image], salt: str, hash_filenames: bool
+                            ) -> dict[str, list[str]]:
+  """{series key: stored file names} of each series of 2+ images without a patient id.
+
+  With hash_filenames the series (a folder and a name stem, which may name someone) is hashed:
+  'series:<site>:<16 hex digits>'. Recorded whether or not splits group by series.
+  """
+  members = collections.defaultdict(list)
+  for i in images:
+    if i.series:
+      members[i.series].append(i)
+  record = {}
+  for key, group in members.items():
+    if len(group) > 1:
+      site = group[0].source
+      if hash_filenames:
+        key = splitting.series_group_key(
+            site, privacy.hashed_series(salt, site, key[len(f'series:{site}:'):]))
+      record[key] = sorted(i.filename for i in group)
+  return dict(sorted(record.items()))
+
+
 def _split_by_patient(images: list[_Image], fractions: dict[str, float]) -> list[_Image]:
-  """Assigns whole patient / near-duplicate groups to splits (see covidlib_tfds.splitting)."""
-  groups = splitting.group_images([i.group_key for i in images], [i.hash for i in images])
+  """Assigns whole patient (or series) / near-duplicate groups to splits (see splitting)."""
+  groups = splitting.group_images([_split_key(i) for i in images], [i.hash for i in images])
   names = splitting.split_groups(groups, [i.label for i in images], fractions, seed=_SPLIT_SEED,
                                  balance_groups=True)
   empty = [name for name in fractions if name not in names]
@@ -605,13 +715,23 @@ def _split_by_patient(images: list[_Image], fractions: dict[str, float]) -> list
 
 
 def _warn_patients_in_two_splits(images: list[_Image], metadata: dict) -> None:
-  """The CSV's own split is kept, but patients it puts on two sides are counted, not named."""
+  """The CSV's own split is kept, but patients (and series) it puts on two sides are counted."""
   splits = collections.defaultdict(set)
   for i in images:
-    if i.group_key:
-      splits[i.group_key].add(i.split)
-  shared = sum(1 for s in splits.values() if len(s) > 1)
-  metadata['patients_in_two_splits'] = shared
-  if shared:
-    logging.warning('The CSV\'s split puts %d patient(s) in more than one split (kept as given; '
-                    'python -m covidlib_tfds.audit lists them by pseudonym)', shared)
+    if i.group_key or i.series:
+      splits[i.group_key or i.series].add(i.split)
+  on_two_sides = [key for key, sides in splits.items() if len(sides) > 1]
+  series = sum(1 for key in on_two_sides if key.startswith('series:'))
+  metadata['patients_in_two_splits'] = len(on_two_sides) - series
+  metadata['series_in_two_splits'] = series
+  if on_two_sides:
+    logging.warning('The CSV\'s split puts %d patient(s) and %d file-name series of images '
+                    'without a patient id in more than one split (kept as given; python -m '
+                    'covidlib_tfds.audit lists them)', len(on_two_sides) - series, series)
+
+
+# The example built from dummy_data/ (`tfds build labelled_xrays --imports=covidlib_tfds
+# --manual_dir=covidlib_tfds/labelled_xrays/dummy_data`): listed so that `tfds build` takes
+# config names at all (labelled_xrays/NAME); every other name is the user's.
+EXAMPLE_CONFIG = 'dummy'
+Builder.BUILDER_CONFIGS = [make_config(EXAMPLE_CONFIG)]
