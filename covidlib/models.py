@@ -47,7 +47,11 @@ import random
 import re
 from typing import Callable
 
+import h5py  # A dependency of Keras: its weights files are HDF5.
 import keras
+# keras.src: Keras has no public way to scope its layer-name counters (clear_session resets them
+# along with everything else); see _reproducible_build.
+from keras.src.backend.common import global_state
 import numpy as np
 
 from covidlib import errors
@@ -256,9 +260,6 @@ def _reproducible_build(seed: int | None):
   rebuilt in the same process (train.py saves a float32 rebuild of a mixed-precision model)
   has the same layer names, which feature_taps and the reference features record.
   """
-  # keras.src: Keras has no public way to scope its name counters (clear_session resets them
-  # along with everything else).
-  from keras.src.backend.common import global_state  # pylint: disable=g-import-not-at-top
   counters = global_state.get_global_attribute('object_name_uids')
   global_state.set_global_attribute('object_name_uids', collections.defaultdict(int))
   state = random.getstate()
@@ -385,7 +386,6 @@ def read_weights_file(path: str) -> tuple[dict[str, list[np.ndarray]], bool]:
   Raises:
     UsageError: the file is not HDF5 or holds no layer weights in either layout.
   """
-  import h5py  # pylint: disable=g-import-not-at-top  (a Keras dependency; needed only here)
   try:
     f = h5py.File(path, 'r')
   except OSError as e:
