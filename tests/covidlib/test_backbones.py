@@ -27,7 +27,6 @@ from covidlib import train
 from covidlib.cli import common
 from covidlib.cli import train as train_cli
 from exporters import export
-from exporters import parity
 
 SIZE = 32
 BACKBONES = sorted(models.BACKBONES)
