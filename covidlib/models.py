@@ -269,7 +269,12 @@ def _reproducible_build(seed: int | None):
     yield
   finally:
     random.setstate(state)
-    global_state.set_global_attribute('object_name_uids', counters)
+    # Continue past the names this build used: an op created later on this model's tensors
+    # (tap_model's pooling) must not take a name the model holds already ('add_5' twice).
+    merged = collections.defaultdict(int, counters or {})
+    for key, count in global_state.get_global_attribute('object_name_uids').items():
+      merged[key] = max(merged[key], count)
+    global_state.set_global_attribute('object_name_uids', merged)
 
 
 def _backbone_model(name: str, image_size: int, channels: int, seed: int | None, crop: float,
