@@ -47,14 +47,15 @@ def _timer():
 
     def __init__(self):
       super().__init__()
-      self.seconds = []
-      self._start = None
+      self.seconds, self.cpu_seconds = [], []
+      self._start = self._cpu = None
 
     def on_epoch_begin(self, epoch, logs=None):
-      self._start = time.perf_counter()
+      self._start, self._cpu = time.perf_counter(), time.process_time()
 
     def on_epoch_end(self, epoch, logs=None):
       self.seconds.append(time.perf_counter() - self._start)
+      self.cpu_seconds.append(time.process_time() - self._cpu)
 
   return Timer()
 
@@ -69,17 +70,21 @@ def _markdown(results: dict) -> str:
       'Written by `benchmarks/backbones.py` (see its docstring for the exact commands).',
       '',
       '| network | size | parameters | GFLOPs / image | train images | epoch 1 (traces) | '
-      'last epoch | images / s | precision | date |',
-      '|---|---|---|---|---|---|---|---|---|---|',
+      'last epoch | its CPU seconds | images / s | load average | precision | date |',
+      '|---|---|---|---|---|---|---|---|---|---|---|---|',
   ]
   for r in rows:
+    cpu = r.get('epoch_cpu_seconds')
     lines.append(
         f'| {r["model"]} | {r["image_size"]} | {r["params"] / 1e6:.2f} M | '
         f'{r["flops"] / 1e9:.3f} | {r["train_images"]} | {r["epoch_seconds"][0]:.0f} s | '
-        f'{r["epoch_seconds"][-1]:.0f} s | {r["train_images"] / r["epoch_seconds"][-1]:.1f} | '
+        f'{r["epoch_seconds"][-1]:.0f} s | {f"{cpu[-1]:.0f} s" if cpu else "-"} | '
+        f'{r["train_images"] / r["epoch_seconds"][-1]:.1f} | {r.get("load_average", "-")} | '
         f'{r["precision"]} | {r["date"]} |')
-  lines += ['', f'Machine: {rows[0]["machine"] if rows else ""}. Epoch times include the '
-            'validation pass; images / s = training images / last epoch seconds.', '']
+  lines += ['', f'Machine: {rows[0]["machine"] if rows else ""}. Epoch times are wall time and '
+            'include the validation pass; CPU seconds are the process\'s (all threads) over the '
+            'same epoch, steadier than wall time on a shared machine; images / s = training '
+            'images / last epoch wall seconds; load average: 1-minute, at the end of the run.', '']
   return '\n'.join(lines)
 
 
@@ -109,6 +114,8 @@ def main(argv):
           'model': name, 'image_size': size, 'params': models.count_params(model),
           'flops': models.count_flops(model), 'train_images': int(sum(counts)),
           'epoch_seconds': [round(s, 1) for s in timer.seconds],
+          'epoch_cpu_seconds': [round(s, 1) for s in timer.cpu_seconds],
+          'load_average': round(os.getloadavg()[0], 1),
           'precision': distribute.resolve_precision(config['mixed_precision']),
           'date': time.strftime('%Y-%m-%d'),
           'machine': f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores, '

@@ -1,15 +1,23 @@
-"""The networks: the article's `seed_cnn` and a compact residual network for this small data.
+"""The networks: the article's `seed_cnn`, a compact residual network for this small data, and
+four keras.applications backbones (`BACKBONES`: densenet121, efficientnetv2b0, mobilenetv3small,
+resnet50v2) with covidlib's input and head.
 
     from covidlib import models
     model = models.build_model('compact_resnet', image_size=224, channels=1, seed=0)
     print(models.count_params(model), models.count_flops(model))
+    model = models.build_model('densenet121', image_size=224, weights='imagenet')  # Keras' cache
 
 Every builder returns the INFERENCE model: input float32 (S, S, C) in [0, 1] named 'image',
 output (B, 1) float32 P(COVID-19) from a sigmoid layer named 'probability'. The layer before it,
 'logit', is a Dense(1) without activation, so exporters can apply the temperature of
 `decision.json` (P = sigmoid(logit / T)) without rebuilding the model. Both are float32 even
 under a mixed-precision policy. No augmentation inside (see `covidlib.augment.training_model`),
-no Lambda layers (models load with Keras safe_mode on), no downloaded weights.
+no Lambda layers (models load with Keras safe_mode on), and nothing downloaded: a backbone's
+ImageNet weights come from Keras' cache or a file the user names (`weights`), else it starts
+from random weights like the others. A backbone model carries inside itself the gray-to-RGB
+step and the backbone's own input scaling (see "Backbones" below), so every path that runs a
+covidlib model (training, evaluation, SavedModel, TFLite, the edge route, predict, Grad-CAM, the
+shift features) runs it unchanged.
 
 `crop` and `equalize` (default off) put `covidlib.standardize` layers right after the input
 ('crop', then 'equalize'), inside the model, so every path that runs it (training, evaluation,
@@ -36,9 +44,14 @@ import dataclasses
 import hashlib
 import os
 import random
+import re
 from typing import Callable
 
+import h5py  # A dependency of Keras: its weights files are HDF5.
 import keras
+# keras.src: Keras has no public way to scope its layer-name counters (clear_session resets them
+# along with everything else); see _reproducible_build.
+from keras.src.backend.common import global_state
 import numpy as np
 
 from covidlib import errors
@@ -233,7 +246,6 @@ BACKBONES: dict[str, Backbone] = {
         'ResNet50V2', 'tf', 'resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5',
         'fac2f116257151a9d068a22e544a4917'),
 }
-WEIGHTS_CHOICES = ('none', 'imagenet')  # ... or the path of a weights file.
 
 
 @contextlib.contextmanager
@@ -248,9 +260,6 @@ def _reproducible_build(seed: int | None):
   rebuilt in the same process (train.py saves a float32 rebuild of a mixed-precision model)
   has the same layer names, which feature_taps and the reference features record.
   """
-  # keras.src: Keras has no public way to scope its name counters (clear_session resets them
-  # along with everything else).
-  from keras.src.backend.common import global_state  # pylint: disable=g-import-not-at-top
   counters = global_state.get_global_attribute('object_name_uids')
   global_state.set_global_attribute('object_name_uids', collections.defaultdict(int))
   state = random.getstate()
@@ -260,7 +269,12 @@ def _reproducible_build(seed: int | None):
     yield
   finally:
     random.setstate(state)
-    global_state.set_global_attribute('object_name_uids', counters)
+    # Continue past the names this build used: an op created later on this model's tensors
+    # (tap_model's pooling) must not take a name the model holds already ('add_5' twice).
+    merged = collections.defaultdict(int, counters or {})
+    for key, count in global_state.get_global_attribute('object_name_uids').items():
+      merged[key] = max(merged[key], count)
+    global_state.set_global_attribute('object_name_uids', merged)
 
 
 def _backbone_model(name: str, image_size: int, channels: int, seed: int | None, crop: float,
@@ -365,17 +379,18 @@ def _text(value) -> str:
   return value.decode('utf8') if isinstance(value, bytes) else str(value)
 
 
-def read_weights_file(path: str) -> dict[str, list[np.ndarray]]:
-  """{layer name: its weight arrays} of a Keras weights file, for the layers that have weights.
+def read_weights_file(path: str) -> tuple[dict[str, list[np.ndarray]], bool]:
+  """({key: weight arrays} for the layers with weights, whether the keys are layer names).
 
-  Reads both layouts: the legacy HDF5 one (tf.keras 2 `save_weights('x.h5')`, the files
-  keras.applications downloads; also a whole-model .h5 file's 'model_weights') and Keras 3's
-  `save_weights('x.weights.h5')` (layers/<name>/vars/<i>).
+  Reads both layouts of a Keras weights file:
+    legacy HDF5 (tf.keras 2 `save_weights('x.h5')`: the files keras.applications downloads; also
+      a whole-model .h5 file's 'model_weights'): keys are layer names;
+    Keras 3 (`save_weights('x.weights.h5')`, layers/<key>/vars/<i>): keys are the layer CLASS
+      in snake case, numbered in the model's layer order ('conv2d', 'conv2d_1', ...), not names.
 
   Raises:
     UsageError: the file is not HDF5 or holds no layer weights in either layout.
   """
-  import h5py  # pylint: disable=g-import-not-at-top  (a Keras dependency; needed only here)
   try:
     f = h5py.File(path, 'r')
   except OSError as e:
@@ -384,51 +399,65 @@ def read_weights_file(path: str) -> dict[str, list[np.ndarray]]:
   with f:
     group = f['model_weights'] if 'layer_names' not in f.attrs and 'model_weights' in f else f
     found = {}
-    if 'layer_names' in group.attrs:  # Legacy: weight arrays in the layer's saving order.
+    by_name = 'layer_names' in group.attrs
+    if by_name:  # Legacy: each layer's arrays in its saving order (trainable first).
       for layer in map(_text, group.attrs['layer_names']):
         names = [_text(n) for n in group[layer].attrs.get('weight_names', [])]
         if names:
           found[layer] = [np.asarray(group[layer][n]) for n in names]
-    elif 'layers' in group:  # Keras 3: layers/<name>/vars/0, 1, ...
-      for layer, item in group['layers'].items():
+    elif 'layers' in group:
+      for key, item in group['layers'].items():
         variables = item.get('vars')
         if variables is not None and len(variables):
-          found[layer] = [np.asarray(variables[str(i)]) for i in range(len(variables))]
+          found[key] = [np.asarray(variables[str(i)]) for i in range(len(variables))]
   if not found:
     raise errors.UsageError(f'weights file {path!r} holds no layer weights (neither a Keras '
                             'save_weights .h5 nor a .weights.h5 file)')
-  return found
+  return found, by_name
+
+
+def _snake_case(name: str) -> str:
+  """Keras' class-name key of the .weights.h5 layout (keras.src.utils.naming.to_snake_case)."""
+  name = re.sub(r'(.)([A-Z][a-z]+)', r'\1_\2', re.sub(r'\W+', '', name))
+  return re.sub(r'([a-z])([A-Z])', r'\1_\2', name).lower()
 
 
 def load_backbone_weights(model: keras.Model, name: str, path: str) -> None:
-  """Loads a Keras weights file of backbone `name` into `model`, layer by name.
+  """Loads a Keras weights file of backbone `name` into `model` (see read_weights_file).
 
-  Every layer of the backbone that has weights must be in the file with arrays of the same
-  shapes; the file may hold more (e.g. an ImageNet classifier top, which is ignored). covidlib's
-  head ('logit') keeps its initial weights.
+  Every layer of the backbone that has weights must be in the file (by name in the legacy
+  layout, by class and order in the Keras 3 one) with arrays of the same shapes; the file may
+  hold more (e.g. an ImageNet classifier top, which is ignored). covidlib's head ('logit')
+  keeps its initial weights.
 
   Raises:
     UsageError: one line naming the file and the first layer missing from it or differing in
-      shape.
+      shape; the model is then left unchanged.
   """
-  found = read_weights_file(path)
+  found, by_name = read_weights_file(path)
   head = feature_layer(model)
+  counts = collections.Counter()
   pending = []
   for layer in model.layers:
     if layer is head or not layer.weights:
       continue
-    arrays = found.get(layer.name)
+    key = layer.name
+    if not by_name:
+      kind = _snake_case(type(layer).__name__)
+      key = kind if not counts[kind] else f'{kind}_{counts[kind]}'
+      counts[kind] += 1
+    arrays = found.get(key)
+    where = f'{path!r}' + ('' if by_name else f' (Keras 3 layout: {key!r})')
     if arrays is None:
-      some = ', '.join(sorted(found)[:3])
       raise errors.UsageError(
-          f'weights file {path!r} has no layer {layer.name!r} of {name} (its layers include '
-          f'{some}): it is not a weights file of {name} (ImageNet: '
+          f'weights file {where} has no layer {layer.name!r} of {name} (its layers include '
+          f'{", ".join(sorted(found)[:3])}): it is not a weights file of {name} (ImageNet: '
           f'{BACKBONES[name].weights_file})')
     shapes = [tuple(w.shape) for w in layer.weights]
     file_shapes = [tuple(a.shape) for a in arrays]
     if shapes != file_shapes:
       raise errors.UsageError(
-          f'weights file {path!r}: layer {layer.name!r} has weights of shapes {file_shapes} '
+          f'weights file {where}: layer {layer.name!r} has weights of shapes {file_shapes} '
           f'there and {shapes} in {name}: it is not a weights file of {name} (ImageNet: '
           f'{BACKBONES[name].weights_file})')
     pending.append((layer, arrays))
@@ -468,14 +497,15 @@ def build_model(name: str, image_size: int = 224, channels: int = 1,
   crop = standardize.check_crop(crop)
   standardize.check_equalize(equalize)
   path = weights_path(name, weights)
-  model = MODELS[name](image_size=image_size, channels=channels, seed=seed, crop=crop,
-                       equalize=equalize)
-  if path is not None:
-    digest = _md5(path) if weights == 'imagenet' else None
-    if digest is not None and digest != BACKBONES[name].weights_md5:
+  if weights == 'imagenet':  # Keras checks the hash of a cached file too (and would download).
+    digest = _md5(path)
+    if digest != BACKBONES[name].weights_md5:
       raise errors.UsageError(
           f"weights=imagenet: {path} is not the file Keras downloads (md5 {digest}, expected "
           f'{BACKBONES[name].weights_md5}): a partial or other copy; replace it')
+  model = MODELS[name](image_size=image_size, channels=channels, seed=seed, crop=crop,
+                       equalize=equalize)
+  if path is not None:
     load_backbone_weights(model, name, path)
   return model
 

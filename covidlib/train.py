@@ -178,7 +178,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     'mixed_precision': 'auto',
     'jit_compile': 'auto',   # XLA; Keras' 'auto' uses it on GPU/TPU only.
     # Measures against source shortcuts (issue #9); all off by default (= the plain recipe).
-    'crop': 0.0,             # Fraction of each side cut off INSIDE the model (covidlib.standardize).
+    'crop': 0.0,             # Fraction of each side cut off INSIDE the model (standardize).
     'equalize': 'none',      # 'histogram' or 'clahe': per-image equalization inside the model.
     'balance': 'none',       # 'source': draw each (source, label) stratum of train equally often.
     'augment_preset': 'article',  # Base of 'augment': covidlib.augment.PRESETS ('strong').

@@ -89,7 +89,8 @@ CASES = {
     'crossval-missing_out': Case('covidlib-crossval', (), 2, 'flag --out is required'),
     'crossval-unknown_model': Case('covidlib-crossval', ('--out={out}', '--model=vgg16'), 2,
                                    "unknown model 'vgg16'; valid models: compact_resnet, "
-                                   'seed_cnn'),
+                                   'densenet121, efficientnetv2b0, mobilenetv3small, '
+                                   'resnet50v2, seed_cnn'),
     'crossval-bad_hold_out': Case('covidlib-crossval', ('--out={out}', '--hold_out=site'), 2,
                                   "--hold_out must be 'none' or 'source', got 'site'"),
     # covidlib-export
