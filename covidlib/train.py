@@ -27,10 +27,12 @@ config trains exactly as before:
                    often each class is drawn. With train_data passed in (cross-validation) it
                    only describes how the caller drew that data.
 
-The recipe (issue 18), each part a config key and a covidlib-train flag:
+The recipe (issue 18), each part a config key and a covidlib-train flag. The defaults are the
+recipe measured best (BENCHMARKS.md, "Training recipes"): AdamW 0.05, cosine after 2 warm-up
+epochs, label smoothing 0.1, EMA 0.99, mixup 0.2, no test-time flipping. The recipe before:
 
-    config = train.make_config(weight_decay=0.05, lr_schedule='cosine', warmup_epochs=2,
-                               label_smoothing=0.1, ema=0.99, mixup=0.2, tta='flip')
+    config = train.make_config(weight_decay=0, lr_schedule='constant', warmup_epochs=0,
+                               label_smoothing=0, ema=0, mixup=0, tta='none')
 
   weight_decay     > 0: AdamW (decoupled decay, w -= lr * weight_decay * w per step) of the
                    kernels only, not biases or batch-norm scales and offsets; 0: Adam.
