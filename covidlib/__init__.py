@@ -20,7 +20,7 @@ _SUBMODULES = (
     'archive', 'augment', 'calibration', 'confounds', 'crossval', 'data', 'dicom', 'distribute',
     'errors', 'edge', 'evaluate', 'explain', 'hold_out', 'metrics', 'model_dir', 'models', 'predict',
     'preprocess', 'reference', 'report', 'results', 'scored', 'scoring', 'shift', 'shift_fit',
-    'shortcuts',
+    'shortcuts', 'site', 'site_adapt', 'sites',
     'standardize', 'threshold', 'tflite_metadata', 'train',
 )
 
