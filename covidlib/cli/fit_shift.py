@@ -1,12 +1,14 @@
-"""covidlib-fit-shift: fit the shift score (issue #10) of an existing model_dir.
+"""covidlib-fit-shift: fit the shift score (issue #10) and the reference of an existing model_dir.
 
     covidlib-fit-shift --model_dir=runs/compact_resnet [--policy=quantile:0.99]
 
 (or `python -m covidlib.cli.fit_shift ...`). covidlib-train fits the score at the end of
 training when the run has a validation split; this command fits it for a model_dir trained
-before that, or again with another policy. It reloads the training split (to fit the density of
-penultimate features) and the validation split (to choose the threshold) that config.json names,
-and writes shift.npz and shift.json beside decision.json (see covidlib/shift.py).
+before that (or before the score's current format), or again with another policy. It scores the
+training split (to fit the density of features) and the validation split (to choose the
+threshold and draw the reference of the training site from) that config.json names, once each,
+and writes shift.npz and shift.json (covidlib/shift.py) and reference.npz and reference.json
+(covidlib/reference.py) beside decision.json.
 
 Exit status: 0 fitted; 2 usage error (bad flag or policy, not a finished model_dir, no
 validation split); 1 failure (data that cannot be read).
@@ -20,6 +22,7 @@ from absl import flags
 
 from covidlib.cli import quiet_start  # noqa: F401  First: TensorFlow starts quietly (see there).
 from covidlib import errors
+from covidlib import reference
 from covidlib import shift
 from covidlib import shift_fit
 from covidlib.cli import common
@@ -51,7 +54,8 @@ def main(argv):
   print(f'shift score fitted: threshold {fitted.threshold:.6g} ({fitted.policy} of split '
         f'{fitted.split!r}), feature dim {fitted.feature_dim}, images per class '
         f'{list(fitted.n_per_class)}, shrinkage {fitted.shrinkage:.3g}; wrote '
-        f'{os.path.join(_MODEL_DIR.value, shift.SHIFT_NPZ)} and {shift.SHIFT_JSON}')
+        f'{os.path.join(_MODEL_DIR.value, shift.SHIFT_NPZ)}, {shift.SHIFT_JSON}, '
+        f'{reference.REFERENCE_NPZ} and {reference.REFERENCE_JSON}')
   return 0
 
 

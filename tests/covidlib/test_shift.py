@@ -15,6 +15,7 @@ from absl.testing import flagsaver
 
 from covidlib import errors
 from covidlib import model_dir as md
+from covidlib import reference
 from covidlib import shift
 from covidlib import scoring
 from covidlib import shift_fit
@@ -187,6 +188,8 @@ def test_training_writes_the_shift_files(tmp_path):
   x = np.concatenate([x for x, _ in _tiny_data(1)])
   scores = fitted.score(scoring.penultimate_features(model, x))
   assert np.mean(fitted.in_distribution(scores)) >= 15 / 16
+  ref = reference.load(tmp_path)  # Written with it, from the same scoring passes.
+  assert ref.taps[-1] == 'penultimate' and ref.split == 'validation+train' and ref.n == 32
 
 
 def test_a_failed_fit_keeps_the_model_and_writes_no_shift_files(tmp_path, monkeypatch, caplog):
@@ -226,6 +229,7 @@ def test_fit_shift_binary_on_a_folder_dataset(tmp_path):
     assert common.call_main(fit_shift.main, ['prog'], fit_shift.PROG) == 0
   fitted = shift.load(run)
   assert fitted.policy == 'quantile:0.9' and fitted.n_per_class == (6, 6)
+  assert reference.load(run).n == 24  # 12 validation films, topped up by the 12 training.
   with flagsaver.flagsaver(model_dir=str(run), policy='median'):
     assert common.call_main(fit_shift.main, ['prog'], fit_shift.PROG) == 2
   with flagsaver.flagsaver(model_dir=str(tmp_path / 'nowhere'), policy='quantile:0.9'):
