@@ -290,21 +290,21 @@ def share_flagged(model_dir: str, scored) -> float | None:
   return float(np.mean(~shift_model.in_distribution(shift_model.score(features))))
 
 
-def _site_name(films: Films, site: str | None) -> str:
+def site_name_of(films: Films, site: str | None) -> str:
   if site:
     return site
   known = sorted({s for s in films.metadata['site'] if s})
   return known[0] if len(known) == 1 else (films.description if not known else '+'.join(known))
 
 
-def _write(out: str, json_name: str, md_name: str, report: dict, markdown: str) -> dict:
+def write_report(out: str, json_name: str, md_name: str, report: dict, markdown: str) -> dict:
   os.makedirs(out, exist_ok=True)
   md.write_json(os.path.join(out, json_name), report)
   md.write_bytes_atomic(os.path.join(out, md_name), markdown.encode())
   return {'json': os.path.join(out, json_name), 'markdown': os.path.join(out, md_name)}
 
 
-def _header(report: dict, title: str) -> list[str]:
+def report_header(report: dict, title: str) -> list[str]:
   lines = [f'# {title}', '', f'> **{CAVEAT}**', '', f'**{report["verdict"]}**', '',
            f'- Model: `{report["model_dir"]}`', f'- Films: {report["data"]["description"]} '
            f'({report["data"]["n"]} films read)', f'- Site: {report["site"]}',
@@ -319,7 +319,7 @@ def _data_section(films: Films) -> dict:
   return {'description': films.description, 'n': len(films), 'bad': list(films.bad)}
 
 
-def _now() -> str:
+def now() -> str:
   return datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
 
 
@@ -365,19 +365,19 @@ def check(model_dir: str, films: Films | None = None, *, out: str | None = None,
                                alpha=alpha, n_permutations=n_permutations, seed=seed,
                                n_bootstrap=n_bootstrap)
   flagged = share_flagged(model_dir, scored)
-  report = {'caveat': CAVEAT, 'model_dir': model_dir, 'site': _site_name(films, site),
-            'date': _now(), 'data': _data_section(films),
+  report = {'caveat': CAVEAT, 'model_dir': model_dir, 'site': site_name_of(films, site),
+            'date': now(), 'data': _data_section(films),
             'reference': {'n': ref.n, 'split': ref.split, 'taps': list(ref.taps)},
             'verdict': sites.check_verdict(test, flagged), 'test': test,
             'share_flagged': flagged, 'seed': seed}
   if out:
-    report['written'] = _write(out, CHECK_JSON, CHECK_MD, report, render_check(report))
+    report['written'] = write_report(out, CHECK_JSON, CHECK_MD, report, render_check(report))
   return report
 
 
 def render_check(report: dict) -> str:
   test = report['test']
-  lines = _header(report, f'Site check: {report["site"]}')
+  lines = report_header(report, f'Site check: {report["site"]}')
   lines += [f'Batch test: {test["n_site"]} films of the site against {test["n_reference"]} films '
             f'of the training site (the model_dir\'s reference, split '
             f'`{report["reference"]["split"]}`), at {len(test["taps"])} depths of the network. '
@@ -492,12 +492,12 @@ def validate(model_dir: str, films: Films | None = None, *, out: str | None = No
   result = validation_figures(films, model_scores(model, films, decision), decision,
                               targets=targets, class_names=names, n_bootstrap=n_bootstrap,
                               seed=seed)
-  report = {'caveat': CAVEAT, 'model_dir': model_dir, 'site': _site_name(films, site),
-            'date': _now(), 'data': _data_section(films), 'class_names': list(names),
+  report = {'caveat': CAVEAT, 'model_dir': model_dir, 'site': site_name_of(films, site),
+            'date': now(), 'data': _data_section(films), 'class_names': list(names),
             'decision': dataclasses.asdict(decision), 'targets': targets,
             'lineage_check': lineage_note, 'seed': seed, 'n_bootstrap': n_bootstrap, **result}
   if out:
-    report['written'] = _write(out, VALIDATE_JSON, VALIDATE_MD, report, render_validate(report))
+    report['written'] = write_report(out, VALIDATE_JSON, VALIDATE_MD, report, render_validate(report))
   return report
 
 
@@ -519,7 +519,7 @@ def render_validate(report: dict, title: str | None = None) -> str:
   d = report['decision']
   neg, pos = report['class_names']
   f = report['figures']
-  lines = _header(report, title or f'Local validation: {report["site"]}')
+  lines = report_header(report, title or f'Local validation: {report["site"]}')
   lines += [f'{f["n"]} films of {f["n_patients"]} patients ({f["n_per_class"][1]} {pos}, '
             f'{f["n_per_class"][0]} {neg}). The model\'s operating point: threshold '
             f'{d["threshold"]:.4g} on P({pos}) after temperature {d["temperature"]:.4g} '

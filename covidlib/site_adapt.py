@@ -33,8 +33,9 @@ Methods, on the adapt part:
 
 The new model_dir (never the parent, never over an existing folder: it is built in a hidden
 folder beside it and renamed into place when complete) holds model.keras, config.json,
-decision.json, a reference of the adapt films (covidlib.reference, so that `check` compares
-later batches with this site), and lineage.json: the parent model_dir (and its model.keras's
+decision.json, a shift score and a reference of the site (covidlib.shift_fit, fitted on the
+adapt films, threshold and reference on the inner validation: `check` then compares later
+batches with this site, and the per-image flag knows its films), and lineage.json: the parent model_dir (and its model.keras's
 sha256), site, method, the number of films and patients, the patients' pseudonyms only
 (covidlib_tfds.privacy, the builder's salted hash; raw ids never leave memory), and the figures
 of the parent and the adapted model on the same hold-out (covidlib.site.validation_figures),
@@ -60,7 +61,7 @@ from covidlib import crossval
 from covidlib import errors
 from covidlib import metrics
 from covidlib import model_dir as md
-from covidlib import reference as reference_lib
+from covidlib import shift_fit
 from covidlib import site as site_lib
 from covidlib import sites
 from covidlib import threshold as threshold_lib
@@ -92,8 +93,8 @@ def patient_groups(films: Films) -> np.ndarray:
   return crossval.patient_groups(pool)
 
 
-def split_films(films: Films, holdout: Films | None, holdout_fraction: float,
-                seed: int) -> tuple[Films, Films, str]:
+def split_films(films: Films, holdout: Films | None, holdout_fraction: float, seed: int,
+                salt: str | None = None) -> tuple[Films, Films, str]:
   """(adapt part, hold-out, how the hold-out was chosen).
 
   Raises:
@@ -111,7 +112,11 @@ def split_films(films: Films, holdout: Films | None, holdout_fraction: float,
                                                  holdout_fraction, seed)
     return (films.select(adapt_idx), films.select(held_idx),
             f'by patient, {holdout_fraction:g} of each class\'s patients, seed {seed}')
-  shared = sites.shared_patients(films.patient_keys(), holdout.patient_keys())
+  if films.pseudonymised == holdout.pseudonymised:
+    shared = sites.shared_patients(films.patient_keys(), holdout.patient_keys())
+  else:  # A CSV's raw ids against a dataset's pseudonyms: compare pseudonyms.
+    salt = privacy.resolve_salt(salt)
+    shared = sites.shared_patients(films.hashed_patients(salt), holdout.hashed_patients(salt))
   if shared:
     raise errors.UsageError(f'the hold-out shares {len(shared)} patients with the adapt part '
                             f'({how}): a hold-out must hold other patients only')
@@ -194,7 +199,7 @@ def sha256_file(path: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_new_dir(parent: str, new_dir: str) -> str:
+def check_new_dir(parent: str, new_dir: str) -> str:
   new_dir = os.fspath(new_dir)
   if os.path.abspath(new_dir) == os.path.abspath(parent):
     raise errors.UsageError('--new_model_dir is the parent model_dir: adapt writes a NEW '
@@ -238,7 +243,7 @@ def adapt(parent_dir: str, new_dir: str, films: Films, *, method: str = 'thresho
   if method not in METHODS:
     raise errors.UsageError(f'--method must be one of {", ".join(METHODS)}, got {method!r}')
   threshold_lib.parse_policy(threshold_policy)
-  new_dir = _check_new_dir(parent_dir, new_dir)
+  new_dir = check_new_dir(parent_dir, new_dir)
   config = md.load_config(parent_dir)
   names = md.class_names(config)
   targets = dict(sites.parse_targets(sites.DEFAULT_TARGETS) if targets is None else targets)
@@ -250,14 +255,14 @@ def adapt(parent_dir: str, new_dir: str, films: Films, *, method: str = 'thresho
       raise errors.DataError(f'{len(part.bad)} of the local films could not be used; adapt '
                              'starts only from a complete set (fix or remove them from the '
                              'list): ' + '; '.join(part.bad[:20]))
-  adapt_films, held, how = split_films(films, holdout, holdout_fraction, seed)
+  adapt_films, held, how = split_films(films, holdout, holdout_fraction, seed, salt)
   sites.check_classes(held.labels, names, 'the hold-out')
   counts = np.bincount(adapt_films.labels, minlength=2)
-  if min(counts) < 1:
+  if min(counts) == 0:  # The threshold needs both classes; fine-tuning on one class is no use.
     sites.check_classes(adapt_films.labels, names, 'the adapt part')
   if not adapt_films.pseudonymised and any(adapt_films.metadata['patient_id']):
     salt = privacy.resolve_salt(salt)  # UsageError before any work when there is none.
-  site_name = site_lib._site_name(adapt_films, site_name)  # pylint: disable=protected-access
+  site_name = site_lib.site_name_of(adapt_films, site_name)
 
   parent_model = md.load_model(parent_dir)
   parent_decision = md.load_decision(parent_dir)
@@ -265,23 +270,20 @@ def adapt(parent_dir: str, new_dir: str, films: Films, *, method: str = 'thresho
   os.makedirs(folder, exist_ok=True)
   work = tempfile.mkdtemp(dir=folder, prefix='.' + os.path.basename(new_dir) + '.partial-')
   try:
-    model, decision_films, notes = _adapt_model(
-        method, parent_dir, parent_model, config, work, adapt_films, epochs=epochs,
-        learning_rate=learning_rate, batch_size=batch_size, seed=seed, site_name=site_name,
-        verbose=verbose)
-    decision_scores = site_lib.score_films(model, decision_films).scores
+    train_films, inner, inner_note = inner_split(adapt_films, seed)
+    model, notes = _adapt_model(
+        method, parent_dir, parent_model, config, work, adapt_films, train_films, inner,
+        inner_note, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
+        seed=seed, site_name=site_name, verbose=verbose)
+    # Fine-tuned weights have seen the adapt films: their decision is chosen on the inner
+    # validation when there is one. The other methods fitted nothing on labels.
+    trained = method.endswith('finetune')
+    decision_films = inner if trained and inner is not None else adapt_films
     decision, account = threshold_lib.choose_decision(
-        decision_films.labels, decision_scores, threshold_policy, calibrate=True,
-        split=f'adapt ({site_name})')
+        decision_films.labels, site_lib.score_films(model, decision_films).scores,
+        threshold_policy, calibrate=True, split=f'adapt ({site_name})')
     md.save_decision(work, decision)
-    # The adapted model's reference: the adapt films, so `check` compares later batches of this
-    # site with this site.
-    scored = site_lib.score_films(model, adapt_films, taps=True)
-    chosen = reference_lib.choose_films(scored.labels, seed=seed)
-    reference_lib.save(reference_lib.from_arrays(
-        list(scored.taps), [f[chosen] for f in scored.taps.values()], scored.labels[chosen],
-        scored.scores[chosen], split=f'adapt films of {site_name}'), work)
-
+    notes.append(_fit_shift_and_reference(model, work, train_films, inner, adapt_films))
     hold_out = {}
     for role, (m, d) in {'parent': (parent_model, parent_decision),
                          'adapted': (model, decision)}.items():
@@ -293,7 +295,7 @@ def adapt(parent_dir: str, new_dir: str, films: Films, *, method: str = 'thresho
         'parent': {'model_dir': os.path.abspath(parent_dir),
                    'model_sha256': sha256_file(os.path.join(parent_dir, md.MODEL)),
                    'dataset': config.get('dataset')},
-        'site': site_name, 'method': method, 'date': site_lib._now(),  # pylint: disable=protected-access
+        'site': site_name, 'method': method, 'date': site_lib.now(),
         'covidlib': covidlib.__version__, 'seed': seed, 'split': how,
         'adapt': {'n_films': len(adapt_films), 'n_per_class': counts.tolist(),
                   'n_patients': int(len(set(patient_groups(adapt_films).tolist()))),
@@ -308,6 +310,9 @@ def adapt(parent_dir: str, new_dir: str, films: Films, *, method: str = 'thresho
         'notes': notes,
     }
     md.write_json(os.path.join(work, site_lib.LINEAGE), lineage)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(work, 0o777 & ~umask)  # mkdtemp made it private; a model_dir is not.
     os.rename(work, new_dir)
   except BaseException:
     shutil.rmtree(work, ignore_errors=True)
@@ -324,14 +329,15 @@ def adapt(parent_dir: str, new_dir: str, films: Films, *, method: str = 'thresho
                         f'{len(held)} hold-out films: adapted {hold_out["adapted"]["verdict"]}; '
                         f'parent {hold_out["parent"]["verdict"]}')}
   out = out or os.path.join(new_dir, 'adapt')
-  report['written'] = site_lib._write(out, ADAPT_JSON, ADAPT_MD, report,  # pylint: disable=protected-access
+  report['written'] = site_lib.write_report(out, ADAPT_JSON, ADAPT_MD, report,
                                       render_adapt(report))
   return report
 
 
-def _adapt_model(method, parent_dir, parent_model, config, work, films: Films, *, epochs,
+def _adapt_model(method, parent_dir, parent_model, config, work, films: Films,
+                 train_films: Films, inner: Films | None, inner_note: str, *, epochs,
                  learning_rate, batch_size, seed, site_name, verbose):
-  """(adapted model saved in `work` with config.json, films to choose the decision on, notes)."""
+  """(the adapted model, saved in `work` with config.json; notes on what was done)."""
   notes = []
   if method in ('threshold', 'adabn'):
     model = parent_model
@@ -345,8 +351,8 @@ def _adapt_model(method, parent_dir, parent_model, config, work, films: Films, *
     else:  # The parent's network as it is: the same file.
       shutil.copyfile(os.path.join(parent_dir, md.MODEL), os.path.join(work, md.MODEL))
     md.write_json(os.path.join(work, md.CONFIG), config)
-    notes.append('threshold and temperature re-chosen on the adapt films')
-    return model, films, notes
+    notes.append(f'threshold and temperature re-chosen on the {len(films)} adapt films')
+    return model, notes
   init_from = parent_dir
   if method == 'adabn+finetune':
     model = md.load_model(parent_dir)
@@ -355,9 +361,8 @@ def _adapt_model(method, parent_dir, parent_model, config, work, films: Films, *
     model.save(init_from)
     notes.append(f'AdaBN: {n} BatchNorm layers re-estimated on {len(films)} adapt films '
                  '(labels unused), then fine-tuned from those weights')
-  train_films, inner, note = inner_split(films, seed)
   notes.append(f'fine-tuned from {parent_dir} at learning rate {learning_rate:g} for {epochs} '
-               f'epochs, batch {batch_size}, on {len(train_films)} films; ' + note)
+               f'epochs, batch {batch_size}, on {len(train_films)} films; ' + inner_note)
   model = train_on_films(config, work, train_films, inner, init_from=init_from,
                          learning_rate=learning_rate, epochs=epochs, batch_size=batch_size,
                          seed=seed, description=f'{len(films)} adapt films of {site_name}',
@@ -367,7 +372,26 @@ def _adapt_model(method, parent_dir, parent_model, config, work, films: Films, *
   # covidlib-train's own leftovers that an adapted model_dir does not need.
   for name in (md.CHECKPOINTS, md.LOGS):
     shutil.rmtree(os.path.join(work, name), ignore_errors=True)
-  return model, inner if inner is not None else films, notes
+  return model, notes
+
+
+def _fit_shift_and_reference(model, work: str, train_films: Films, inner: Films | None,
+                             films: Films) -> str:
+  """The adapted model's per-image shift score and reference (covidlib.shift_fit), from its
+  site's films: fitted on the adapt films, threshold and reference on the inner validation
+  (all adapt films when there is none). Returns a note."""
+  fit_on = train_films if inner is not None else films
+  threshold_on = inner if inner is not None else films
+  train_scored = site_lib.score_films(model, fit_on, taps=True)
+  val_scored = site_lib.score_films(model, threshold_on, taps=True)
+  shift_model, ref = shift_fit.fit_scored(train_scored, val_scored, fit_split='adapt',
+                                          threshold_split='adapt inner validation'
+                                          if inner is not None else 'adapt')
+  shift_fit.save(work, shift_model, ref)
+  return (f'shift score fitted on {len(fit_on)} adapt films, its threshold and the reference '
+          f'(later `check`s compare with this site) on {len(threshold_on)} '
+          + ('inner validation films' if inner is not None else
+             'adapt films (the same ones: no inner validation; flags fewer films than it should)'))
 
 
 def _summary(result: dict) -> dict:
@@ -391,7 +415,7 @@ def lineage_line(lineage: dict | None) -> str:
 
 
 def render_adapt(report: dict) -> str:
-  lines = site_lib._header(report, f'Adapted at {report["site"]} ({report["method"]})')  # pylint: disable=protected-access
+  lines = site_lib.report_header(report, f'Adapted at {report["site"]} ({report["method"]})')
   parent, adapted = report['hold_out']['parent'], report['hold_out']['adapted']
   lines += [f'- New model_dir: `{report["new_model_dir"]}` (lineage.json records where it came '
             'from)', f'- Split: {report["split"]}: {report["n_adapt"]} films to adapt on, '

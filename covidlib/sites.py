@@ -199,10 +199,12 @@ def two_sample_test(reference: Sequence[np.ndarray], site: Sequence[np.ndarray],
 
 
 def format_p(p: float, n_permutations: int) -> str:
-  """'p < 0.001' at the permutation test's floor, else 'p = 0.034'."""
+  """'p < 0.001' at the permutation test's floor (the next of 0.001, 0.01, 0.05 above it),
+  else 'p = 0.034'."""
   floor = 1.0 / (n_permutations + 1)
   if p <= floor + 1e-12:
-    return f'p < {max(floor * 1.0001, 0.001):.3f}' if floor < 0.001 else f'p <= {floor:.3g}'
+    bound = next((b for b in (0.001, 0.01, 0.05) if b > floor), None)
+    return f'p < {bound:g}' if bound else f'p <= {floor:.3g}'
   return f'p = {p:.3f}' if p >= 0.001 else f'p = {p:.1e}'
 
 
@@ -277,11 +279,18 @@ def films_needed(n: int, low: float | None, high: float | None,
   if low is None or high is None or n <= 0:
     return None
   h = (high - low) / 2
-  return int(n) if h <= half_width else int(math.ceil(n * (h / half_width) ** 2))
+  return int(n) if h <= half_width else int(math.ceil(n * (h / half_width) ** 2 - 1e-9))
 
 
-def _proportion(hits: np.ndarray, members: np.ndarray, weights: np.ndarray, what: str,
-                needed_of: str) -> dict:
+def _small_sample(clusters: np.ndarray) -> float:
+  """g / (g - 1) for g patients: a bootstrap's variance is that much too small (it divides by
+  g where the unbiased estimate divides by g - 1)."""
+  g = len(set(clusters.tolist()))
+  return g / (g - 1) if g > 1 else 1.0
+
+
+def _proportion(hits: np.ndarray, members: np.ndarray, weights: np.ndarray,
+                clusters: np.ndarray, what: str, needed_of: str) -> dict:
   """A sensitivity or specificity: Wilson at the effective n (module docstring)."""
   n = int(members.sum())
   k = int((hits & members).sum())
@@ -296,7 +305,7 @@ def _proportion(hits: np.ndarray, members: np.ndarray, weights: np.ndarray, what
   binomial = p * (1 - p) / n
   deff = 1.0
   if binomial > 0 and np.isfinite(boot).sum() > 1:
-    deff = max(1.0, float(np.nanvar(boot)) / binomial)
+    deff = max(1.0, float(np.nanvar(boot)) * _small_sample(clusters[members]) / binomial)
   n_eff = n / deff
   low, high = metrics.wilson_interval(p * n_eff, n_eff)
   return {'value': p, 'ci95': [low, high], 'method': 'wilson, patient design effect', 'n': n,
@@ -304,7 +313,8 @@ def _proportion(hits: np.ndarray, members: np.ndarray, weights: np.ndarray, what
           'films_needed_of': needed_of}
 
 
-def _auc(labels, scores, weights, n_pos: int, n_neg: int, what: tuple[str, str]) -> dict:
+def _auc(labels, scores, weights, clusters, n_pos: int, n_neg: int,
+         what: tuple[str, str]) -> dict:
   method = 'logit, patient bootstrap SE'
   if min(n_pos, n_neg) < MIN_FILMS_PER_CLASS:
     short = [f'{n} {name}' for n, name in ((n_pos, what[1]), (n_neg, what[0]))
@@ -320,7 +330,7 @@ def _auc(labels, scores, weights, n_pos: int, n_neg: int, what: tuple[str, str])
   eps = 0.5 / (n_pos * n_neg)
   logit = special.logit(np.clip(boot, eps, 1 - eps))
   centre = special.logit(min(max(value, eps), 1 - eps))
-  se = float(np.std(logit, ddof=1)) if logit.size > 1 else 0.0
+  se = float(np.std(logit) * math.sqrt(_small_sample(clusters))) if logit.size > 1 else 0.0
   low = float(special.expit(centre - metrics.Z95 * se))
   high = float(special.expit(centre + metrics.Z95 * se))
   return {'value': value, 'ci95': [low, high], 'method': method, 'n': n_pos + n_neg,
@@ -353,9 +363,11 @@ def site_figures(labels, scores, patients: Sequence[str] | None, threshold: floa
   return {
       'n': int(y.size), 'n_patients': int(len(set(clusters.tolist()))),
       'n_per_class': [int(y.size - n_pos), n_pos], 'threshold': float(threshold),
-      'roc_auc': _auc(y, p, weights, n_pos, y.size - n_pos, class_names),
-      'sensitivity': _proportion(called, y == 1, weights, f'{pos} films', f'{pos} films'),
-      'specificity': _proportion(~called, y == 0, weights, f'{neg} films', f'{neg} films'),
+      'roc_auc': _auc(y, p, weights, clusters, n_pos, y.size - n_pos, class_names),
+      'sensitivity': _proportion(called, y == 1, weights, clusters, f'{pos} films',
+                                 f'{pos} films'),
+      'specificity': _proportion(~called, y == 0, weights, clusters, f'{neg} films',
+                                 f'{neg} films'),
   }
 
 

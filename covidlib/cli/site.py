@@ -184,7 +184,7 @@ def main(argv: list[str]) -> int:
   else:
     new_dir = _required(_NEW_MODEL_DIR, 'where the adapted model goes')
     targets = sites.parse_targets(_TARGET.value)
-    site_adapt._check_new_dir(model_dir, new_dir)  # pylint: disable=protected-access
+    site_adapt.check_new_dir(model_dir, new_dir)
     if _METHOD.value not in site_adapt.METHODS:
       raise errors.UsageError(f'--method must be one of {", ".join(site_adapt.METHODS)}, got '
                               f'{_METHOD.value!r}')
