@@ -331,8 +331,7 @@ def now() -> str:
 def check(model_dir: str, films: Films | None = None, *, out: str | None = None,
           spec: str | Sequence[str] | None = None, data_dir: str | None = None,
           site: str | None = None, alpha: float = sites.DEFAULT_ALPHA,
-          n_permutations: int = sites.DEFAULT_PERMUTATIONS,
-          n_bootstrap: int = metrics.DEFAULT_BOOTSTRAP, seed: int = 0, model=None) -> dict:
+          n_permutations: int = sites.DEFAULT_PERMUTATIONS, seed: int = 0, model=None) -> dict:
   """Does this site's batch of (unlabelled) films differ from the model's training site?
 
   Args:
@@ -362,8 +361,7 @@ def check(model_dir: str, films: Films | None = None, *, out: str | None = None,
                            f'covidlib-fit-shift --model_dir={model_dir}')
   scored = score_films(model, films, taps=True)
   test = sites.two_sample_test(ref.features, [scored.taps[t] for t in ref.taps], ref.taps,
-                               alpha=alpha, n_permutations=n_permutations, seed=seed,
-                               n_bootstrap=n_bootstrap)
+                               alpha=alpha, n_permutations=n_permutations, seed=seed)
   flagged = share_flagged(model_dir, scored)
   report = {'caveat': CAVEAT, 'model_dir': model_dir, 'site': site_name_of(films, site),
             'date': now(), 'data': _data_section(films),

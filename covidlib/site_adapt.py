@@ -128,7 +128,7 @@ def adabn(model: keras.Model, images: np.ndarray, batch_size: int = 32) -> int:
   `images`, in network order. Returns the number of layers re-estimated."""
   layers = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
   for layer in layers:
-    probe = keras.Model(model.inputs, layer.input)  # Sees the layers re-estimated before it.
+    probe = keras.Model(model.input, layer.input)  # Sees the layers re-estimated before it.
     total, squares, count = 0.0, 0.0, 0
     for i in range(0, len(images), batch_size):
       a = np.asarray(probe(images[i:i + batch_size], training=False), np.float64)
@@ -316,6 +316,8 @@ def adapt(parent_dir: str, new_dir: str, films: Films, *, method: str = 'thresho
     os.rename(work, new_dir)
   except BaseException:
     shutil.rmtree(work, ignore_errors=True)
+    if os.path.exists(work + '.adabn_init.keras'):
+      os.remove(work + '.adabn_init.keras')
     raise
   report = {'caveat': site_lib.CAVEAT, 'model_dir': parent_dir, 'new_model_dir': new_dir,
             'site': site_name, 'method': method, 'date': lineage['date'],
@@ -357,7 +359,7 @@ def _adapt_model(method, parent_dir, parent_model, config, work, films: Films,
   if method == 'adabn+finetune':
     model = md.load_model(parent_dir)
     n = adabn(model, films.images)
-    init_from = os.path.join(work, 'adabn_init.keras')
+    init_from = work + '.adabn_init.keras'  # Beside `work`: training wants it empty.
     model.save(init_from)
     notes.append(f'AdaBN: {n} BatchNorm layers re-estimated on {len(films)} adapt films '
                  '(labels unused), then fine-tuned from those weights')
@@ -369,6 +371,9 @@ def _adapt_model(method, parent_dir, parent_model, config, work, films: Films,
                          verbose=verbose)
   if method == 'adabn+finetune':
     os.remove(init_from)
+    # config.json names the weights training started from; those were the parent's, with its
+    # BatchNorm statistics re-estimated (lineage.json says so). The file is gone.
+    md.write_json(os.path.join(work, md.CONFIG), {**md.load_config(work), 'init_from': parent_dir})
   # covidlib-train's own leftovers that an adapted model_dir does not need.
   for name in (md.CHECKPOINTS, md.LOGS):
     shutil.rmtree(os.path.join(work, name), ignore_errors=True)

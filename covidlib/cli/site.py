@@ -86,7 +86,7 @@ _THRESHOLD_POLICY = _DEFINE(flags.DEFINE_string, 'threshold_policy', None,
                             'sensitivity:X, specificity:X, fixed:T.')
 _VERBOSE = _DEFINE(flags.DEFINE_integer, 'verbose', 0, 'adapt: Keras fit verbosity (0, 1, 2).')
 
-_COMMON = [_MODEL_DIR, _FILMS, _DATA_DIR, _OUT, _SITE, _SEED, _N_BOOTSTRAP]
+_COMMON = [_MODEL_DIR, _FILMS, _DATA_DIR, _OUT, _SITE, _SEED]
 SUBCOMMANDS = {
     'check': ('Does a batch of unlabelled films of a site differ from the training site? A '
               'two-sample test (kernel MMD with a permutation p-value, and a domain classifier\'s '
@@ -102,7 +102,7 @@ SUBCOMMANDS = {
                  '    covidlib-site validate --model_dir=runs/mysite '
                  '--films=newsite/labels.csv --target=sensitivity:0.9,specificity:0.8 '
                  '--out=runs/newsite/validate',
-                 _COMMON + [_TARGET]),
+                 _COMMON + [_TARGET, _N_BOOTSTRAP]),
     'adapt': ('A NEW model_dir adapted on labelled local films, split by patient into adapt '
               'and hold-out; the parent and the adapted model validated side by side on the '
               'hold-out. Methods: threshold (threshold and temperature), finetune (from the '
@@ -110,7 +110,7 @@ SUBCOMMANDS = {
               '(BatchNorm statistics of the local films), adabn+finetune.\n\n'
               '    covidlib-site adapt --model_dir=runs/mysite --films=newsite/labels.csv '
               '--method=finetune --new_model_dir=runs/mysite_at_newsite',
-              _COMMON + [_TARGET, _NEW_MODEL_DIR, _METHOD, _HOLDOUT_FRACTION, _HOLDOUT_FILMS,
+              _COMMON + [_TARGET, _N_BOOTSTRAP, _NEW_MODEL_DIR, _METHOD, _HOLDOUT_FRACTION, _HOLDOUT_FILMS,
                          _EPOCHS, _LEARNING_RATE, _BATCH_SIZE, _THRESHOLD_POLICY, _VERBOSE]),
 }
 
@@ -173,8 +173,7 @@ def main(argv: list[str]) -> int:
     reference.load(model_dir)  # A model_dir without a reference: refused first.
     films = site.load_films(spec, config, data_dir=_DATA_DIR.value)
     report = site.check(model_dir, films, out=out, site=_SITE.value, alpha=_ALPHA.value,
-                        n_permutations=_N_PERMUTATIONS.value, n_bootstrap=_N_BOOTSTRAP.value,
-                        seed=_SEED.value)
+                        n_permutations=_N_PERMUTATIONS.value, seed=_SEED.value)
   elif name == 'validate':
     out = _required(_OUT, 'the report folder')
     targets = sites.parse_targets(_TARGET.value)

@@ -52,24 +52,39 @@ def test_mmd_p_values_hold_their_level_and_detect_a_shift():
 
 def test_domain_classifier_auc_is_near_half_for_one_site_and_near_one_for_two():
   rs = np.random.RandomState(2)
-  same = sites.domain_classifier(rs.randn(200, 8), rs.randn(50, 8), n_bootstrap=200)
-  other = sites.domain_classifier(rs.randn(200, 8), rs.randn(50, 8) + 1.5, n_bootstrap=200)
+  same = sites.domain_classifier(rs.randn(200, 8), rs.randn(50, 8))
+  other = sites.domain_classifier(rs.randn(200, 8), rs.randn(50, 8) + 1.5)
   assert abs(same.value - 0.5) < 0.12 and same.low < 0.5 < same.high
   assert other.value > 0.97 and other.low > 0.9
+
+
+def test_delong_auc_and_its_standard_error_match_a_reference_by_loops():
+  rs = np.random.RandomState(7)
+  y = np.r_[np.zeros(30, int), np.ones(20, int)]
+  p = np.round(rs.rand(50) + 0.4 * y, 2)
+  got = sites.delong_auc(y, p)
+  pos, neg = p[y == 1], p[y == 0]
+  psi = (pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None])
+  auc = psi.mean()
+  se = np.sqrt(psi.mean(axis=1).var(ddof=1) / pos.size + psi.mean(axis=0).var(ddof=1) / neg.size)
+  assert got.value == pytest.approx(auc) == pytest.approx(metrics.roc_auc(y, p)[0])
+  logit_se = se / (auc * (1 - auc))
+  assert [got.low, got.high] == pytest.approx(
+      list(special.expit(special.logit(auc) + np.array([-1, 1]) * metrics.Z95 * logit_se)))
 
 
 def test_two_sample_test_decides_at_alpha_and_the_verdict_says_so():
   rs = np.random.RandomState(3)
   ref = [rs.randn(100, 3), rs.randn(100, 5)]
   differs = sites.two_sample_test(ref, [rs.randn(40, 3) + 2, rs.randn(40, 5)], ['a', 'b'],
-                                  n_permutations=199, n_bootstrap=100)
+                                  n_permutations=199)
   assert differs['differs'] and [r['tap'] for r in differs['taps']] == ['a', 'b']
   assert sites.check_verdict(differs).startswith(
       'site differs from training (p < 0.01; domain ROC-AUC ')
   assert sites.check_verdict(differs, 0.25).endswith(
       '25% of films flagged out of distribution one by one) on 40 films: validate before use')
   same = sites.two_sample_test(ref, [rs.randn(40, 3), rs.randn(40, 5)], ['a', 'b'],
-                               n_permutations=199, n_bootstrap=100)
+                               n_permutations=199)
   assert not same['differs']
   assert sites.check_verdict(same).startswith('no difference from training detected (p = ')
   assert 'this does not show that the model works here' in sites.check_verdict(same)
