@@ -406,19 +406,6 @@ def _summary(result: dict) -> dict:
              for name in sites.TARGET_FIGURES}}
 
 
-def lineage_line(lineage: dict | None) -> str:
-  """'adapted at SITE on n films (method); validated on m films: ...' for cards and exports."""
-  if not lineage:
-    return ''
-  held = lineage['hold_out']
-  a = held['adapted']
-  figures = ', '.join(f'{name} {metrics.format_figure(a[name])}' for name in sites.TARGET_FIGURES)
-  return (f'adapted at {lineage["site"]} on {lineage["adapt"]["n_films"]} films '
-          f'({lineage["method"]}) from `{lineage["parent"]["model_dir"]}`; validated on '
-          f'{held["n_films"]} other films of that site: {figures} ({a["result"]} against '
-          + ', '.join(f'{k} {v:g}' for k, v in held['targets'].items()) + ')')
-
-
 def render_adapt(report: dict) -> str:
   lines = site_lib.report_header(report, f'Adapted at {report["site"]} ({report["method"]})')
   parent, adapted = report['hold_out']['parent'], report['hold_out']['adapted']

@@ -511,6 +511,22 @@ def check_classes(labels, class_names: tuple[str, str], what: str = 'the films')
         f'report says how many)')
 
 
+def lineage_line(lineage: dict | None) -> str:
+  """'adapted at SITE on n films (method) from PARENT; validated on m other films of that site:
+  ...' from an adapted model_dir's lineage.json, for the model card and exports ('' for none)."""
+  if not lineage:
+    return ''
+  held = lineage['hold_out']
+  adapted = held['adapted']
+  figures = ', '.join(f'{name} {metrics.format_figure(adapted[name])}'
+                      for name in TARGET_FIGURES)
+  targets = ', '.join(f'{k} {v:g}' for k, v in held['targets'].items())
+  return (f'adapted at {lineage["site"]} on {lineage["adapt"]["n_films"]} films '
+          f'({lineage["method"]}) from `{lineage["parent"]["model_dir"]}`; validated on '
+          f'{held["n_films"]} other films of that site: {figures} ({adapted["result"]} against '
+          f'{targets})')
+
+
 # --------------------------------------------------------------------------------------------
 # adapt: the patient split.
 # --------------------------------------------------------------------------------------------

@@ -297,8 +297,17 @@ def test_adapt_threshold_writes_a_new_model_dir_and_never_touches_the_parent(wor
   assert report['hold_out']['parent']['figures']['n'] == report['n_hold_out']
   assert lineage['hold_out']['adapted']['roc_auc']['value'] == pytest.approx(
       report['hold_out']['adapted']['figures']['roc_auc']['value'])
-  assert site_adapt.lineage_line(lineage).startswith(
-      f'adapted at b on {report["n_adapt"]} films (threshold) from ')
+  line = sites.lineage_line(lineage)
+  assert line.startswith(f'adapted at b on {report["n_adapt"]} films (threshold) from ')
+  assert f'validated on {report["n_hold_out"]} other films of that site: roc_auc ' in line
+  # The model card and the export carry it.
+  from exporters import export
+  from exporters import model_card
+  assert export._lineage(str(new)) == lineage and export._lineage(world['model_dir']) is None
+  card = model_card.render_model_card(md.load_config(new), md.load_decision(new),
+                                      evaluation=None, evaluation_source='none', parity=None,
+                                      files=[], lineage=lineage)
+  assert f'- Site adaptation (lineage.json): {line}.' in card
   # Validating the adapted model on films it was adapted on is refused.
   with pytest.raises(errors.UsageError, match=r'50 patients of these films were used to adapt'):
     site.validate(str(new), films)

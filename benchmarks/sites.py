@@ -1,0 +1,316 @@
+"""covidlib-site on real sites: check's detection and false alarms, adapt across sites, and how
+many local films adapting needs (issue 17).
+
+    nice -n 10 .venv/bin/python benchmarks/sites.py \\
+        --nih_dir=runs/sites/nih --guangzhou_dir=runs/sites/guangzhou \\
+        --data_dir=/work/main/tfds_data --work=runs/sites_bench --out=benchmarks/results/sites
+
+The two model_dirs are `make same-site`'s (compact_resnet, 224 px, 30 epochs, seed 0, trained on
+labelled_xrays/nih_pneumonia and labelled_xrays/guangzhou_pneumonia), copied, with their
+reference and shift score added by `covidlib-fit-shift`. Every film of each dataset is read once
+into memory and each model scores each dataset once (with taps) for the check part.
+
+Parts (--parts):
+  check   100 random 50-film batches of the OTHER site (every split) and 100 of the model's OWN
+          test split, each tested against the model's reference (covidlib.sites.two_sample_test,
+          1000 permutations, alpha 0.01): detection and false-alarm rates. Beside them the
+          per-image shift flag's share of films flagged (all films of the other site; the own
+          test split).
+  matrix  NIH -> Guangzhou and Guangzhou -> NIH: covidlib.site_adapt.adapt with each method
+          on the other site's films (hold-out 0.3 by patient, seed 0; the same split for every
+          method): the parent's and the adapted model's hold-out figures.
+  curve   NIH -> Guangzhou with k labelled Guangzhou films (k/2 per class, drawn at random per
+          draw), every other Guangzhou film of another patient as the hold-out: hold-out ROC-AUC
+          of threshold / finetune / adabn+finetune, and of a compact_resnet trained from
+          scratch on the same k films (covidlib.site_adapt.train_on_films: same inner split,
+          epochs and batch; learning rate 1e-3, covidlib-train's default). Mean +- sd over draws.
+  covid   --covid_dir (make main's covid_xray/adult model), if given: its specificity on the
+          pediatric normals of covid_xray/adult_pediatric before and after adapt (normals only:
+          specificity only).
+Finished runs are cached in <work>/runs.json, so an interrupted benchmark resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+_NIH = flags.DEFINE_string('nih_dir', 'runs/sites/nih', 'NIH pneumonia model_dir (copied).')
+_GZ = flags.DEFINE_string('guangzhou_dir', 'runs/sites/guangzhou',
+                          'Guangzhou pneumonia model_dir (copied).')
+_DATA_DIR = flags.DEFINE_string('data_dir', '/work/main/tfds_data',
+                                'TFDS data_dir holding labelled_xrays/{nih,guangzhou}_pneumonia.')
+_COVID = flags.DEFINE_string('covid_dir', None, "make main's covid_xray/adult model_dir (copied).")
+_WORK = flags.DEFINE_string('work', 'runs/sites_bench', 'Scratch folder (adapted model_dirs).')
+_OUT = flags.DEFINE_string('out', 'benchmarks/results/sites', 'Report path, no suffix.')
+_PARTS = flags.DEFINE_list('parts', ['check', 'matrix', 'curve'], 'check, matrix, curve, covid.')
+_KS = flags.DEFINE_list('ks', ['10', '20', '50', '100', '200'], 'Labelled local films.')
+_DRAWS = flags.DEFINE_integer('draws', 5, 'Random draws per k.')
+_EPOCHS = flags.DEFINE_integer('epochs', 15, 'Fine-tuning (and from-scratch) epochs.')
+_BATCHES = flags.DEFINE_integer('batches', 100, 'Random batches per check row.')
+_BATCH_FILMS = flags.DEFINE_integer('batch_films', 50, 'Films per check batch.')
+_CURVE_METHODS = flags.DEFINE_list('curve_methods',
+                                   ['threshold', 'finetune', 'adabn+finetune', 'scratch'],
+                                   'Methods of the learning curve.')
+
+NIH_DATA = 'labelled_xrays/nih_pneumonia'
+GZ_DATA = 'labelled_xrays/guangzhou_pneumonia'
+
+
+class Cache:
+  """{key: result} in <work>/runs.json, written after every finished run."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.runs = json.load(open(path)) if os.path.exists(path) else {}
+
+  def get(self, key, compute):
+    if key not in self.runs:
+      start = time.time()
+      self.runs[key] = {**compute(), 'seconds': round(time.time() - start, 1)}
+      from covidlib import model_dir as md
+      md.write_json(self.path, self.runs)
+      print(f'{key}: {json.dumps(self.runs[key])[:300]}', flush=True)
+    return self.runs[key]
+
+
+def _films(spec, model_dir, data_dir):
+  from covidlib import model_dir as md
+  from covidlib import site
+  return site.load_films(spec, md.load_config(model_dir), labelled=True, data_dir=data_dir)
+
+
+# --------------------------------------------------------------------------------------------
+# check
+
+
+def _check_rows(model_dir, own_test, other, cache, name) -> dict:
+  import numpy as np
+
+  from covidlib import model_dir as md
+  from covidlib import reference
+  from covidlib import site
+  from covidlib import sites
+
+  model = md.load_model(model_dir)
+  ref = reference.load(model_dir)
+  scored = {part: site.score_films(model, films, taps=True)
+            for part, films in (('own', own_test), ('other', other))}
+  out = {'reference': {'n': ref.n, 'split': ref.split}}
+  for part, s in scored.items():
+    def run(s=s, part=part):
+      rng = np.random.default_rng(0 if part == 'own' else 1)
+      p, auc = [], []
+      for _ in range(_BATCHES.value):
+        pick = rng.choice(len(s), size=min(_BATCH_FILMS.value, len(s)), replace=False)
+        test = sites.two_sample_test(ref.features, [s.taps[t][pick] for t in ref.taps],
+                                     ref.taps, seed=int(rng.integers(1 << 30)),
+                                     per_tap_classifier=False)
+        p.append(test['p_value'])
+        auc.append(test['domain_roc_auc']['value'])
+      return {'p_values': p, 'domain_roc_auc': auc, 'n_films': len(s),
+              'flagged': float(np.mean(np.asarray(p) < sites.DEFAULT_ALPHA)),
+              'share_flagged_per_image': site.share_flagged(model_dir, s)}
+    out[part] = cache.get(f'check/{name}/{part}', run)
+  return out
+
+
+# --------------------------------------------------------------------------------------------
+# matrix and curve
+
+
+def _adapt(parent, films, method, work, key, cache, **kwargs) -> dict:
+  from covidlib import site_adapt
+
+  def run():
+    new = os.path.join(work, key.replace('/', '_').replace('+', '_'))
+    shutil.rmtree(new, ignore_errors=True)
+    report = site_adapt.adapt(parent, new, films, method=method, epochs=_EPOCHS.value,
+                              n_bootstrap=500, **kwargs)
+    lineage = json.load(open(os.path.join(new, 'lineage.json')))
+    shutil.rmtree(new)
+    return {'n_adapt': report['n_adapt'], 'n_hold_out': report['n_hold_out'],
+            'notes': report['notes'], 'parent': lineage['hold_out']['parent'],
+            'adapted': lineage['hold_out']['adapted'], 'decision': report['decision']}
+  return cache.get(key, run)
+
+
+def _scratch(parent, films, holdout, work, key, cache, seed) -> dict:
+  from covidlib import metrics
+  from covidlib import model_dir as md
+  from covidlib import site
+  from covidlib import site_adapt
+
+  def run():
+    folder = os.path.join(work, key.replace('/', '_'))
+    train_films, inner, note = site_adapt.inner_split(films, seed)
+    model = site_adapt.train_on_films(
+        md.load_config(parent), folder, train_films, inner, init_from=None,
+        learning_rate=1e-3, epochs=_EPOCHS.value, batch_size=site_adapt.DEFAULT_BATCH_SIZE,
+        seed=seed, description=f'{len(films)} films, from scratch')
+    scores = site.score_films(model, holdout).scores
+    shutil.rmtree(folder)
+    return {'adapted': {'roc_auc': {'value': float(metrics.roc_auc(holdout.labels, scores)[0])}},
+            'note': note}
+  return cache.get(key, run)
+
+
+def _draw(films, k, seed):
+  """k films (k/2 per class) at random; the hold-out: every film of another patient."""
+  import numpy as np
+
+  rng = np.random.default_rng(seed)
+  pick = np.concatenate([rng.choice(np.flatnonzero(films.labels == c), k // 2, replace=False)
+                         for c in (0, 1)])
+  keys = films.patient_keys()
+  chosen = set(keys[pick].tolist()) - {''}
+  rest = np.flatnonzero(~np.isin(keys, list(chosen)))
+  rest = np.setdiff1d(rest, pick)
+  return films.select(np.sort(pick)), films.select(rest)
+
+
+# --------------------------------------------------------------------------------------------
+# report
+
+
+def _mean_sd(values):
+  import numpy as np
+  values = [v for v in values if v is not None]
+  if not values:
+    return '—'
+  sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+  return f'{np.mean(values):.3f} ± {sd:.3f}'
+
+
+def _fig(summary, name):
+  f = summary[name]
+  if f['value'] is None:
+    return '—'
+  low, high = f['ci95']
+  return f'{f["value"]:.3f} [{low:.3f}, {high:.3f}]'
+
+
+def render(results: dict) -> str:
+  import numpy as np
+
+  lines = ['# covidlib-site on real sites (issue 17)', '',
+           f'Command: `{results["command"]}`. Machine: {results["machine"]}. Date: '
+           f'{results["date"]}. Wall time of this invocation {results["wall_minutes"]:.0f} min; every '
+           f'run it reports (some cached from an earlier invocation) took '
+           f'{results["compute_minutes"]:.0f} min.', '']
+  if 'check' in results:
+    lines += ['## check: batches of 50 films against the model\'s reference', '',
+              '| model (reference) | batches from | films | batches flagged | median p | '
+              'mean domain ROC-AUC | films flagged one by one |', '|---|---|---|---|---|---|---|']
+    for name, rows in results['check'].items():
+      for part, label in (('other', 'the other site (every split)'),
+                          ('own', 'its own test split')):
+        r = rows[part]
+        per_image = r['share_flagged_per_image']
+        lines.append(
+            f'| {name} ({rows["reference"]["n"]} {rows["reference"]["split"]} films) | {label} | '
+            f'{r["n_films"]} | {r["flagged"]:.0%} of {len(r["p_values"])} | '
+            f'{np.median(r["p_values"]):.3g} | {np.mean(r["domain_roc_auc"]):.3f} | '
+            + ('—' if per_image is None else f'{per_image:.1%}') + ' |')
+    lines.append('')
+  if 'matrix' in results:
+    lines += ['## Across sites: each method, hold-out figures before and after', '',
+              '| direction | method | adapt / hold-out films | ROC-AUC before → after | '
+              'sensitivity before → after | specificity before → after | adapted verdict |',
+              '|---|---|---|---|---|---|---|']
+    for key, r in results['matrix'].items():
+      direction, method = key.split('/')[1:3]
+      lines.append(
+          f'| {direction} | {method} | {r["n_adapt"]} / {r["n_hold_out"]} | '
+          + ' | '.join(f'{_fig(r["parent"], n)} → {_fig(r["adapted"], n)}'
+                       for n in ('roc_auc', 'sensitivity', 'specificity'))
+          + f' | {r["adapted"]["result"]} |')
+    lines.append('')
+  if 'curve' in results:
+    curve = results['curve']
+    methods = curve['methods']
+    lines += ['## Learning curve NIH → Guangzhou: hold-out ROC-AUC, mean ± sd over draws', '',
+              '| k labelled local films | draws | hold-out films | NIH model unadapted | '
+              + ' | '.join(methods) + ' |', '|---|---|---|---|' + '---|' * len(methods)]
+    for k, row in curve['rows'].items():
+      lines.append(f'| {k} | {row["draws"]} | {row["hold_out"]} | {_mean_sd(row["parent"])} | '
+                   + ' | '.join(_mean_sd(row[m]) for m in methods) + ' |')
+    lines.append('')
+  if results.get('covid'):
+    lines += ['## covid_xray/adult model on pediatric normals', '', results['covid'], '']
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  import numpy as np
+
+  start = time.time()
+  os.makedirs(_WORK.value, exist_ok=True)
+  cache = Cache(os.path.join(_WORK.value, 'runs.json'))
+  data_dir = _DATA_DIR.value
+  gz = _films(GZ_DATA, _NIH.value, data_dir)
+  nih = _films(NIH_DATA, _NIH.value, data_dir)
+  print(f'films: Guangzhou {len(gz)}, NIH {len(nih)}', flush=True)
+  results = {'command': 'nice -n 10 .venv/bin/python benchmarks/sites.py '
+                        f'--parts={",".join(_PARTS.value)} --ks={",".join(_KS.value)} '
+                        f'--draws={_DRAWS.value} --epochs={_EPOCHS.value}',
+             'machine': '2-core AMD EPYC VM, no GPU, shared with other jobs',
+             'date': time.strftime('%Y-%m-%d')}
+  if 'check' in _PARTS.value:
+    results['check'] = {
+        'NIH model': _check_rows(_NIH.value, nih.select(nih.metadata['split'] == 'test'), gz,
+                                 cache, 'nih'),
+        'Guangzhou model': _check_rows(_GZ.value, gz.select(gz.metadata['split'] == 'test'),
+                                       nih, cache, 'guangzhou')}
+  if 'matrix' in _PARTS.value:
+    results['matrix'] = {}
+    for direction, parent, films in (('nih->guangzhou', _NIH.value, gz),
+                                     ('guangzhou->nih', _GZ.value, nih)):
+      for method in ('threshold', 'adabn', 'finetune', 'adabn+finetune'):
+        key = f'matrix/{direction}/{method}'
+        results['matrix'][key] = _adapt(parent, films, method, _WORK.value, key, cache, seed=0)
+  if 'curve' in _PARTS.value:
+    methods = [m for m in _CURVE_METHODS.value]
+    rows = {}
+    for k in [int(k) for k in _KS.value]:
+      row = {m: [] for m in methods}
+      row.update(parent=[], draws=_DRAWS.value, hold_out=[])
+      for d in range(_DRAWS.value):
+        seed = 1000 * k + d
+        adapt_films, holdout = _draw(gz, k, seed)
+        row['hold_out'].append(len(holdout))
+        for method in methods:
+          key = f'curve/k{k}/d{d}/{method}'
+          if method == 'scratch':
+            r = _scratch(_NIH.value, adapt_films, holdout, _WORK.value, key, cache, seed)
+          else:
+            r = _adapt(_NIH.value, adapt_films, method, _WORK.value, key, cache,
+                       holdout=holdout, seed=seed)
+            if len(row['parent']) == d:  # The unadapted model on this draw's hold-out.
+              row['parent'].append(r['parent']['roc_auc']['value'])
+          row[method].append(r['adapted']['roc_auc']['value'])
+      row['hold_out'] = f'{min(row["hold_out"])}-{max(row["hold_out"])}'
+      rows[k] = row
+    results['curve'] = {'methods': methods, 'rows': rows}
+  results['wall_minutes'] = (time.time() - start) / 60
+  results['compute_minutes'] = sum(r.get('seconds', 0) for r in cache.runs.values()) / 60
+  results['runs'] = cache.runs
+  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
+  with open(_OUT.value + '.json', 'w') as f:
+    json.dump(results, f, indent=1, default=float)
+  with open(_OUT.value + '.md', 'w') as f:
+    f.write(render(results))
+  print(render(results))
+  del np
+
+
+if __name__ == '__main__':
+  app.run(main)
