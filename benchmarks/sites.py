@@ -24,6 +24,8 @@ Parts (--parts):
           of threshold / finetune / adabn+finetune, and of a compact_resnet trained from
           scratch on the same k films (covidlib.site_adapt.train_on_films: same inner split,
           epochs and batch; learning rate 1e-3, covidlib-train's default). Mean +- sd over draws.
+          The pieces of covidlib.site_adapt.adapt, without its model_dir and reports, so that
+          each hold-out is scored by the parent once per draw.
   covid   --covid_dir (make main's covid_xray/adult model), if given: its specificity on the
           pediatric normals of covid_xray/adult_pediatric before and after adapt (normals only:
           specificity only).
@@ -142,23 +144,55 @@ def _adapt(parent, films, method, work, key, cache, **kwargs) -> dict:
   return cache.get(key, run)
 
 
-def _scratch(parent, films, holdout, work, key, cache, seed) -> dict:
+def _curve_run(parent, films, holdout, parent_scores, method, work, key, cache, seed) -> dict:
+  """One method on k films, hold-out ROC-AUC (and sensitivity, specificity at its threshold).
+
+  The pieces of covidlib.site_adapt (inner_split, adabn, train_on_films, choose_decision), run
+  without writing a model_dir, so the parent scores each hold-out once per draw, not once per
+  method. 'threshold' leaves the network, hence the ROC-AUC, as it is.
+  """
+  from covidlib import calibration
   from covidlib import metrics
   from covidlib import model_dir as md
   from covidlib import site
   from covidlib import site_adapt
+  from covidlib import threshold
 
   def run():
-    folder = os.path.join(work, key.replace('/', '_'))
+    folder = os.path.join(work, key.replace('/', '_').replace('+', '_'))
+    shutil.rmtree(folder, ignore_errors=True)
     train_films, inner, note = site_adapt.inner_split(films, seed)
-    model = site_adapt.train_on_films(
-        md.load_config(parent), folder, train_films, inner, init_from=None,
-        learning_rate=1e-3, epochs=_EPOCHS.value, batch_size=site_adapt.DEFAULT_BATCH_SIZE,
-        seed=seed, description=f'{len(films)} films, from scratch')
-    scores = site.score_films(model, holdout).scores
-    shutil.rmtree(folder)
-    return {'adapted': {'roc_auc': {'value': float(metrics.roc_auc(holdout.labels, scores)[0])}},
-            'note': note}
+    config = md.load_config(parent)
+    if method == 'threshold':
+      model, decision_films, held_scores = None, films, parent_scores
+    else:
+      init_from, rate = parent, site_adapt.DEFAULT_LEARNING_RATE
+      if method == 'adabn+finetune':
+        model = md.load_model(parent)
+        site_adapt.adabn(model, films.images)
+        init_from = folder + '.adabn.keras'
+        model.save(init_from)
+      elif method == 'scratch':
+        init_from, rate = None, 1e-3  # covidlib-train's default rate for a fresh network.
+      model = site_adapt.train_on_films(
+          config, folder, train_films, inner, init_from=init_from, learning_rate=rate,
+          epochs=_EPOCHS.value, batch_size=site_adapt.DEFAULT_BATCH_SIZE, seed=seed,
+          description=f'{len(films)} films ({method})')
+      decision_films = inner if inner is not None else films
+      held_scores = site.score_films(model, holdout).scores
+    decision_scores = (site.score_films(model, decision_films).scores if model is not None
+                       else site.score_films(md.load_model(parent), decision_films).scores)
+    decision, _ = threshold.choose_decision(decision_films.labels, decision_scores, 'youden',
+                                            True, 'adapt')
+    called = calibration.apply_temperature(held_scores, decision.temperature) >= \
+        decision.threshold
+    y = holdout.labels
+    shutil.rmtree(folder, ignore_errors=True)
+    if os.path.exists(folder + '.adabn.keras'):
+      os.remove(folder + '.adabn.keras')
+    return {'roc_auc': float(metrics.roc_auc(y, held_scores)[0]),
+            'sensitivity': float(called[y == 1].mean()),
+            'specificity': float((~called[y == 0]).mean()), 'note': note}
   return cache.get(key, run)
 
 
@@ -278,27 +312,37 @@ def main(argv):
         key = f'matrix/{direction}/{method}'
         results['matrix'][key] = _adapt(parent, films, method, _WORK.value, key, cache, seed=0)
   if 'curve' in _PARTS.value:
-    methods = [m for m in _CURVE_METHODS.value]
-    rows = {}
-    for k in [int(k) for k in _KS.value]:
-      row = {m: [] for m in methods}
-      row.update(parent=[], draws=_DRAWS.value, hold_out=[])
-      for d in range(_DRAWS.value):
+    from covidlib import metrics
+    from covidlib import model_dir as md
+    from covidlib import site
+    methods = list(_CURVE_METHODS.value)
+    ks = [int(k) for k in _KS.value]
+    parent_model = md.load_model(_NIH.value)
+    rows = {k: {**{m: [] for m in methods + ['parent']}, 'draws': 0, 'hold_out': []}
+            for k in ks}
+    for d in range(_DRAWS.value):  # Draws outermost: a cut-short run still has every k.
+      for k in ks:
         seed = 1000 * k + d
         adapt_films, holdout = _draw(gz, k, seed)
-        row['hold_out'].append(len(holdout))
+        parent_scores = None
+        row = rows[k]
         for method in methods:
           key = f'curve/k{k}/d{d}/{method}'
-          if method == 'scratch':
-            r = _scratch(_NIH.value, adapt_films, holdout, _WORK.value, key, cache, seed)
-          else:
-            r = _adapt(_NIH.value, adapt_films, method, _WORK.value, key, cache,
-                       holdout=holdout, seed=seed)
-            if len(row['parent']) == d:  # The unadapted model on this draw's hold-out.
-              row['parent'].append(r['parent']['roc_auc']['value'])
-          row[method].append(r['adapted']['roc_auc']['value'])
+          if key not in cache.runs and parent_scores is None:
+            parent_scores = site.score_films(parent_model, holdout).scores
+          r = _curve_run(_NIH.value, adapt_films, holdout, parent_scores, method, _WORK.value,
+                         key, cache, seed)
+          row[method].append(r['roc_auc'])
+
+        def parent_auc(holdout=holdout, scores=parent_scores):
+          if scores is None:
+            scores = site.score_films(parent_model, holdout).scores
+          return {'roc_auc': float(metrics.roc_auc(holdout.labels, scores)[0])}
+        row['parent'].append(cache.get(f'curve/k{k}/d{d}/parent', parent_auc)['roc_auc'])
+        row['draws'] += 1
+        row['hold_out'].append(len(holdout))
+    for row in rows.values():
       row['hold_out'] = f'{min(row["hold_out"])}-{max(row["hold_out"])}'
-      rows[k] = row
     results['curve'] = {'methods': methods, 'rows': rows}
   results['wall_minutes'] = (time.time() - start) / 60
   results['compute_minutes'] = sum(r.get('seconds', 0) for r in cache.runs.values()) / 60

@@ -535,8 +535,10 @@ def render_validate(report: dict, title: str | None = None) -> str:
             '', '## Films needed for a half-width of 0.05', '',
             '| figure | films now | films needed |', '|---|---|---|']
   for name in sites.TARGET_FIGURES:
-    lines.append(f'| {name} | {f[name]["n"]} | {f[name]["films_needed"] or "—"} '
-                 f'{f[name]["films_needed_of"]} |')
+    needed, n = f[name]['films_needed'], f[name]['n']
+    shown = ('—' if needed is None else 'already within +-0.05' if needed <= n and
+             f[name]['value'] is not None else f'{needed} {f[name]["films_needed_of"]}')
+    lines.append(f'| {name} | {n} | {shown} |')
   lines += ['', 'At the same case mix and films per patient; intervals narrow as 1/sqrt(n).', '']
   for stratum, values in report['strata'].items():
     lines += [f'## By {stratum}', ''] + figures_table(values) + ['']

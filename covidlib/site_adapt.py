@@ -22,7 +22,8 @@ Methods, on the adapt part:
                   films, labels unused (AdaBN, Li et al. 2018), layer by layer in network order
                   so each sees the statistics already re-estimated before it; then threshold.
   finetune        train from the parent's weights (covidlib.train, config `init_from`) at a
-                  small learning rate (1e-4) for `epochs` (15), keeping the epoch with the best
+                  small learning rate (1e-4) for `epochs` (15; an epoch is at least
+                  MIN_STEPS_PER_EPOCH batches, the films repeated), keeping the epoch with the best
                   ROC-AUC on an inner validation split of the adapt part (by patient, 25%),
                   then threshold and temperature on that inner validation. When the adapt part
                   is too small for one (fewer than MIN_INNER_PER_CLASS films of a class would
@@ -78,6 +79,10 @@ DEFAULT_LEARNING_RATE = 1e-4
 DEFAULT_BATCH_SIZE = 16
 INNER_FRACTION = 0.25
 MIN_INNER_PER_CLASS = 5
+# An epoch of fine-tuning is at least this many batches: 20 films at batch 16 would otherwise
+# make 2 steps an epoch, 30 in 15 epochs, too few at a small learning rate to move anything. The
+# films are repeated within the epoch (reshuffled, and augmented inside the training model).
+MIN_STEPS_PER_EPOCH = 10
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,11 +147,15 @@ def adabn(model: keras.Model, images: np.ndarray, batch_size: int = 32) -> int:
   return len(layers)
 
 
-def _dataset(films: Films, batch_size: int, seed: int | None, shuffle: bool) -> tf.data.Dataset:
+def _dataset(films: Films, batch_size: int, seed: int | None, shuffle: bool,
+             min_steps: int = 1) -> tf.data.Dataset:
+  """Batches of the films; with `min_steps`, the films repeated (each pass reshuffled) so an
+  epoch holds at least that many batches."""
   ds = tf.data.Dataset.from_tensor_slices((films.images, films.labels.astype(np.float32)))
+  repeats = max(1, -(-min_steps * batch_size // len(films)))
   if shuffle:
     ds = ds.shuffle(len(films), seed=seed, reshuffle_each_iteration=True)
-  return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+  return ds.repeat(repeats).batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def inner_split(films: Films, seed: int) -> tuple[Films, Films | None, str]:
@@ -178,7 +187,8 @@ def train_on_films(config: dict, work_dir: str, train: Films, validation: Films 
       batch_size=int(batch_size), seed=int(seed),
       validation_split='validation' if validation is not None else '',
       keep='best' if validation is not None else 'last')
-  train_lib.train(run_config, work_dir, train_data=_dataset(train, batch_size, seed, True),
+  train_lib.train(run_config, work_dir,
+                  train_data=_dataset(train, batch_size, seed, True, MIN_STEPS_PER_EPOCH),
                   validation_data=None if validation is None else _dataset(validation,
                                                                            batch_size, seed,
                                                                            False),
