@@ -518,8 +518,9 @@ def lineage_line(lineage: dict | None) -> str:
     return ''
   held = lineage['hold_out']
   adapted = held['adapted']
-  figures = ', '.join(f'{name} {metrics.format_figure(adapted[name])}'
-                      for name in TARGET_FIGURES)
+  figures = ', '.join(f'{shown} {metrics.format_figure(adapted[name])}' for name, shown in
+                      (('roc_auc', 'ROC-AUC'), ('sensitivity', 'sensitivity'),
+                       ('specificity', 'specificity')))
   targets = ', '.join(f'{k} {v:g}' for k, v in held['targets'].items())
   return (f'adapted at {lineage["site"]} on {lineage["adapt"]["n_films"]} films '
           f'({lineage["method"]}) from `{lineage["parent"]["model_dir"]}`; validated on '

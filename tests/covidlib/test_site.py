@@ -299,7 +299,7 @@ def test_adapt_threshold_writes_a_new_model_dir_and_never_touches_the_parent(wor
       report['hold_out']['adapted']['figures']['roc_auc']['value'])
   line = sites.lineage_line(lineage)
   assert line.startswith(f'adapted at b on {report["n_adapt"]} films (threshold) from ')
-  assert f'validated on {report["n_hold_out"]} other films of that site: roc_auc ' in line
+  assert f'validated on {report["n_hold_out"]} other films of that site: ROC-AUC ' in line
   # The model card and the export carry it.
   from exporters import export
   from exporters import model_card
