@@ -332,6 +332,16 @@ def test_adapt_refuses_a_hold_out_sharing_patients(world, tmp_path, monkeypatch,
   assert err == (f'{PROG}: error: the hold-out shares 1 patients with the adapt part (the labels '
                  "CSV's split column (rows 'test')): a hold-out must hold other patients only\n")
   assert not new.exists() and not [n for n in os.listdir(tmp_path) if n.startswith('.')]
+  # The same with --holdout_films (here: films given in memory).
+  films = site.load_films(world['csv'], md.load_config(world['model_dir']), labelled=True)
+  keys = films.patient_keys()
+  holdout = np.isin(keys, [f'b\0P{c}{p:03d}' for c in (0, 1) for p in range(12)])
+  holdout[np.flatnonzero(keys == 'b\0P0000')[0]] = False  # P0000's first film in the adapt part.
+  with pytest.raises(errors.UsageError, match=r'the hold-out shares 1 patients with the adapt '
+                                              r'part \(given: labels CSV '):
+    site_adapt.adapt(world['model_dir'], str(new), films.select(~holdout),
+                     holdout=films.select(holdout))
+  assert not new.exists()
 
 
 def test_adapt_refuses_an_existing_folder_the_parent_and_bad_files(world, tmp_path,
