@@ -61,7 +61,6 @@ CHECK_JSON, CHECK_MD = 'check.json', 'check.md'
 VALIDATE_JSON, VALIDATE_MD = 'validate.json', 'validate.md'
 LINEAGE = 'lineage.json'  # Written by covidlib.site_adapt into an adapted model_dir.
 MIN_CHECK_FILMS = 10
-STRATA = ('site', 'view', 'sex', 'age_band')
 CAVEAT = ('Research software, not a diagnostic device. These figures describe one model on '
           'these films; other films, scanners or patients can differ.')
 META_KEYS = ('filename', 'site', 'view', 'patient_id', 'age', 'sex', 'split')
