@@ -104,11 +104,19 @@ def load_pool(dataset: str, splits: Sequence[str] = ('train', 'validation'), *,
 
 
 def patient_groups(pool: Pool, near_duplicates: bool = True) -> np.ndarray:
-  """One group id per image: same patient, or near-duplicate images, share an id."""
+  """One group id per image: same patient, or near-duplicate images, share an id.
+
+  Images without a patient id are grouped by the series their file name names
+  (covidlib_tfds.splitting.series_key: extubation-8.jpg and extubation-13.jpg are one case's
+  films), as the dataset builders split them, so no fold holds part of a series.
+  """
   n = len(pool)
   patient = pool.metadata.get('patient_id', np.full(n, '', dtype=object))
   source = pool.metadata.get('source', np.full(n, '', dtype=object))
-  keys = [f'{s}:{p}' if p else '' for s, p in zip(source, patient)]
+  filename = pool.metadata.get('filename', np.full(n, '', dtype=object))
+  keys = [f'{s}:{p}' if p else
+          splitting.series_group_key(s, splitting.series_key(f))
+          if f and splitting.GROUP_SERIES else '' for s, p, f in zip(source, patient, filename)]
   if not near_duplicates:  # A distance of at most -1 bits: no pair is ever near.
     return np.asarray(splitting.group_images(keys, [0] * n, max_bits=-1))
   hashes = [perceptual_hash.image_hash(np.round(image[..., 0] * 255.0)) for image in pool.images]

@@ -63,6 +63,11 @@ def hashed_filename(salt: str, path: str) -> str:
   return f'file-{_hmac(salt, "path" + chr(0) + path)}{suffix}'
 
 
+def hashed_series(salt: str, site: str, series: str) -> str:
+  """A file-name series (splitting.series_key) that names no one: 16 hex digits."""
+  return _hmac(salt, f'series\0{site}\0{series}')
+
+
 def _tokens(text: str) -> list[str]:
   return [t for t in re.split(r'[^0-9a-z]+', text.lower()) if t]
 

@@ -6,6 +6,8 @@
                                    seed=2020)                 # one split name per image
     names = splitting.split_groups(groups, labels, fractions, seed=2020,
                                    balance_groups=True)       # patients per split balanced too
+    splitting.series_key('CovidDataset/Train/Covid/extubation-13.jpg')   # -> 'extubation'
+    key = splitting.series_group_key('ieee8023', 'extubation')  # 'series:ieee8023:extubation'
 
 Two images share a group when they belong to the same patient (same non-empty patient key) or
 their perceptual hashes are near-duplicates; groups that share an image are merged (union-find),
@@ -25,16 +27,86 @@ split then gets groups of every size, and its images, its groups and each class'
 within about one largest group of share x total at every step, hence at the end. covid_xray
 keeps the largest-first order, so that its published splits do not move.
 The same inputs and seed always give the same split.
+
+Images without a patient id are grouped by the *series* their file name names (`series_key`):
+`extubation-1.jpg` ... `extubation-13.jpg` are one case's films over time, and
+`88de9d8c39e946abd495b37cd07d89e5-2ee6-0.jpg` and `...-6531-0.jpg` one upload, so each series is
+split as one group. Its key, `series_group_key`, starts with 'series:', which no patient key does
+(covid_xray's are '<source>:<id>' for its fixed sources, labelled_xrays' 'patient<NUL>...'), so
+a series never merges with a patient by name, only through a near-duplicate image. Images with a
+patient id never go by their series. `GROUP_SERIES = False` turns the rule off (tests do, to
+show that the audit then names the series on two sides).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from covidlib import errors
 from covidlib_tfds import perceptual_hash
+
+
+# Images without a patient id are split by file-name series (`series_key`). Always on in builds;
+# tests turn it off to show what the audit finds without it.
+GROUP_SERIES = True
+
+_EXTENSION = re.compile(r'\.[a-z][a-z0-9]{0,4}$')  # '.png', '.jpeg', '.dcm'; not '.1'.
+# An upload of the ieee8023 collection: <32 hex digits>-<4 hex digits>-<counter>.
+_UPLOAD = re.compile(r'([0-9a-f]{32})-[0-9a-f]{4}-[0-9]{1,3}')
+# A trailing counter after a separator ('extubation-13', 'person12_bacteria_45', '00001234_000'),
+# or a copy's '(2)' ('scan (2)'). At most 3 digits: longer numbers are more often ids, dates or
+# instance numbers ('IM-0001-0001') than a film's place in a series.
+_COUNTER = re.compile(r'(.+?)(?:[-_ ]+[0-9]{1,3}| ?\([0-9]{1,3}\))')
+_MIN_PREFIX = 2  # Letters and digits a prefix keeps, or the counter stays: '1-2' is no series.
+
+
+def series_key(path: str, keep_folder: bool = False) -> str:
+  """The series a file name names, for grouping images that have no patient id.
+
+  The base name, lowercased, without its extension (a dot and 1-5 letters or digits starting with
+  a letter) and without ONE trailing counter or upload suffix:
+
+    extubation-13.jpg -> extubation            AR-2.jpg -> ar
+    88de9d8c39e946abd495b37cd07d89e5-2ee6-0.jpg -> 88de9d8c39e946abd495b37cd07d89e5
+    person123_bacteria_45.jpeg -> person123_bacteria   (person 123: not every person*_bacteria)
+    00001234_000.png -> 00001234                        (the NIH patient, follow-up dropped)
+    scan (2).png -> scan
+
+  A counter is 1-3 digits after '-', '_' or ' ' (or in parentheses); the prefix left must hold
+  at least two letters or digits. Unchanged, hence alone in their series: names whose number is
+  glued to a word (7-fatal-covid19, 4-x-day13: 'covid19' is no counter), 4 or more digits
+  (IM-0001-0001, dates, accession numbers, DICOM UIDs), a bare number (0001.png, 1-2.png).
+
+  Limits. It only reads names: generic names with a counter merge whatever they hold
+  ('image-1' and 'image-2' of two patients become one series; over-merging costs split balance,
+  never leakage), and one patient's films named apart ('day1' and 'day13', or 'person1_virus_6'
+  and 'person1_bacteria_1') stay apart. Give patient ids where they are known: then this rule is
+  not used.
+
+  Args:
+    path: a file's path; '/' or '\\' separators.
+    keep_folder: prefix the key with the path's folder ('a/b/scan-1.png' -> 'a/b/scan'), so that
+      equal names in two folders are two series (labelled_xrays, where a folder is often one
+      patient or one export). covid_xray's folders are the archive's Train/Val and class folders,
+      which say nothing of the patient, so it uses the base name alone.
+  """
+  folder, _, name = path.replace('\\', '/').rpartition('/')
+  stem = _EXTENSION.sub('', name.lower()) or name.lower()
+  upload = _UPLOAD.fullmatch(stem)
+  counter = _COUNTER.fullmatch(stem)
+  if upload:
+    stem = upload.group(1)
+  elif counter and sum(c.isalnum() for c in counter.group(1)) >= _MIN_PREFIX:
+    stem = counter.group(1)
+  return f'{folder}/{stem}' if keep_folder and folder else stem
+
+
+def series_group_key(source: str, series: str) -> str:
+  """The group key of an image without a patient id: 'series:<source>:<series>'."""
+  return f'series:{source}:{series}'
 
 
 class _UnionFind:

@@ -29,8 +29,16 @@ Builder arguments (also as `covid_xray/<config>/name=value` in a dataset name):
   nih_manifest_path, ieee8023_more_manifest_path: likewise for `nih_adult_normals/` and
     `ieee8023_more/` (shipped: `nih_adult_normals.tsv`, `ieee8023_more.tsv`).
 Images a config leaves out on purpose (COVID-19 patients under 18; other findings that share a
-patient or a near-duplicate with a COVID-19 image) are logged and listed with the reason in
-`info.metadata['excluded']`.
+patient, a series or a near-duplicate with a COVID-19 image) are logged and listed with the reason
+in `info.metadata['excluded']`.
+
+Images without a patient id (13 COVID-19 images of the archive match no ieee8023 metadata row) are
+split by the series their file name names (`splitting.series_key` of the base name:
+`extubation-1.jpg` ... `extubation-13.jpg` are one series, `<hash>-<4 hex>-<n>.jpg` uploads of one
+hash another), each series as one group, so a series never spans two splits of the configs split
+by patient. The seed config keeps the published split. Every config lists its series of two or
+more such images in `info.metadata['unknown_patient_series']` ({'series:<source>:<series>':
+[file, ...]}), which `covidlib_tfds.audit` checks.
 """
 
 import collections
@@ -148,7 +156,8 @@ class CovidXrayConfig(tfds.core.BuilderConfig):
     'adult_collections' (COVID-19 of the archive and ieee8023_more, NIH adult normals), or
     'other_findings' (the non-COVID findings of ieee8023_more).
   split: 'as_published' (the archive's Train/Val folders), 'by_patient' (60/20/20, no
-    patient or near-duplicate cluster on two sides) or 'test_only' (one split, `test`).
+    patient, no file-name series of images without a patient id and no near-duplicate cluster
+    on two sides) or 'test_only' (one split, `test`).
   pediatric_normals: with 'adult_collections', add the archive's Kaggle pediatric normals.
   """
   source: str = 'article_archive'
@@ -188,12 +197,18 @@ def features() -> tfds.features.FeaturesDict:
 class Builder(tfds.core.GeneratorBasedBuilder):
   """COVID-19 vs normal chest X-rays: the article's split, a patient split, and a re-curation."""
 
-  VERSION = tfds.core.Version('1.1.0')
+  VERSION = tfds.core.Version('1.2.0')
   RELEASE_NOTES = {
       '1.0.0': 'Initial release.',
       '1.1.0': 'Configs adult, adult_pediatric (NIH adult normals, COVID-19 aged 18 or over) and '
                'other_findings (non-COVID findings, evaluation only); a `finding` feature; one '
                'manual dir for every config; `info.metadata["excluded"]`.',
+      '1.2.0': 'Images without a patient id are split by file-name series (extubation-1 ... '
+               'extubation-13 as one group, <hash>-<4 hex>-<n> uploads of one hash as one), so '
+               'no series spans two splits: the splits of patient_split, curated, adult and '
+               'adult_pediatric change (seed stays as published); other_findings also leaves '
+               'out films sharing a series with a COVID-19 film of adult; '
+               '`info.metadata["unknown_patient_series"]`.',
   }
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIGS = [
@@ -204,7 +219,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       CovidXrayConfig(
           name='patient_split', source='article_archive', split='by_patient',
           description='The same images re-split 60/20/20 into train/validation/test so that no '
-                      'patient and no near-duplicate cluster is on two sides.'),
+                      'patient, no near-duplicate cluster and no file-name series of images '
+                      'without a patient id is on two sides.'),
       CovidXrayConfig(
           name='curated', source='raw_collections', split='by_patient',
           description='The article\'s data preparation re-run on the raw collections: COVID-19 '
@@ -214,8 +230,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           description='Adults only. COVID-19: the article\'s COVID-19 images and the COVID-19 '
                       'images of ieee8023_more (same collection), patients aged 18 or over or '
                       'of unknown age. Normal: NIH ChestX-ray14 "No Finding" adults '
-                      '(nih_adult_normals). Split 60/20/20 by patient and near-duplicate '
-                      'cluster. Each class still comes from its own sites.'),
+                      '(nih_adult_normals). Split 60/20/20 by patient (or file-name series, '
+                      'without a patient id) and near-duplicate cluster. Each class still comes '
+                      'from its own sites.'),
       CovidXrayConfig(
           name='adult_pediatric', source='adult_collections', split='by_patient',
           pediatric_normals=True,
@@ -226,8 +243,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
           description='Evaluation only, one split `test`: the non-COVID findings of '
                       'ieee8023_more (SARS, Pneumocystis, Streptococcus, ARDS, ...), all ages. '
                       'Label 0 ("normal") here means NOT COVID-19, not a healthy film: it asks '
-                      'whether a model sees COVID-19 or any opacity. Images sharing a patient or '
-                      'near-duplicate with a COVID-19 image of adult are left out (listed in '
+                      'whether a model sees COVID-19 or any opacity. Images sharing a patient (or, '
+                      'without a patient id, a file-name series) or a near-duplicate with a '
+                      'COVID-19 image of adult are left out (listed in '
                       'info.metadata["excluded"]).'),
   ]
   DEFAULT_BUILDER_CONFIG_NAME = 'seed'
@@ -271,6 +289,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       load, images, missing, excluded = self._other_findings(dl_manager)
     self.info.metadata['missing_files'] = missing
     self.info.metadata['excluded'] = excluded
+    self.info.metadata['unknown_patient_series'] = _unknown_patient_series(images)
     if config.source == 'other_findings':
       self.info.metadata['label_note'] = OTHER_FINDINGS_LABEL_NOTE
     for line in excluded:
@@ -395,21 +414,24 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def _other_findings(self, dl_manager):
     """ieee8023_more's other findings, labelled 0 (not COVID-19), none linked to adult's COVID-19.
 
-    An image is left out, and listed, if its patient also has COVID-19 images in the adult
-    configs or it is a near-duplicate of one of those images.
+    An image is left out, and listed, if its patient (without a patient id: its file-name
+    series) also has COVID-19 images in the adult configs or it is a near-duplicate of one of
+    those images.
     """
     load, covid, _, others, missing, _ = self._adult_covid(dl_manager)
     covid_files = collections.defaultdict(list)
     for image in covid:
-      if image.patient_id:
-        covid_files[_patient_key(image)].append(image.key)
+      if _split_key(image):
+        covid_files[_split_key(image)].append(image.key)
     hashes = [perceptual_hash.image_hash(load(i.key)) for i in covid + others]
     reasons = collections.defaultdict(list)
     for other in others:
-      if _patient_key(other) in covid_files:
-        files = covid_files[_patient_key(other)]
+      if _split_key(other) in covid_files:
+        files = covid_files[_split_key(other)]
+        who = (f'patient {other.patient_id}' if other.patient_id
+               else f'its series {_split_key(other)} (no patient id)')
         reasons[other.key].append(
-            f'patient {other.patient_id} also has COVID-19 image(s) in covid_xray/adult: '
+            f'{who} also has COVID-19 image(s) in covid_xray/adult: '
             f'{manifest_lib.name_list(sorted(files))}')
     for i, j, distance in perceptual_hash.near_duplicate_pairs(hashes):
       if i < len(covid) <= j:
@@ -525,15 +547,43 @@ def _patient_key(image: _Image) -> str:
   return f'{image.source}:{image.patient_id}' if image.patient_id else ''
 
 
+def _series_key(image: _Image) -> str:
+  """'series:source:<series of the base name>' of an image without a patient id, else ''."""
+  if image.patient_id:
+    return ''
+  return splitting.series_group_key(image.source, splitting.series_key(image.key))
+
+
+def _split_key(image: _Image) -> str:
+  """What splits group by: the patient, else (splitting.GROUP_SERIES) the file-name series."""
+  return _patient_key(image) or (_series_key(image) if splitting.GROUP_SERIES else '')
+
+
+def _unknown_patient_series(images) -> dict[str, list[str]]:
+  """{series key: its files} of every series of two or more images without a patient id.
+
+  Recorded whether or not splits group by series, so the audit can check them either way.
+  """
+  series = collections.defaultdict(list)
+  for image in images:
+    if _series_key(image):
+      series[_series_key(image)].append(image.key)
+  return {key: sorted(files) for key, files in sorted(series.items()) if len(files) > 1}
+
+
 def _split_by_patient(images, load):
-  """Re-splits images by patient and near-duplicate cluster (see covidlib_tfds.splitting).
+  """Re-splits images by patient (or series) and near-duplicate cluster (covidlib_tfds.splitting).
 
   The splitter balances strata of (class, source), so a class drawn from two sources
   (adult_pediatric's NIH and Kaggle normals) has each source spread 60/20/20 too. Where each
   class has one source (patient_split, curated, adult) the strata are the classes, in the same
   order: the split is the one balancing classes alone.
   """
-  keys = [_patient_key(i) for i in images]
+  keys = [_split_key(i) for i in images]
+  for key, files in _unknown_patient_series(images).items():
+    logging.info('%d images without a patient id, series %s: %s', len(files), key,
+                 'split as one group' if splitting.GROUP_SERIES else 'NOT grouped (GROUP_SERIES '
+                 'is off)')
   hashes = [perceptual_hash.image_hash(load(i.key)) for i in images]
   groups = splitting.group_images(keys, hashes)
   strata = [(int(i.label == 'covid'), i.source) for i in images]

@@ -6,24 +6,29 @@ Deterministic. Each image is a 32 x 40 smooth random field (a different seed per
 images are far apart in perceptual hash, except the planted copies. What it writes:
 
 - `Covid-19-Detection-<commit>.zip`, stored like GitHub's archive of the article's repository:
-  `Covid-19-Detection-<commit>/CovidDataset/{Train,Val}/{Covid,Normal}/*`, 16 images, file
-  names taken from the real data so that the shipped ieee8023 metadata gives them patient ids.
-  Planted for the patient split and the audit: patient 51 twice in Train; patient 186 in Train
-  (4-x-day1.jpg) and in Val (4-x-day13.jpg); AR-2.jpg in Val a resized, re-encoded copy of
-  AR-1.jpg in Train (no metadata: only the hash links them); Kaggle patient IM-0551 twice in
-  Train. Formats mix RGB and gray JPEG and an RGBA PNG, as in the real archive.
-- `manifest.tsv` pinning those 16 images (one by git blob id only, as the real manifest does for
+  `Covid-19-Detection-<commit>/CovidDataset/{Train,Val}/{Covid,Normal}/*`, 23 images, file
+  names taken from the real data so that the shipped ieee8023 metadata gives them patient ids
+  (or, for 9 of them, none). Planted for the patient split and the audit: patient 51 twice in
+  Train; patient 186 in Train (4-x-day1.jpg) and in Val (4-x-day13.jpg); AR-2.jpg in Val a
+  resized, re-encoded copy of AR-1.jpg in Train (no metadata: the hash and the file-name series
+  `ar` link them); Kaggle patient IM-0551 twice in Train; images without a patient id in
+  file-name series (`SERIES`): extubation-1, -4 and -13 in Train and extubation-8 in Val, two
+  uploads 88de9d8c...-2ee6-0 and ...-6531-0 in Val, and a lone upload ae6c954c...-e6c8-0 in Train
+  that must stay apart. Formats mix RGB and gray JPEG and an RGBA PNG, as in the real archive.
+- `manifest.tsv` pinning those 23 images (one by git blob id only, as the real manifest does for
   the image our copy lacks).
 - `covid-chestxray-dataset/{metadata.csv,images/}` and `chest_xray/{train,val,test}/{NORMAL,
   PNEUMONIA}/` for the `curated` config: 8 metadata rows of which 4 pass the selection (COVID-19,
   PA, X-ray), 7 Kaggle normals to sample 4 from, and pneumonia images that must be ignored.
 - `shared/`, a manual dir for every config in the layout of `../shared/data`:
   `covid_xray_seed/` (a copy of the archive above), `nih_adult_normals/` (6 images of 5
-  patients) and `ieee8023_more/` (5 COVID-19 and 5 other findings), each `images/` +
+  patients) and `ieee8023_more/` (5 COVID-19 and 6 other findings), each `images/` +
   `manifest.tsv`. Planted: a COVID-19 patient aged 15 (left out of adult), one of unknown age
   (kept), ieee8023 patient 186 with COVID-19 in the archive and in ieee8023_more (one group) and
   an ARDS film (left out of other_findings), an other-finding film that is a near-duplicate of
-  the archive's F4341CE7-... (left out of other_findings), a 2048 px wide original (halved by
+  the archive's F4341CE7-... (left out of other_findings), an other-finding film without a
+  patient id, extubation-20, in the series of the archive's extubation films (left out of
+  other_findings), a 2048 px wide original (halved by
   the 1024 px cap), originals with alpha (RGBA, gray + alpha) and a gray JPEG.
 - `github/`, the two repositories' archives holding the originals (`COVID-19-<commit>.zip`,
   `covid-chestxray-dataset-<commit>.zip`, plus files that must be ignored), for the download
@@ -73,7 +78,27 @@ SEED_IMAGES = [
     ('CovidDataset/Val/Normal/NORMAL2-IM-0416-0001-0001.jpeg', 'JPEG', 'L', 14),
     ('CovidDataset/Val/Normal/NORMAL2-IM-0851-0001.jpeg', 'JPEG', 'L', 15),
     ('CovidDataset/Val/Normal/IM-0182-0001.jpeg', 'JPEG', 'L', 16),
+    # Without a patient id (the shipped metadata lacks them), named as in the real archive: one
+    # case's films over time, one upload's two images, and another upload that must stay apart.
+    ('CovidDataset/Train/Covid/extubation-1.jpg', 'JPEG', 'RGB', 81),
+    ('CovidDataset/Train/Covid/extubation-4.jpg', 'JPEG', 'L', 82),
+    ('CovidDataset/Val/Covid/extubation-8.jpg', 'JPEG', 'RGB', 83),
+    ('CovidDataset/Train/Covid/extubation-13.jpg', 'JPEG', 'RGB', 84),
+    ('CovidDataset/Val/Covid/88de9d8c39e946abd495b37cd07d89e5-2ee6-0.jpg', 'JPEG', 'RGB', 85),
+    ('CovidDataset/Val/Covid/88de9d8c39e946abd495b37cd07d89e5-6531-0.jpg', 'JPEG', 'RGB', 86),
+    ('CovidDataset/Train/Covid/ae6c954c0039de4b5edee53865ffee43-e6c8-0.jpg', 'JPEG', 'RGB', 87),
 ]
+# File-name series of the images above without a patient id (splitting.series_key).
+SERIES = {
+    'series:ieee8023:extubation': ['CovidDataset/Train/Covid/extubation-1.jpg',
+                                   'CovidDataset/Train/Covid/extubation-13.jpg',
+                                   'CovidDataset/Train/Covid/extubation-4.jpg',
+                                   'CovidDataset/Val/Covid/extubation-8.jpg'],
+    'series:ieee8023:88de9d8c39e946abd495b37cd07d89e5': [
+        'CovidDataset/Val/Covid/88de9d8c39e946abd495b37cd07d89e5-2ee6-0.jpg',
+        'CovidDataset/Val/Covid/88de9d8c39e946abd495b37cd07d89e5-6531-0.jpg'],
+    'series:ieee8023:ar': ['CovidDataset/Train/Covid/AR-1.jpg', 'CovidDataset/Val/Covid/AR-2.jpg'],
+}
 COPIES = {'CovidDataset/Val/Covid/AR-2.jpg': 'CovidDataset/Train/Covid/AR-1.jpg'}
 GIT_BLOB_ONLY = 'CovidDataset/Val/Covid/paving.jpg'
 
@@ -132,6 +157,8 @@ IEEE_ROWS = [
     ('m-strep-copy', '.jpg', 'other', 'Streptococcus', '303', '35', 'PA', 'JPEG', 'RGB', None,
      (38, 30)),
     ('m-none', '.jpeg', 'other', 'No Finding', '304', '8', 'PA', 'JPEG', 'L', 69, (40, 32)),
+    # No patient id, in the series of the archive's extubation-*.jpg COVID-19 films.
+    ('extubation-20', '.jpg', 'other', 'ARDS', '', '', 'AP', 'JPEG', 'L', 88, (40, 32)),
 ]
 NEAR_COPY_OF = 'CovidDataset/Train/Covid/F4341CE7-73C9-45C6-99C8-8567A5484B63.jpeg'
 _SOURCE_HEADER = ('file\tlabel\tfinding\tsource\toriginal_repo\tcommit\toriginal_path\t'

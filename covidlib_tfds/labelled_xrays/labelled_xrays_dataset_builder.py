@@ -24,7 +24,8 @@ What the build does, streaming (one image in memory at a time, per worker thread
    LUT / window, 12/16 bits, MONOCHROME1), keeping only a perceptual hash and a few header
    fields: PatientID where the CSV row has no patient_id, ViewPosition where it has no view,
    PatientAge / PatientSex where it has no age / sex. No other header element is read.
-3. Splits by patient (site + patient id) and near-duplicate image (covidlib_tfds.splitting,
+3. Splits by patient (site + patient id; without one, the file-name series, below) and
+   near-duplicate image (covidlib_tfds.splitting,
    balance_groups=True: each split gets its share of the images, of each class's images and of
    the patients, within about one patient's images, whatever the patients' sizes), unless the
    CSV has a `split` column, which is then used as is.
@@ -56,10 +57,19 @@ that the message names; unless skip_bad=True: then it goes on without them, logs
 warning, and lists them in `info.metadata['bad_files']` ('<name>: <reason>').
 A file path that shows its patient's id or DICOM name fails the build (CSV line numbers named)
 unless hash_filenames=True. Images with no patient id at all (neither in the CSV nor in a
-DICOM header) are split as their own patients; they are counted in the log and in
-`info.metadata['images_without_patient_id']`. With frontal_only, views other than PA/AP are
-left out and listed in `info.metadata['excluded_files']`; files of unknown view are kept (and
-counted in the log).
+DICOM header) are split by the series their path names (covidlib_tfds.splitting.series_key with
+the folder kept: `scans/extubation-1.png` ... `scans/extubation-13.png` are series
+`scans/extubation`, `<32 hex>-<4 hex>-<n>.jpg` uploads of one hash another; `x/scan-1.png` and
+`y/scan-2.png` are two), each series as one group, as if it were one patient; a name without a
+trailing counter is a series of its own. The rule reads names only: generic names with a counter
+in one folder (`img_1.png`, `img_2.png`) become one group, whoever they show, so give patient
+ids where you have them (then the rule is not used). They are counted in the log and in
+`info.metadata['images_without_patient_id']`; the series of two or more images are listed in
+`info.metadata['unknown_patient_series']` ({'series:<site>:<series>': [image/filename, ...]},
+the series hashed with hash_filenames), which `covidlib_tfds.audit` checks. With a CSV split
+column, series it puts on two sides are counted in `info.metadata['series_in_two_splits']`.
+With frontal_only, views other than PA/AP are left out and listed in
+`info.metadata['excluded_files']`; files of unknown view are kept (and counted in the log).
 
 A build records what it was made from in `info.metadata['inputs']` (`input_fingerprint`: the
 CSV's sha256, a digest of every file's path, size and mtime, a slow hash of the salt, the
@@ -141,7 +151,8 @@ class _Image:
   label: int  # Index into the class names: 1 = the positive class.
   split: str
   patient_id: str  # The pseudonym.
-  group_key: str  # site NUL raw patient id, '' if unknown; for splitting only.
+  group_key: str  # 'patient' NUL site NUL raw patient id, '' if unknown; for splitting only.
+  series: str  # Without a patient id: 'series:<site>:<folder/series>' (memory only), else ''.
   source: str
   view: str
   age: int
@@ -160,8 +171,15 @@ def features() -> tfds.features.FeaturesDict:
 class Builder(tfds.core.GeneratorBasedBuilder):
   """Your labelled X-rays, split by patient; one config per data set, named when built."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '1.1.0': 'Images without a patient id (in neither the CSV nor a DICOM header) are split by '
+               'file-name series (folder kept: scans/extubation-1.png ... -13.png as one group), '
+               'not each as its own patient, so splits with such images change; '
+               '`info.metadata["unknown_patient_series"]` and, with a CSV split, '
+               '`["series_in_two_splits"]`.',
+  }
   BUILDER_CONFIGS = []  # Named by the user: labelled_xrays/<name>.
 
   def __init__(self, *, config: str | LabelledXraysConfig | None = None,
@@ -327,10 +345,16 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       raise errors.DataError(f'{csv_path.name}: no usable image is left to build from')
     anonymous = sum(1 for i in images if not i.group_key)
     self.info.metadata['images_without_patient_id'] = anonymous
+    series = _unknown_patient_series(images, salt, config.hash_filenames)
+    self.info.metadata['unknown_patient_series'] = series
     if anonymous:
       logging.warning('%d of %d images have no patient id (no patient_id in the CSV, no '
-                      'PatientID in a DICOM header): each is split as its own patient, grouped '
-                      'only with its near-duplicates', anonymous, len(images))
+                      'PatientID in a DICOM header): %s; %d of them are in %d file-name series '
+                      'of 2 or more (info.metadata["unknown_patient_series"])',
+                      anonymous, len(images),
+                      'each file-name series is split as one group' if splitting.GROUP_SERIES
+                      else 'each is split on its own (splitting.GROUP_SERIES is off)',
+                      sum(map(len, series.values())), len(series))
     if 'split' in columns:
       self.info.metadata['split_from'] = 'csv'
       _warn_patients_in_two_splits(images, self.info.metadata)
@@ -342,7 +366,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       names = list(fractions)
     for name in names:
       counts = collections.Counter(class_names[i.label] for i in images if i.split == name)
-      patients = len({i.group_key or i.path for i in images if i.split == name})
+      patients = len({_split_key(i) or i.path for i in images if i.split == name})
       logging.info('labelled_xrays/%s %s: %d images of %d patients (%s)', config.name, name,
                    sum(counts.values()), patients,
                    ', '.join(f'{k} {v}' for k, v in sorted(counts.items())))
@@ -571,7 +595,10 @@ def _inspect(root: epath.Path, row: labels_lib.Row, salt: str, hash_filenames: b
       label=class_names.index(row.label),
       split=row.split,
       patient_id=privacy.pseudonym(salt, row.site, patient),
-      group_key=f'{row.site}\0{patient}' if patient else '',
+      # 'patient' first: no patient key can equal a series key, which starts with 'series:'.
+      group_key=f'patient\0{row.site}\0{patient}' if patient else '',
+      series='' if patient else splitting.series_group_key(
+          row.site, splitting.series_key(row.path, keep_folder=True)),
       source=row.site,
       view=row.view or header.get('view', ''),
       age=min(age, MAX_AGE),
@@ -589,9 +616,36 @@ def _stored_name(path: str, salt: str, hash_filenames: bool) -> str:
 # ---------------------------------------------------------------------------------------------
 # Splitting.
 
+def _split_key(image: _Image) -> str:
+  """What splits group by: the patient, else (splitting.GROUP_SERIES) the file-name series."""
+  return image.group_key or (image.series if splitting.GROUP_SERIES else '')
+
+
+def _unknown_patient_series(images: list[_Image], salt: str, hash_filenames: bool
+                            ) -> dict[str, list[str]]:
+  """{series key: stored file names} of each series of 2+ images without a patient id.
+
+  With hash_filenames the series (a folder and a name stem, which may name someone) is hashed:
+  'series:<site>:<16 hex digits>'. Recorded whether or not splits group by series.
+  """
+  members = collections.defaultdict(list)
+  for i in images:
+    if i.series:
+      members[i.series].append(i)
+  record = {}
+  for key, group in members.items():
+    if len(group) > 1:
+      site = group[0].source
+      if hash_filenames:
+        key = splitting.series_group_key(
+            site, privacy.hashed_series(salt, site, key[len(f'series:{site}:'):]))
+      record[key] = sorted(i.filename for i in group)
+  return dict(sorted(record.items()))
+
+
 def _split_by_patient(images: list[_Image], fractions: dict[str, float]) -> list[_Image]:
-  """Assigns whole patient / near-duplicate groups to splits (see covidlib_tfds.splitting)."""
-  groups = splitting.group_images([i.group_key for i in images], [i.hash for i in images])
+  """Assigns whole patient (or series) / near-duplicate groups to splits (see splitting)."""
+  groups = splitting.group_images([_split_key(i) for i in images], [i.hash for i in images])
   names = splitting.split_groups(groups, [i.label for i in images], fractions, seed=_SPLIT_SEED,
                                  balance_groups=True)
   empty = [name for name in fractions if name not in names]
@@ -605,13 +659,16 @@ def _split_by_patient(images: list[_Image], fractions: dict[str, float]) -> list
 
 
 def _warn_patients_in_two_splits(images: list[_Image], metadata: dict) -> None:
-  """The CSV's own split is kept, but patients it puts on two sides are counted, not named."""
+  """The CSV's own split is kept, but patients (and series) it puts on two sides are counted."""
   splits = collections.defaultdict(set)
   for i in images:
-    if i.group_key:
-      splits[i.group_key].add(i.split)
-  shared = sum(1 for s in splits.values() if len(s) > 1)
-  metadata['patients_in_two_splits'] = shared
-  if shared:
-    logging.warning('The CSV\'s split puts %d patient(s) in more than one split (kept as given; '
-                    'python -m covidlib_tfds.audit lists them by pseudonym)', shared)
+    if i.group_key or i.series:
+      splits[i.group_key or i.series].add(i.split)
+  on_two_sides = [key for key, sides in splits.items() if len(sides) > 1]
+  series = sum(1 for key in on_two_sides if key.startswith('series:'))
+  metadata['patients_in_two_splits'] = len(on_two_sides) - series
+  metadata['series_in_two_splits'] = series
+  if on_two_sides:
+    logging.warning('The CSV\'s split puts %d patient(s) and %d file-name series of images '
+                    'without a patient id in more than one split (kept as given; python -m '
+                    'covidlib_tfds.audit lists them)', len(on_two_sides) - series, series)

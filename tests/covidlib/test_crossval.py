@@ -186,3 +186,16 @@ def test_crossval_binary_hold_out_usage_errors(tmp_path, parsed_flags, capsys):
   with flagsaver.flagsaver(**{**values, 'hold_out': 'source', 'recipe': str(tmp_path / 'no')}):
     assert common.call_main(cli.main, ['covidlib-crossval'], 'covidlib-crossval') == 2
   assert str(tmp_path / 'no') in capsys.readouterr().err
+
+
+def test_images_without_a_patient_id_are_grouped_by_series():
+  """extubation-1/-8/-13 (no patient id) are one case's films: one group, never two folds."""
+  names = ['extubation-1.jpg', 'extubation-8.jpg', 'extubation-13.jpg', 'other-1.png',
+           'lone.png', 'known-1.png']
+  meta = {'patient_id': np.array([''] * 5 + ['p7'], dtype=object),
+          'source': np.array(['ieee8023'] * 6, dtype=object),
+          'filename': np.array(names, dtype=object)}
+  images = np.random.RandomState(0).rand(6, 16, 16, 1).astype(np.float32)
+  pool = crossval.Pool(images, np.array([1, 1, 1, 0, 0, 1]), meta)
+  groups = crossval.patient_groups(pool, near_duplicates=False)
+  assert groups[0] == groups[1] == groups[2] and len(set(groups)) == 4

@@ -43,18 +43,19 @@ class _DummyShared:
 
 class AdultTest(_DummyShared, tfds.testing.DatasetBuilderTestCase):
   BUILDER_CONFIG_NAMES_TO_TEST = ['adult']
-  # COVID-19: 8 of the archive + 4 of ieee8023_more's 5 (one aged 15); normal: 6 NIH. 18 images.
-  SPLITS = {'train': 11, 'validation': 4, 'test': 3}
+  # COVID-19: 15 of the archive + 4 of ieee8023_more's 5 (one aged 15); normal: 6 NIH. 25 images.
+  SPLITS = {'train': 15, 'validation': 5, 'test': 5}
 
 
 class AdultPediatricTest(_DummyShared, tfds.testing.DatasetBuilderTestCase):
   BUILDER_CONFIG_NAMES_TO_TEST = ['adult_pediatric']
-  SPLITS = {'train': 16, 'validation': 5, 'test': 5}  # adult + the archive's 8 Kaggle normals.
+  SPLITS = {'train': 19, 'validation': 7, 'test': 7}  # adult + the archive's 8 Kaggle normals.
 
 
 class OtherFindingsTest(_DummyShared, tfds.testing.DatasetBuilderTestCase):
   BUILDER_CONFIG_NAMES_TO_TEST = ['other_findings']
-  SPLITS = {'test': 3}  # 5 other findings, less one shared patient and one near-duplicate.
+  # 6 other findings, less one shared patient, one shared series and one near-duplicate.
+  SPLITS = {'test': 3}
 
 
 def _examples(builder):
@@ -125,6 +126,11 @@ def test_no_patient_or_near_duplicate_in_two_splits(built_shared, config):
       'CovidDataset/Train/Covid/4-x-day1.jpg', 'CovidDataset/Val/Covid/4-x-day13.jpg',
       'ieee8023_more/images/m-covid-186.png')}
   assert len(splits) == 1
+  # Each file-name series of images without a patient id sits in one split too.
+  assert builder.info.metadata['unknown_patient_series'] == dummy_gen.SERIES
+  for key, files in dummy_gen.SERIES.items():
+    assert len({examples[name]['split'] for name in files}) == 1, key
+  assert sorted(s.key for s in report.series) == sorted(dummy_gen.SERIES)
 
 
 def test_other_findings_label_0_and_no_overlap_with_adult_covid(built_shared):
@@ -136,11 +142,16 @@ def test_other_findings_label_0_and_no_overlap_with_adult_covid(built_shared):
   assert {e['label'] for e in examples.values()} == {0}  # 0 = not COVID-19.
   assert {e['finding'] for e in examples.values()} == {b'No Finding', b'Pneumocystis', b'SARS'}
   excluded = builder.info.metadata['excluded']
-  assert len(excluded) == 2
-  assert excluded[0].startswith('ieee8023_more/images/m-ards-186.png: patient 186 also has '
+  assert len(excluded) == 3
+  # No patient id: its file-name series holds the archive's extubation COVID-19 films.
+  assert excluded[0] == (
+      'ieee8023_more/images/extubation-20.png: its series series:ieee8023:extubation (no patient '
+      'id) also has COVID-19 image(s) in covid_xray/adult: '
+      + ', '.join(dummy_gen.SERIES['series:ieee8023:extubation']))
+  assert excluded[1].startswith('ieee8023_more/images/m-ards-186.png: patient 186 also has '
                                 'COVID-19 image(s) in covid_xray/adult: ')
-  assert excluded[1].startswith('ieee8023_more/images/m-strep-copy.png: near-duplicate (')
-  assert excluded[1].endswith('of the COVID-19 image '
+  assert excluded[2].startswith('ieee8023_more/images/m-strep-copy.png: near-duplicate (')
+  assert excluded[2].endswith('of the COVID-19 image '
                               'CovidDataset/Train/Covid/F4341CE7-73C9-45C6-99C8-8567A5484B63.jpeg')
   adult = _examples(built_shared['adult'])
   covid_patients = {e['patient_id'] for e in adult.values() if e['label'] == 1 and e['patient_id']}
@@ -231,7 +242,7 @@ def test_missing_prepared_file_fails_unless_allowed(dummy, tmp_path):
     dummy.build('adult', tmp_path / 'data', manual_dir=manual)
   builder = dummy.build('adult', tmp_path / 'data', manual_dir=manual, allow_missing=True)
   assert builder.info.metadata['missing_files'] == ['ieee8023_more/images/m-covid-1.png']
-  assert sum(s.num_examples for s in builder.info.splits.values()) == 17
+  assert sum(s.num_examples for s in builder.info.splits.values()) == 24
 
 
 def test_failed_collection_download_says_how_to_work_offline(dummy, tmp_path):
@@ -250,7 +261,7 @@ def test_seed_builds_from_the_folder_holding_every_source(dummy, tmp_path):
   """One --manual_dir for every config: seed finds its zip in covid_xray_seed/."""
   builder = dummy.build('seed', tmp_path / 'data', manual_dir=dummy.shared)
   assert {s: i.num_examples for s, i in builder.info.splits.items()} == {
-      'train': 10, 'validation': 6}
+      'train': 14, 'validation': 9}
   examples = _examples(builder)
   assert examples['CovidDataset/Train/Covid/4-x-day1.jpg']['finding'] == b'COVID-19'
   assert examples['CovidDataset/Train/Normal/IM-0156-0001.jpeg']['finding'] == b'No Finding'

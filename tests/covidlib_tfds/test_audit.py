@@ -1,9 +1,14 @@
 """Tests of the leakage audit and of the two covidlib_tfds binaries.
 
 The dummy `seed` config has planted leakage (dummy_data_generation.py): patient 186 in Train and
-Val, and AR-2.jpg in Val a resized, re-encoded copy of AR-1.jpg in Train. The dummy
-`patient_split` of the same images must come out clean.
+Val, AR-2.jpg in Val a resized, re-encoded copy of AR-1.jpg in Train, and two file-name series
+of images without a patient id on both sides (ar: AR-1/AR-2; extubation: -1, -4, -13 in Train,
+-8 in Val). The dummy `patient_split` of the same images must come out clean; with the series
+rule off (splitting.GROUP_SERIES) it must not, and the audit must name the series.
 """
+
+import json
+import shutil
 
 from absl.testing import flagsaver
 import pytest
@@ -13,6 +18,12 @@ from covidlib import errors
 from covidlib_tfds import audit
 from covidlib_tfds import build
 from covidlib_tfds import cli
+from covidlib_tfds import splitting
+from covidlib_tfds.covid_xray import dummy_data_generation as dummy_gen
+
+_EXTUBATION = 'series:ieee8023:extubation'
+_UPLOAD = 'series:ieee8023:88de9d8c39e946abd495b37cd07d89e5'
+_LONE_UPLOAD = 'CovidDataset/Train/Covid/ae6c954c0039de4b5edee53865ffee43-e6c8-0.jpg'
 
 
 def _run(binary, *args: str) -> int:
@@ -47,19 +58,19 @@ def test_audit_finds_the_planted_patient_and_copy(built_dummy):
 
 def test_audit_reports_balance_and_source_mix(built_dummy):
   report = audit.audit(tfds.builder('covid_xray/seed', data_dir=built_dummy))
-  assert report.dataset == 'covid_xray/seed:1.1.0'
+  assert report.dataset == 'covid_xray/seed:1.2.0'
   assert report.splits == {
-      'train': audit.SplitSummary(10, {'covid': 5, 'normal': 5},
-                                  {'ieee8023': 5, 'kaggle_pediatric': 5}),
-      'validation': audit.SplitSummary(6, {'covid': 3, 'normal': 3},
-                                       {'ieee8023': 3, 'kaggle_pediatric': 3}),
+      'train': audit.SplitSummary(14, {'covid': 9, 'normal': 5},
+                                  {'ieee8023': 9, 'kaggle_pediatric': 5}),
+      'validation': audit.SplitSummary(9, {'covid': 6, 'normal': 3},
+                                       {'ieee8023': 6, 'kaggle_pediatric': 3}),
   }
   text = report.format()
   assert 'ieee8023 patient 186 -> train: CovidDataset/Train/Covid/4-x-day1.jpg; validation: ' \
          'CovidDataset/Val/Covid/4-x-day13.jpg' in text
   assert 'train: CovidDataset/Train/Covid/AR-1.jpg  <->  validation: ' \
          'CovidDataset/Val/Covid/AR-2.jpg' in text
-  assert text.endswith('Leakage: FOUND (1 patient(s), 1 near-duplicate pair(s))')
+  assert text.endswith('Leakage: FOUND (1 patient(s), 2 series, 1 near-duplicate pair(s))')
 
 
 def test_audit_of_the_patient_split_is_clean(built_dummy):
@@ -67,7 +78,7 @@ def test_audit_of_the_patient_split_is_clean(built_dummy):
   assert not report.leakage
   assert report.shared_patients == [] and report.near_duplicates == []
   assert {n: s.examples for n, s in report.splits.items()} == {
-      'train': 10, 'validation': 3, 'test': 3}
+      'train': 14, 'validation': 4, 'test': 5}
   assert report.format().endswith('Leakage: none found')
 
 
@@ -85,7 +96,7 @@ def test_audit_binary_exit_codes(built_dummy, capsys, config, allow, code):
   args = [f'--config={config}', f'--data_dir={built_dummy}'] + (['--allow_leakage'] * allow)
   assert _run(audit, *args) == code
   out = capsys.readouterr().out
-  assert out.startswith(f'Leakage audit of covid_xray/{config}:1.1.0')
+  assert out.startswith(f'Leakage audit of covid_xray/{config}:1.2.0')
 
 
 @pytest.mark.parametrize('config, data_dir, message', [
@@ -123,7 +134,7 @@ def test_build_binary_missing_image_needs_allow_missing(dummy, tmp_path, capsys)
   assert 'CovidDataset/Train/Normal/IM-0172-0001.jpeg' in err and err.count('\n') == 1
   assert _run(build, *args, '--allow_missing') == 0
   out = capsys.readouterr().out
-  assert 'train 9, validation 6' in out
+  assert 'train 13, validation 9' in out
   assert 'missing images (allowed): 1\n  CovidDataset/Train/Normal/IM-0172-0001.jpeg' in out
 
 
@@ -139,6 +150,71 @@ def test_audit_of_adult_is_clean_and_other_findings_says_what_label_0_means(buil
   assert 'Leakage: none found' in capsys.readouterr().out
   assert _run(audit, '--config=other_findings', f'--data_dir={data_dir}') == 0
   out = capsys.readouterr().out
-  assert out.startswith('Leakage audit of covid_xray/other_findings:1.1.0\nNote: '
+  assert out.startswith('Leakage audit of covid_xray/other_findings:1.2.0\nNote: '
                         'covid_xray/other_findings: label 0 ("normal") means NOT COVID-19 here')
   assert '\ntest                3        3  ieee8023 3\n' in out  # Label 0 only.
+
+
+def _where(report) -> dict[str, dict[str, list[str]]]:
+  return {s.key: s.files for s in report.series}
+
+
+def test_audit_reports_images_without_patient_id_and_their_series(built_dummy):
+  report = audit.audit('covid_xray/seed', data_dir=built_dummy)
+  assert sorted(_where(report)) == sorted(dummy_gen.SERIES)
+  assert _where(report)[_UPLOAD] == {'validation': dummy_gen.SERIES[_UPLOAD]}
+  # The published split puts two series on both sides: leakage, named.
+  assert {s.key: s.files for s in report.split_series} == {
+      'series:ieee8023:ar': {'train': ['CovidDataset/Train/Covid/AR-1.jpg'],
+                             'validation': ['CovidDataset/Val/Covid/AR-2.jpg']},
+      _EXTUBATION: {'train': dummy_gen.SERIES[_EXTUBATION][:3],
+                    'validation': dummy_gen.SERIES[_EXTUBATION][3:]}}
+  assert report.alone == {_LONE_UPLOAD: 'train', 'CovidDataset/Val/Covid/paving.jpg': 'validation'}
+  text = report.format()
+  assert 'Images without a patient id: 10 (8 in 3 file-name series of 2 or more, 2 alone)' in text
+  assert ('Series in more than one split: 2\n  series:ieee8023:ar -> train: '
+          'CovidDataset/Train/Covid/AR-1.jpg; validation: CovidDataset/Val/Covid/AR-2.jpg\n'
+          '  series:ieee8023:extubation -> train: CovidDataset/Train/Covid/extubation-1.jpg, '
+          'CovidDataset/Train/Covid/extubation-13.jpg, CovidDataset/Train/Covid/extubation-4.jpg; '
+          'validation: CovidDataset/Val/Covid/extubation-8.jpg\n') in text
+
+
+def test_patient_split_keeps_each_series_in_one_split(built_dummy):
+  builder = tfds.builder('covid_xray/patient_split', data_dir=built_dummy)
+  assert builder.info.metadata['unknown_patient_series'] == dummy_gen.SERIES
+  report = audit.audit(builder)
+  assert sorted(_where(report)) == sorted(dummy_gen.SERIES)
+  assert all(len(files) == 1 for files in _where(report).values()), _where(report)
+  assert report.split_series == []
+  # The other upload is its own series: it went alone.
+  assert _LONE_UPLOAD in report.alone
+
+
+def test_audit_of_a_build_without_the_series_record_reads_the_file_names(built_dummy, tmp_path):
+  """A build made before the series rule has no record: the audit derives the series itself."""
+  shutil.copytree(built_dummy, tmp_path / 'old')
+  [metadata] = (tmp_path / 'old').rglob('covid_xray/seed/*/metadata.json')
+  record = json.loads(metadata.read_text())
+  del record['unknown_patient_series']
+  metadata.write_text(json.dumps(record))
+  old = audit.audit('covid_xray/seed', data_dir=tmp_path / 'old')
+  new = audit.audit('covid_xray/seed', data_dir=built_dummy)
+  assert old.series == new.series and old.alone == new.alone
+  assert len(old.split_series) == 2
+
+
+def test_without_the_series_rule_the_audit_names_the_series_on_two_sides(dummy, tmp_path,
+                                                                        monkeypatch, capsys):
+  """The issue: images without a patient id, split one by one, land on both sides."""
+  monkeypatch.setattr(splitting, 'GROUP_SERIES', False)
+  for config, manual in (('patient_split', dummy.dir), ('adult', dummy.shared)):
+    builder = dummy.build(config, tmp_path, manual_dir=manual)
+    # The record does not depend on the rule: it is what the audit checks.
+    assert builder.info.metadata['unknown_patient_series'] == dummy_gen.SERIES
+  report = audit.audit('covid_xray/adult', data_dir=tmp_path)
+  assert sorted(s.key for s in report.split_series) == [_UPLOAD, _EXTUBATION]
+  assert report.leakage and not report.shared_patients and not report.near_duplicates
+  assert _run(audit, '--config=patient_split', f'--data_dir={tmp_path}') == 1
+  out = capsys.readouterr().out
+  assert f'Series in more than one split: 1\n  {_EXTUBATION} -> train: ' in out
+  assert out.endswith('Leakage: FOUND (0 patient(s), 1 series, 0 near-duplicate pair(s))\n')

@@ -35,13 +35,14 @@ class _DummyManifest:
 
 class SeedTest(_DummyManifest, tfds.testing.DatasetBuilderTestCase):
   BUILDER_CONFIG_NAMES_TO_TEST = ['seed']
-  SPLITS = {'train': 10, 'validation': 6}  # dummy_data: Train 5 + 5, Val 3 + 3.
+  SPLITS = {'train': 14, 'validation': 9}  # dummy_data: Train 9 + 5, Val 6 + 3.
 
 
 class PatientSplitTest(_DummyManifest, tfds.testing.DatasetBuilderTestCase):
   BUILDER_CONFIG_NAMES_TO_TEST = ['patient_split']
-  # 16 images in 12 groups (patient 51 x2, patient 186 x2, IM-0551 x2, AR-1 ~ AR-2), 60/20/20.
-  SPLITS = {'train': 10, 'validation': 3, 'test': 3}
+  # 23 images in 14 groups (patient 51 x2, patient 186 x2, IM-0551 x2, AR-1 ~ AR-2, the
+  # series extubation x4 and 88de9d8c... x2), 60/20/20.
+  SPLITS = {'train': 14, 'validation': 4, 'test': 5}
 
 
 class CuratedTest(_DummyManifest, tfds.testing.DatasetBuilderTestCase):
@@ -123,7 +124,7 @@ def test_missing_image_allowed_from_the_name_is_counted_and_recorded(dummy, tmp_
                           name='covid_xray/seed/allow_missing=True')
   assert missing in caplog.text
   assert builder.info.metadata['missing_files'] == [missing]
-  assert builder.info.splits['validation'].num_examples == 5
+  assert builder.info.splits['validation'].num_examples == 8
   reloaded = tfds.builder('covid_xray/seed', data_dir=tmp_path / 'data')  # Read back from disk.
   assert reloaded.info.metadata['missing_files'] == [missing]
 
@@ -157,7 +158,7 @@ def test_without_manual_archive_it_downloads_the_pinned_commit(dummy, tmp_path):
   download.assert_called_once_with(
       'https://github.com/dakshtrehan/Covid-19-Detection/archive/'
       'a70eb2394d4b75ef6765aa79394e765ee6f9faf2.zip')
-  assert builder.info.splits['train'].num_examples == 10
+  assert builder.info.splits['train'].num_examples == 14
 
 
 def test_bad_allow_missing_value_is_a_usage_error(tmp_path):

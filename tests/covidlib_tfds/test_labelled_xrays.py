@@ -36,6 +36,7 @@ from covidlib_tfds import build
 from covidlib_tfds import cli
 from covidlib_tfds import labels
 from covidlib_tfds import privacy
+from covidlib_tfds import splitting
 from covidlib_tfds.labelled_xrays import labelled_xrays_dataset_builder as builder_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -700,3 +701,97 @@ def test_own_class_names_reach_the_model_dir_report_and_predictions(tmp_path):
   assert got.class_name == ('normal', 'Pneumonia')[got.label]
   with pytest.raises(errors.UsageError, match='class_names'):
     train.make_config(class_names=['same', 'same'])
+
+
+# Images without a patient id (none in the CSV, PNGs so none in a header), named as in the
+# article's archive: file-name series (splitting.series_key, the folder kept).
+_HASH = '88de9d8c39e946abd495b37cd07d89e5'
+SERIES = {
+    'series:north:scans/extubation': ['scans/extubation-1.png', 'scans/extubation-13.png',
+                                      'scans/extubation-4.png', 'scans/extubation-8.png'],
+    f'series:north:uploads/{_HASH}': [f'uploads/{_HASH}-2ee6-0.png', f'uploads/{_HASH}-6531-0.png'],
+}
+# Also without a patient id, each alone in its series: another upload, and a name of the
+# extubation series in another folder.
+ALONE = ['uploads/ae6c954c0039de4b5edee53865ffee43-e6c8-0.png', 'other/extubation-2.png']
+
+
+def _series_folder(root, split_column: bool = False) -> str:
+  """SERIES and ALONE, covid, plus 16 one-image patients with ids (normal and covid); CSV path.
+
+  With split_column, the CSV gives the split and puts extubation-8 in test, the rest of the
+  series in train.
+  """
+  rs = np.random.RandomState(3)
+  os.makedirs(root, exist_ok=True)
+  lines = ['path,label,patient_id,site' + (',split' if split_column else '')]
+  splits = ['train'] * 10 + ['validation'] * 3 + ['test'] * 3
+
+  def add(path, label, patient, split):
+    os.makedirs(os.path.dirname(root / path), exist_ok=True)
+    (root / path).write_bytes(_png(rs.randint(0, 256, (SIDE, SIDE)).astype(np.uint8)))
+    lines.append(f'{path},{label},{patient},north' + (f',{split}' if split_column else ''))
+
+  for path in sorted(p for files in SERIES.values() for p in files) + ALONE:
+    add(path, 'covid', '', 'test' if path.endswith('extubation-8.png') else 'train')
+  for p in range(16):
+    add(f'patients/img{p:02d}.png', ('normal', 'covid')[p % 3 == 0], f'P{p:02d}', splits[p])
+  (root / 'labels.csv').write_text('\n'.join(lines) + '\n')
+  return root / 'labels.csv'
+
+
+def _split_of(builder) -> dict[str, str]:
+  return {e['image/filename'].decode(): split
+          for split, items in _examples(builder).items() for e in items}
+
+
+def test_a_series_without_patient_id_is_split_as_one_group(tmp_path):
+  csv = _series_folder(tmp_path / 'export')
+  builder = _build(csv, tmp_path / 'tfds', val_fraction=0.25, test_fraction=0.25)
+  assert builder.info.metadata['images_without_patient_id'] == 8
+  assert builder.info.metadata['unknown_patient_series'] == SERIES
+  split_of = _split_of(builder)
+  for key, files in SERIES.items():
+    assert len({split_of[f] for f in files}) == 1, (key, {f: split_of[f] for f in files})
+  report = audit.audit('labelled_xrays/site', data_dir=tmp_path / 'tfds')
+  assert {s.key: sorted(f for fs in s.files.values() for f in fs) for s in report.series} == SERIES
+  assert sorted(report.alone) == sorted(ALONE)
+  assert not report.leakage, report.format()
+
+
+def test_without_the_series_rule_the_audit_names_the_series_on_two_sides(tmp_path, monkeypatch):
+  monkeypatch.setattr(splitting, 'GROUP_SERIES', False)
+  csv = _series_folder(tmp_path / 'export')
+  builder = _build(csv, tmp_path / 'tfds', val_fraction=0.25, test_fraction=0.25)
+  assert builder.info.metadata['unknown_patient_series'] == SERIES  # Recorded all the same.
+  report = audit.audit('labelled_xrays/site', data_dir=tmp_path / 'tfds')
+  assert [s.key for s in report.split_series] == sorted(SERIES)
+  assert report.leakage and not report.shared_patients and not report.near_duplicates
+  assert 'Series in more than one split: 2\n  series:north:scans/extubation -> ' in \
+      report.format()
+
+
+def test_series_of_hashed_file_names_are_hashed_and_still_audited(tmp_path):
+  csv = _series_folder(tmp_path / 'export')
+  builder = _build(csv, tmp_path / 'tfds', val_fraction=0.25, test_fraction=0.25,
+                   hash_filenames=True)
+  record = builder.info.metadata['unknown_patient_series']
+  hashed = {f'series:north:{privacy.hashed_series(SALT, "north", key.split(":", 2)[2])}':
+            sorted(privacy.hashed_filename(SALT, f) for f in files)
+            for key, files in SERIES.items()}
+  assert record == hashed
+  assert 'extubation' not in json.dumps(record) and _HASH not in json.dumps(record)
+  report = audit.audit('labelled_xrays/site', data_dir=tmp_path / 'tfds')
+  assert sorted(s.key for s in report.series) == sorted(hashed)
+  assert report.split_series == [] and not report.leakage
+
+
+def test_a_csv_split_that_puts_a_series_on_two_sides_is_counted_and_audited(tmp_path):
+  csv = _series_folder(tmp_path / 'export', split_column=True)
+  builder = _build(csv, tmp_path / 'tfds')
+  assert builder.info.metadata['split_from'] == 'csv'
+  assert builder.info.metadata['series_in_two_splits'] == 1
+  assert builder.info.metadata['patients_in_two_splits'] == 0
+  report = audit.audit('labelled_xrays/site', data_dir=tmp_path / 'tfds')
+  assert {s.key: s.files for s in report.split_series} == {'series:north:scans/extubation': {
+      'train': SERIES['series:north:scans/extubation'][:3], 'test': ['scans/extubation-8.png']}}

@@ -146,3 +146,71 @@ def test_balance_groups_is_deterministic_for_a_seed():
                                 balance_groups=True) == first
   assert splitting.split_groups(group_ids, labels, _FRACTIONS, seed=2,
                                 balance_groups=True) != first
+
+
+# Images without a patient id: file-name series.
+_HASH = '88de9d8c39e946abd495b37cd07d89e5'
+
+
+@pytest.mark.parametrize('path, key', [
+    # One case's films over time; one upload's images (the real archive's names).
+    ('CovidDataset/Train/Covid/extubation-1.jpg', 'extubation'),
+    ('CovidDataset/Val/Covid/extubation-13.jpg', 'extubation'),
+    (f'CovidDataset/Val/Covid/{_HASH}-2ee6-0.jpg', _HASH),
+    (f'{_HASH}-6531-0.jpg', _HASH),
+    ('AR-2.jpg', 'ar'),
+    ('scan (2).png', 'scan'),
+    ('Scan_3.PNG', 'scan'),
+    ('x-ray 7.jpeg', 'x-ray'),
+    # A counter after an id keeps the id.
+    ('person123_bacteria_45.jpeg', 'person123_bacteria'),
+    ('00001234_000.png', '00001234'),
+    # No counter: unchanged (lowercased, extension off).
+    ('7-fatal-covid19.jpg', '7-fatal-covid19'),  # Glued to a word.
+    ('4-x-day13.jpg', '4-x-day13'),
+    ('2-chest-filmc.jpg', '2-chest-filmc'),
+    ('paving.jpg', 'paving'),
+    ('covid-19-pneumonia-14-PA.png', 'covid-19-pneumonia-14-pa'),
+    ('IM-0001-0001.jpeg', 'im-0001-0001'),  # 4 digits: an id or instance number.
+    ('IMG_1234.JPG', 'img_1234'),
+    ('scan-20200315.png', 'scan-20200315'),  # A date.
+    ('0001.png', '0001'),  # A bare number.
+    ('1-2.png', '1-2'),  # Too little left before the counter.
+    ('x_3.png', 'x_3'),
+    ('1.2.840.10008.5.1.4.1.1.7', '1.2.840.10008.5.1.4.1.1.7'),  # A DICOM UID: no extension.
+    ('file-0123456789abcdef.dcm', 'file-0123456789abcdef'),  # A hashed name.
+])
+def test_series_key(path, key):
+  assert splitting.series_key(path) == key
+  assert splitting.series_key(path.replace('/', '\\')) == key
+
+
+@pytest.mark.parametrize('a, b', [
+    ('person123_bacteria_45.jpeg', 'person124_bacteria_46.jpeg'),
+    ('person1_bacteria_1.jpeg', 'person1_virus_6.jpeg'),  # One person, named apart: a limit.
+    ('00001234_000.png', '00001235_000.png'),
+    (f'{_HASH}-2ee6-0.jpg', 'ae6c954c0039de4b5edee53865ffee43-e6c8-0.jpg'),
+    ('IM-0001-0001.jpeg', 'IM-0002-0001.jpeg'),
+    ('1-2.png', '1-3.png'),
+    ('7-fatal-covid19.jpg', '7-fatal-covid20.jpg'),
+    ('AR-1.jpg', 'ARDS-1.jpg'),
+    ('0001.png', '0002.png'),
+])
+def test_series_key_keeps_apart(a, b):
+  assert splitting.series_key(a) != splitting.series_key(b)
+
+
+def test_series_key_with_the_folder_kept():
+  key = lambda path: splitting.series_key(path, keep_folder=True)  # noqa: E731
+  assert key('a/b/scan-1.png') == key('a/b/scan-12.png') == 'a/b/scan'
+  assert key('a/scan-1.png') != key('b/scan-2.png')
+  assert key('scan-1.png') == 'scan'  # No folder.
+  assert splitting.series_key('a/scan-1.png') == splitting.series_key('b/scan-2.png') == 'scan'
+
+
+def test_a_series_key_never_joins_a_patient_by_name():
+  series = splitting.series_group_key('ieee8023', 'ar')
+  assert series == 'series:ieee8023:ar'
+  far = [1 << (100 * i) for i in range(4)]  # No near-duplicates.
+  groups = splitting.group_images(['ieee8023:ar', series, series, 'ar'], far, max_bits=1)
+  assert groups == [0, 1, 1, 3]
