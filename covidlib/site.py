@@ -56,6 +56,7 @@ from covidlib import shift as shift_lib
 from covidlib import sites
 from covidlib_tfds import labels as labels_lib
 from covidlib_tfds import privacy
+from covidlib_tfds import splitting
 
 CHECK_JSON, CHECK_MD = 'check.json', 'check.md'
 VALIDATE_JSON, VALIDATE_MD = 'validate.json', 'validate.md'
@@ -87,9 +88,17 @@ class Films:
                  self.pseudonymised)
 
   def patient_keys(self) -> np.ndarray:
-    """Per film: site + patient id ('' unknown), the unit the bootstrap and splits keep whole."""
-    return np.asarray([f'{s}\0{p}' if p else '' for s, p in
-                       zip(self.metadata['site'], self.metadata['patient_id'])], dtype=object)
+    """Per film: site + patient id, the unit the bootstrap and splits keep whole. A film without
+    an id falls in the series its file name names (covidlib_tfds.splitting.series_key, as the
+    dataset builders group them), else ('') stands alone."""
+    def key(site, patient, filename):
+      if patient:
+        return f'{site}\0{patient}'
+      if filename and splitting.GROUP_SERIES:
+        return splitting.series_group_key(site, splitting.series_key(filename))
+      return ''
+    return np.asarray([key(*k) for k in zip(self.metadata['site'], self.metadata['patient_id'],
+                                             self.metadata['filename'])], dtype=object)
 
   def hashed_patients(self, salt: str | None) -> np.ndarray:
     """Pseudonyms of the patients ('' unknown): as stored for a dataset, else salted hashes."""

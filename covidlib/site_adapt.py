@@ -91,10 +91,11 @@ MIN_STEPS_PER_EPOCH = 10
 
 
 def patient_groups(films: Films) -> np.ndarray:
-  """One group per patient (site + id) or set of near-duplicate films (covidlib.crossval)."""
+  """One group per patient (site + id; without an id, the series of the file name) or set of
+  near-duplicate films, as covidlib.crossval groups them."""
   pool = crossval.Pool(films.images, films.labels,
                        {'patient_id': films.metadata['patient_id'],
-                        'source': films.metadata['site']})
+                        'source': films.metadata['site'], 'filename': films.metadata['filename']})
   return crossval.patient_groups(pool)
 
 

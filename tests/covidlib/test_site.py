@@ -478,3 +478,15 @@ def test_help_of_a_subcommand_from_the_command_line():
   assert done.returncode == 0, done.stderr
   assert done.stdout.startswith('covidlib-site validate: How good is the model at this site?')
   assert '--target' in done.stdout and '--method' not in done.stdout
+
+
+def test_films_without_a_patient_id_are_grouped_by_series_as_the_builders_do():
+  meta = {k: np.array(v, dtype=object) for k, v in {
+      'filename': ['a/extubation-1.png', 'a/extubation-13.png', 'a/IM-0001-0001.png', ''],
+      'site': ['s'] * 4, 'patient_id': ['', '', '', ''], 'view': [''] * 4, 'sex': [''] * 4,
+      'split': [''] * 4}.items()}
+  meta['age'] = np.full(4, -1)
+  films = site.Films(np.zeros((4, 8, 8, 1), np.float32), np.array([0, 0, 1, 1]), meta, 'made up')
+  keys = films.patient_keys()
+  assert keys[0] == keys[1] == 'series:s:extubation' and keys[2] != keys[0] and keys[3] == ''
+  assert len(set(sites.patient_index(keys).tolist())) == 3
