@@ -1,4 +1,34 @@
-"""Does the shift score (issue #10) flag images unlike the training data? Measured on real data.
+"""Does the shift score (issues #10, #17) flag images unlike the training data? Measured on real
+data, in two parts (--parts, comma-separated).
+
+cross_site (issue 17), about 25 min on 2 shared cores:
+
+    .venv/bin/python benchmarks/shift.py --parts=cross_site --runs_dir=runs \\
+        --same_site_src=/work/main/runs/same_site --same_site_data_dir=/work/main/tfds_data \\
+        --sites_out=benchmarks/results/shift_sites
+
+Needs the two `make same-site` models (compact_resnet on labelled_xrays/nih_pneumonia and
+labelled_xrays/guangzhou_pneumonia, each with issue 10's penultimate-only shift score) and those
+datasets built. Each model_dir is copied into --runs_dir/same_site/NAME (the source is never
+written to; its shift.npz/json go to shift_format_1/, the old score), and covidlib-fit-shift
+(`shift_fit.fit_model_dir`) fits the multi-depth score and the reference there. Then, for each
+model, its own test split and every film of the other site, one scoring pass each:
+  - old score against new, flagged at the default policy (quantile:0.99 of validation) and at
+    quantile:0.95; ROC-AUC of the score, own test (negative) against the unseen site (positive).
+    Target (issue 17): >= 80% of unseen-site films flagged, <= 5% of own test films.
+  - per depth: each depth's standardised distance alone (at its own validation quantile 0.99)
+    and the share of films above the ensemble's threshold at that depth.
+  - combinations of depths that need no out-of-distribution data, at quantile:0.99 (why the
+    library takes the maximum of standardised depths: covidlib/shift.py).
+  - TFLite fp32, fp16, dynamic and int8 (calibrated on 100 training films) with the old and
+    the new score: the flag's agreement with the Keras model's score of the same depths (int8
+    carries the penultimate depth alone) on the own test split and 200 unseen-site films.
+  - latency (NIH model), batch of one, median of 200 with the paths compared called in turn:
+    Keras alone and the Predictor's Keras path (tap model + numpy score), TFLite fp32 and int8
+    (1 thread) without and with each score.
+Writes <sites_out>.json and .md.
+
+issue10 (the default; the covid_xray models of issue 10):
 
     .venv/bin/python benchmarks/shift.py --seed_data_dir=tfds_data \\
         --adult_data_dir=/work/main/tfds_data --runs_dir=runs/shift \\
@@ -21,7 +51,7 @@ Needs covid_xray/seed built in --seed_data_dir and covid_xray/adult in --adult_d
      rotated 90 degrees, uniform gray frames, rendered text), the share flagged of each kind.
   5. ROC-AUC of the score, held-out source normals against the model's own evaluation images.
   6. latency, batch of one, median of 50 runs: the Keras model alone, the same forward pass
-     with the features as a second output plus the numpy score, and the score alone; the TFLite
+     with the tap features as more outputs plus the numpy score, and the score alone; the TFLite
      fp32 model with and without the shift_score output. Target: the score costs < 5% of
      inference.
 
@@ -51,6 +81,16 @@ _NIH_DIR = flags.DEFINE_string('nih_dir', '../shared/data/nih_adult_normals/imag
 _EPOCHS = flags.DEFINE_integer('epochs', 25, 'Training epochs of each model.')
 _OUT = flags.DEFINE_string('out', 'benchmarks/results/shift', 'Report path without suffix.')
 _N_GENERATED = flags.DEFINE_integer('n_generated', 20, 'Generated images of each kind.')
+_PARTS = flags.DEFINE_list('parts', ['issue10'], 'What to measure: issue10 (the covid_xray '
+                           'models, trained here), cross_site (issue 17: two same-site models '
+                           'across sites, old score against the new one).')
+_SAME_SITE_SRC = flags.DEFINE_string('same_site_src', 'runs/same_site',
+                                     'Trained `make same-site` model_dirs (nih_pneumonia, '
+                                     'guangzhou_pneumonia); read only, copied into --runs_dir.')
+_SAME_SITE_DATA_DIR = flags.DEFINE_string('same_site_data_dir', 'tfds_data',
+                                          'data_dir of labelled_xrays/{nih,guangzhou}_pneumonia.')
+_SITES_OUT = flags.DEFINE_string('sites_out', 'benchmarks/results/shift_sites',
+                                 'Report path of the cross_site part, no suffix.')
 
 SIZE = 224
 
@@ -146,36 +186,23 @@ def _generated(n: int, films):
 
 
 def _latency(model_dir: str, images) -> dict:
-  import keras
   import numpy as np
 
   from covidlib import model_dir as md
-  from covidlib import models
-  from covidlib import scoring
   from covidlib import shift
+  from covidlib import shift_fit
   from exporters import tflite
 
   model = md.load_model(model_dir)
   fitted = shift.load(model_dir)
-  extractor = models.feature_model(model)
+  extractor = shift_fit.tap_extractor(model, fitted, model_dir)
   x = images[:1]
-  features = scoring.penultimate_features(model, x)
+  features = [np.asarray(f) for f in extractor(x, training=False)[1:]]
 
-  def median_ms(fn, runs=50, warmup=5):
-    for _ in range(warmup):
-      fn()
-    times = []
-    for _ in range(runs):
-      start = time.perf_counter()
-      fn()
-      times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1000)
-
-  out = {'keras_model_ms': median_ms(lambda: model(x, training=False)),
-         'keras_with_features_and_score_ms': median_ms(
-             lambda: fitted.score(np.asarray(extractor(x, training=False)[1]))),
-         'score_only_numpy_ms': median_ms(lambda: fitted.score(features), runs=200)}
-  del keras
+  out = {'keras_model_ms': _median_ms(lambda: model(x, training=False)),
+         'keras_with_features_and_score_ms': _median_ms(
+             lambda: fitted.score([np.asarray(f) for f in extractor(x, training=False)[1:]])),
+         'score_only_numpy_ms': _median_ms(lambda: fitted.score(features), runs=200)}
   from ai_edge_litert.interpreter import Interpreter
 
   for key, shift_model in (('tflite_fp32_ms', None), ('tflite_fp32_with_shift_ms', fitted)):
@@ -188,7 +215,7 @@ def _latency(model_dir: str, images) -> dict:
     def run():
       interpreter.set_tensor(detail['index'], x)
       interpreter.invoke()
-    out[key] = median_ms(run)
+    out[key] = _median_ms(run)
   out['score_share_of_keras'] = out['score_only_numpy_ms'] / out['keras_model_ms']
   out['keras_overhead'] = out['keras_with_features_and_score_ms'] / out['keras_model_ms'] - 1
   out['tflite_overhead'] = out['tflite_fp32_with_shift_ms'] / out['tflite_fp32_ms'] - 1
@@ -205,6 +232,24 @@ def _auc(negatives, positives) -> float:
 
 def main(argv):
   del argv
+  parts = [p for p in _PARTS.value if p]
+  unknown = sorted(set(parts) - {'issue10', 'cross_site'})
+  if unknown:
+    raise app.UsageError(f'--parts: unknown {unknown}; valid: issue10, cross_site')
+  if 'cross_site' in parts:
+    results = cross_site()
+    os.makedirs(os.path.dirname(_SITES_OUT.value) or '.', exist_ok=True)
+    with open(_SITES_OUT.value + '.json', 'w') as f:
+      json.dump(results, f, indent=2, sort_keys=True, default=str)
+    text = render_cross_site(results)
+    with open(_SITES_OUT.value + '.md', 'w') as f:
+      f.write(text)
+    print(text)
+  if 'issue10' in parts:
+    issue10()
+
+
+def issue10():
   import numpy as np
 
   from covidlib import predict
@@ -237,7 +282,7 @@ def main(argv):
   nih_s = np.array([r.shift_score for r in nih])
   seed_res = {
       'threshold': threshold, 'policy': fitted.policy, 'feature_dim': fitted.feature_dim,
-      'shrinkage': fitted.shrinkage, 'n_per_class': list(fitted.n_per_class),
+      'shrinkage': [t.shrinkage for t in fitted.taps], 'n_per_class': list(fitted.n_per_class),
       'train_flagged': float(np.mean(train_s > threshold)), 'n_train': len(train_s),
       'validation_flagged': float(np.mean(val_s > threshold)), 'n_validation': len(val_s),
       'validation_flagged_held_out_halves': cross,
@@ -262,7 +307,7 @@ def main(argv):
   ped_s = _scores(adult, ped_x)
   adult_res = {
       'threshold': afit.threshold, 'feature_dim': afit.feature_dim,
-      'shrinkage': afit.shrinkage, 'n_per_class': list(afit.n_per_class),
+      'shrinkage': [t.shrinkage for t in afit.taps], 'n_per_class': list(afit.n_per_class),
       'validation_flagged': float(np.mean(_scores(adult, aval_x) > afit.threshold)),
       'test_flagged': float(np.mean(test_s > afit.threshold)), 'n_test': len(test_s),
       'pediatric_normals_flagged': float(np.mean(ped_s > afit.threshold)),
@@ -346,6 +391,368 @@ def render(r: dict) -> str:
       f'{_ok(lat["score_share_of_keras"] < 0.05)}; TFLite in-graph '
       f'{_ok(lat["tflite_overhead"] < 0.05)}.', '']
   return '\n'.join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 17: the per-image flag across sites, old score (penultimate only) against the new one.
+# --------------------------------------------------------------------------------------------
+
+SITES = (('nih_pneumonia', 'guangzhou_pneumonia'), ('guangzhou_pneumonia', 'nih_pneumonia'))
+ALT_POLICY = 0.95  # A second operating point, to show the trade-off; the default is 0.99.
+
+
+def _copy_model_dir(source: str, target: str) -> None:
+  """model.keras, config.json, decision.json and the old shift files, nothing else (the source
+  is never written to)."""
+  import shutil
+
+  from covidlib import model_dir as md
+  from covidlib import shift
+
+  os.makedirs(target, exist_ok=True)
+  for name in (md.MODEL, md.CONFIG, md.DECISION):
+    if os.path.isfile(os.path.join(source, name)):
+      shutil.copy2(os.path.join(source, name), os.path.join(target, name))
+  old = os.path.join(target, 'shift_format_1')
+  os.makedirs(old, exist_ok=True)
+  for name in (shift.SHIFT_NPZ, shift.SHIFT_JSON):
+    shutil.copy2(os.path.join(source, name), os.path.join(old, name))
+
+
+def _scored(model, config, dataset: str, data_dir: str, splits):
+  """One scoring pass (taps) over each split of `dataset`, concatenated."""
+  from covidlib import scored as scored_lib
+  from covidlib import scoring
+
+  parts = []
+  for split in splits:
+    ds, _ = scoring.load_split(config, split, dataset=dataset, data_dir=data_dir, cache=False)
+    parts.append(scoring.score_dataset(model, ds, taps=True))
+  return scored_lib.concat(parts)
+
+
+def _rates(own, unseen, threshold) -> dict:
+  """Shares flagged at `threshold`, ROC-AUC, and the share of unseen films flagged at the
+  threshold that flags 5% of the own test films (an oracle: chosen on the test split itself)."""
+  import numpy as np
+
+  return {'unseen_flagged': float(np.mean(unseen > threshold)),
+          'own_test_flagged': float(np.mean(own > threshold)),
+          'auc': _auc(own, unseen),
+          'unseen_flagged_at_own_5pct': float(np.mean(unseen > np.quantile(own, 0.95)))}
+
+
+def _site_figures(name: str, other: str, model_dir: str, data_dir: str) -> dict:
+  """Old and new score, per depth and per combination, of one model on its own test split and
+  on every film of the other site."""
+  import numpy as np
+
+  from covidlib import model_dir as md
+  from covidlib import predict
+  from covidlib import scoring
+  from covidlib import shift
+  from covidlib import shift_fit
+
+  start = time.time()
+  fitted = shift_fit.fit_model_dir(model_dir)  # What covidlib-fit-shift runs.
+  fit_s = time.time() - start
+  old = shift.load(os.path.join(model_dir, 'shift_format_1'))
+  assert old.format == 1
+  config = md.load_config(model_dir)
+  model = md.load_model(model_dir)
+  own = f'labelled_xrays/{name}'
+  validation = _scored(model, config, own, data_dir, ['validation'])
+  test = _scored(model, config, own, data_dir, ['test'])
+  unseen = _scored(model, config, f'labelled_xrays/{other}', data_dir,
+                   ['train', 'validation', 'test'])
+  out = {'n_own_test': len(test), 'n_unseen': len(unseen), 'n_validation': len(validation),
+         'fit_seconds': fit_s, 'taps': list(fitted.tap_names),
+         'feature_dims': list(fitted.feature_dims),
+         'shrinkage': [t.shrinkage for t in fitted.taps],
+         'threshold_old': old.threshold, 'threshold_new': fitted.threshold}
+  # The library's own Keras path (covidlib.predict) gives the same scores as the arrays here.
+  ds, _ = scoring.load_split(config, 'test', dataset=own, data_dir=data_dir, cache=False)
+  images = np.concatenate([x.numpy() for x, *_ in ds.take(1)])
+  _, via_predict = predict.Predictor(model_dir).predict_preprocessed_with_shift(images)
+  out['predictor_max_abs_diff'] = float(np.max(np.abs(
+      via_predict - fitted.score(test.taps)[:len(images)])))
+
+  old_scores = [old.score(s.taps) for s in (validation, test, unseen)]
+  new_scores = [fitted.score(s.taps) for s in (validation, test, unseen)]
+  out['old'] = {'q0.99': _rates(old_scores[1], old_scores[2], old.threshold),
+                'q0.95': _rates(old_scores[1], old_scores[2],
+                                float(np.quantile(old_scores[0], ALT_POLICY)))}
+  out['new'] = {'q0.99': _rates(new_scores[1], new_scores[2], fitted.threshold),
+                'q0.95': _rates(new_scores[1], new_scores[2],
+                                float(np.quantile(new_scores[0], ALT_POLICY)))}
+  # Each depth alone, thresholded at its own validation quantile 0.99 (what a one-depth score
+  # at that depth would flag), and its share above the ensemble's threshold.
+  z = [fitted.tap_scores(s.taps) for s in (validation, test, unseen)]
+  out['depths'] = {}
+  for k, tap in enumerate(fitted.tap_names):
+    alone = _rates(z[1][:, k], z[2][:, k], float(np.quantile(z[0][:, k], 0.99)))
+    out['depths'][tap] = {**alone,
+                          'unseen_above_ensemble': float(np.mean(z[2][:, k] > fitted.threshold)),
+                          'own_above_ensemble': float(np.mean(z[1][:, k] > fitted.threshold))}
+  # Combinations that need no out-of-distribution data (shift.py's docstring: why max).
+  raw = [np.stack([t.distance(s.taps[t.name]) for t in fitted.taps], 1)
+         for s in (validation, test, unseen)]
+  mu, sd = raw[0].mean(0), raw[0].std(0)
+  med, q90 = np.median(raw[0], 0), np.quantile(raw[0], 0.9, axis=0)
+  combos = {
+      'max of standardised depths (the library)': [(r - mu) / sd for r in raw],
+      'mean of standardised depths': [((r - mu) / sd) for r in raw],
+      'max of depths / validation median': [r / med for r in raw],
+      'max of robust-standardised depths ((d - median) / (q90 - median))':
+          [(r - med) / (q90 - med) for r in raw],
+      'max of standardised log-distances': [(np.log(r) - np.log(raw[0]).mean(0))
+                                            / np.log(raw[0]).std(0) for r in raw],
+      'max of raw distances': raw,
+  }
+  out['combinations'] = {}
+  for label, (v, t, u) in combos.items():
+    reduce = np.mean if label.startswith('mean') else np.max
+    v, t, u = reduce(v, axis=1), reduce(t, axis=1), reduce(u, axis=1)
+    out['combinations'][label] = _rates(t, u, float(np.quantile(v, 0.99)))
+  return out
+
+
+def _tflite_figures(model_dir: str, name: str, other: str, data_dir: str) -> dict:
+  """TFLite fp32 and int8 with the old and the new score: the flag's agreement with Keras on
+  the own test split and 200 unseen-site films, and latency (batch of one, 1 thread)."""
+  import numpy as np
+  from ai_edge_litert.interpreter import Interpreter
+
+  from covidlib import model_dir as md
+  from covidlib import scoring
+  from covidlib import shift
+  from exporters import tflite
+
+  config = md.load_config(model_dir)
+  model = md.load_model(model_dir)
+  decision = md.load_decision(model_dir)
+
+  def images(dataset, splits, n=None):
+    xs = []
+    for split in splits:
+      ds, _ = scoring.load_split(config, split, dataset=dataset, data_dir=data_dir, cache=False)
+      xs += [x.numpy() for x, *_ in ds]
+    x = np.concatenate(xs)
+    return x if n is None else x[np.random.RandomState(0).permutation(len(x))[:n]]
+
+  calibration = images(f'labelled_xrays/{name}', ['train'], 100)  # As covidlib-export does.
+  test = images(f'labelled_xrays/{name}', ['test'])
+  unseen = images(f'labelled_xrays/{other}', ['train', 'validation', 'test'], 200)
+  contents = {'calibration': calibration}
+  out = {}
+  taps = [scoring.score_dataset(model, _batches(x), taps=True).taps for x in (test, unseen)]
+  for label, fitted in (('old', shift.load(os.path.join(model_dir, 'shift_format_1'))),
+                        ('new', shift.load(model_dir))):
+    for quant in ('fp32', 'fp16', 'dynamic', 'int8'):
+      # What the variant carries: int8 the penultimate depth alone (tflite.int8_shift_model).
+      carried = tflite.int8_shift_model(fitted) if quant == 'int8' else fitted
+      keras_scores = [carried.score(t) for t in taps]
+      content = tflite.convert_tflite(model, quant, calibration if quant == 'int8' else None,
+                                      decision=decision, shift_model=fitted)
+      interpreter = Interpreter(model_content=content, num_threads=1)
+      runner = interpreter.get_signature_runner()
+      got = [np.array([float(runner(images=x[None])['shift_score'][0]) for x in part])
+             for part in (test, unseen)]
+      threshold = carried.threshold
+      agree = [float(np.mean((g > threshold) == (k > threshold)))
+               for g, k in zip(got, keras_scores)]
+      out[f'{label}_{quant}'] = {
+          'taps': list(carried.tap_names), 'threshold': threshold,
+          'flag_agreement_own_test': agree[0], 'flag_agreement_unseen': agree[1],
+          'unseen_flagged': float(np.mean(got[1] > threshold)),
+          'own_test_flagged': float(np.mean(got[0] > threshold)),
+          'keras_unseen_flagged': float(np.mean(keras_scores[1] > threshold)),
+          'size_bytes': len(content)}
+      contents[(label, quant)] = content
+  return out, contents, test[:1]
+
+
+def _batches(x):
+  import numpy as np
+  import tensorflow as tf
+
+  return tf.data.Dataset.from_tensor_slices((x, np.zeros(len(x), np.int64))).batch(32)
+
+
+LATENCY_RUNS = 200
+
+
+def _site_latency(model_dir: str, contents: dict, x) -> dict:
+  """Batch of one, median of LATENCY_RUNS: Keras alone, Keras taps + numpy score (the
+  Predictor's Keras path), and TFLite (1 thread) without / with each score. The paths compared
+  run in turn, one call each per round, so a change of load on the shared machine hits all
+  alike."""
+  import numpy as np
+  from ai_edge_litert.interpreter import Interpreter
+
+  from covidlib import model_dir as md
+  from covidlib import shift
+  from covidlib import shift_fit
+  from exporters import tflite
+
+  model = md.load_model(model_dir)
+  keras_paths = {'keras_model_ms': lambda: model(x, training=False)}
+  for label, fitted in (('old', shift.load(os.path.join(model_dir, 'shift_format_1'))),
+                        ('new', shift.load(model_dir))):
+    extractor = shift_fit.tap_extractor(model, fitted, model_dir)
+
+    def keras_path(extractor=extractor, fitted=fitted):
+      _, *features = extractor(x, training=False)
+      return fitted.score([np.asarray(f) for f in features])
+    keras_paths[f'keras_{label}_ms'] = keras_path
+  out = _interleaved_median_ms(keras_paths)
+  decision = md.load_decision(model_dir)
+  for quant in ('fp32', 'int8'):
+    plain = tflite.convert_tflite(model, quant, contents['calibration'] if quant == 'int8'
+                                  else None, decision=decision)
+    runs = {}
+    for label, content in (('none', plain), ('old', contents[('old', quant)]),
+                           ('new', contents[('new', quant)])):
+      interpreter = Interpreter(model_content=content, num_threads=1)
+      interpreter.allocate_tensors()
+      detail = interpreter.get_input_details()[0]
+      image = edge_quantize(x, detail)
+
+      def run(interpreter=interpreter, detail=detail, image=image):
+        interpreter.set_tensor(detail['index'], image)
+        interpreter.invoke()
+      runs[f'tflite_{quant}_{label}_ms'] = run
+    out.update(_interleaved_median_ms(runs))
+  return out
+
+
+def _interleaved_median_ms(fns: dict, runs: int = LATENCY_RUNS, warmup: int = 5) -> dict:
+  """{name: median ms} of each function, called in turn `runs` times after a warm-up."""
+  import numpy as np
+
+  times = {name: [] for name in fns}
+  for _ in range(warmup):
+    for fn in fns.values():
+      fn()
+  for _ in range(runs):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t) * 1000) for name, t in times.items()}
+
+
+def edge_quantize(x, detail):
+  """The float input as the interpreter wants it (int8 inputs quantized)."""
+  from covidlib import edge
+
+  return edge.quantize(x, detail)
+
+
+def _median_ms(fn, runs=50, warmup=5) -> float:
+  import numpy as np
+
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(runs):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return float(np.median(times) * 1000)
+
+
+def cross_site() -> dict:
+  results = {'machine': f'{platform.machine()}, {os.cpu_count()} CPUs (shared with other busy '
+                        'processes), no GPU', 'python': sys.version.split()[0],
+             'date': time.strftime('%Y-%m-%d'), 'models': {}}
+  for name, other in SITES:
+    start = time.time()
+    model_dir = os.path.join(_RUNS_DIR.value, 'same_site', name)
+    if not os.path.isdir(os.path.join(model_dir, 'shift_format_1')):
+      _copy_model_dir(os.path.join(_SAME_SITE_SRC.value, name), model_dir)
+    figures = _site_figures(name, other, model_dir, _SAME_SITE_DATA_DIR.value)
+    tfl, contents, x = _tflite_figures(model_dir, name, other, _SAME_SITE_DATA_DIR.value)
+    figures['tflite'] = tfl
+    if name == SITES[0][0]:
+      results['latency'] = _site_latency(model_dir, contents, x)
+    figures['seconds'] = time.time() - start
+    results['models'][name] = {'unseen_site': other, **figures}
+    print(f'{name}: {figures["seconds"]:.0f} s', flush=True)
+  return results
+
+
+def render_cross_site(r: dict) -> str:
+  lines = [f'Two compact_resnet models (224 px, 30 epochs, seed 0; `make same-site`), each '
+           f'scored on its own test split and on every film of the other site. Flagged = score '
+           f'above the threshold, policy quantile:0.99 of the validation split (quantile:0.95 '
+           f'beside it). Old: the penultimate-only score of issue 10, as its model_dir stored '
+           f'it. New: covidlib-fit-shift today. Machine: {r["machine"]}; {r["date"]}.', '',
+           '| model -> unseen site | score | unseen films flagged | own test flagged | '
+           'ROC-AUC own test vs unseen | flagged at q0.95: unseen / own test | unseen flagged '
+           'when 5% of own test are (oracle) |', '|---|---|---|---|---|---|---|']
+  for name, m in r['models'].items():
+    for label in ('old', 'new'):
+      a, b = m[label]['q0.99'], m[label]['q0.95']
+      what = ('penultimate only (issue 10)' if label == 'old' else
+              f'max of {len(m["taps"])} standardised depths')
+      lines.append(f'| {name} -> {m["unseen_site"]} (n = {m["n_unseen"]} / {m["n_own_test"]}) '
+                   f'| {what} | {_pct(a["unseen_flagged"])} | {_pct(a["own_test_flagged"])} | '
+                   f'{a["auc"]:.3f} | {_pct(b["unseen_flagged"])} / '
+                   f'{_pct(b["own_test_flagged"])} | {_pct(a["unseen_flagged_at_own_5pct"])} |')
+  lines += ['', 'Per depth (each depth alone at its own validation quantile 0.99; and the share '
+            'of films above the ensemble threshold at that depth, i.e. the depths that flag):',
+            '', '| model | depth (features) | unseen flagged alone | own test flagged alone | '
+            'ROC-AUC | unseen above ensemble threshold | own test above it |',
+            '|---|---|---|---|---|---|---|']
+  for name, m in r['models'].items():
+    for (tap, d), dim in zip(m['depths'].items(), m['feature_dims']):
+      lines.append(f'| {name} | {tap} ({dim}) | {_pct(d["unseen_flagged"])} | '
+                   f'{_pct(d["own_test_flagged"])} | {d["auc"]:.3f} | '
+                   f'{_pct(d["unseen_above_ensemble"])} | {_pct(d["own_above_ensemble"])} |')
+  names = list(r['models'])
+  lines += ['', 'Combinations of the depths that need no out-of-distribution data (threshold '
+            'quantile:0.99 of validation; unseen flagged / own test flagged / ROC-AUC):', '',
+            '| combination | ' + ' | '.join(names) + ' |', '|---|' + '---|' * len(names)]
+  for label in r['models'][names[0]]['combinations']:
+    cells = []
+    for name in names:
+      c = r['models'][name]['combinations'][label]
+      cells.append(f'{_pct(c["unseen_flagged"])} / {_pct(c["own_test_flagged"])} / '
+                   f'{c["auc"]:.3f}')
+    lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+  lines += ['', 'TFLite: the flag against the Keras model\'s score of the same depths on the same '
+            'images (own test split, 200 unseen-site films), and what each variant flags. The '
+            'int8 file carries the penultimate depth alone, with its own threshold (8-bit '
+            'activations do not carry the earlier depths):', '',
+            '| model | variant | score carried | flag agreement own test | flag agreement '
+            'unseen | unseen flagged (Keras, same depths) | own test flagged | file |',
+            '|---|---|---|---|---|---|---|---|']
+  for name, m in r['models'].items():
+    for key, t in m['tflite'].items():
+      label, quant = key.split('_')
+      carried = ('issue 10' if label == 'old' else
+                 'penultimate alone' if len(t['taps']) == 1 else f'{len(t["taps"])} depths')
+      lines.append(f'| {name} | {quant} | {carried} | {t["flag_agreement_own_test"]:.3f} | '
+                   f'{t["flag_agreement_unseen"]:.3f} | {_pct(t["unseen_flagged"])} '
+                   f'({_pct(t["keras_unseen_flagged"])}) | {_pct(t["own_test_flagged"])} | '
+                   f'{t["size_bytes"] / 1e6:.2f} MB |')
+  lat = r['latency']
+  lines += ['', f'Latency, one image, median of {LATENCY_RUNS}, the paths of a row called in '
+            f'turn ({names[0]} model; TFLite 1 thread):', '',
+            '| path | no score | old score | new score |', '|---|---|---|---|',
+            f'| Keras (Predictor: tap model + numpy score) | {lat["keras_model_ms"]:.2f} ms | '
+            f'{lat["keras_old_ms"]:.2f} ms | {lat["keras_new_ms"]:.2f} ms |']
+  for quant in ('fp32', 'int8'):
+    lines.append(f'| TFLite {quant} | {lat[f"tflite_{quant}_none_ms"]:.2f} ms | '
+                 f'{lat[f"tflite_{quant}_old_ms"]:.2f} ms | {lat[f"tflite_{quant}_new_ms"]:.2f} '
+                 'ms |')
+  for name, m in r['models'].items():
+    lines.append('')
+    lines.append(f'{name}: covidlib-fit-shift took {m["fit_seconds"]:.0f} s; the Predictor\'s '
+                 f'Keras path agrees with the arrays to {m["predictor_max_abs_diff"]:.1e}; '
+                 f'whole part {m["seconds"]:.0f} s.')
+  return '\n'.join(lines) + '\n'
 
 
 if __name__ == '__main__':

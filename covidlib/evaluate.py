@@ -20,13 +20,15 @@ Otherwise the decision already in model_dir is used (threshold 0.5, T = 1 if the
 The evaluation split is then predicted, calibrated with T, and labelled score >= threshold.
 
 Distribution shift: when the model_dir holds a shift score (`covidlib.shift`), report['shift']
-gives the share flagged per source, metrics on answered vs abstained images, the histogram of
-scores and the score's ROC-AUC for normals of unseen sources against the evaluated split.
+gives the share flagged per source, metrics on answered vs abstained images, which depths of the
+network flag, the histogram of scores and the score's ROC-AUC for normals of unseen sources
+against the evaluated split.
 
 How it is composed: each dataset is scored once (`covidlib.scoring`: scores, labels, penultimate
-features and metadata per image), then the analyses run on those arrays (`covidlib.metrics`,
-`covidlib.threshold`, `covidlib.calibration`, `covidlib.shortcuts`, `covidlib.shift`), then
-`covidlib.report` writes them. The datasets scored: the threshold split (when an operating
+features and metadata per image, and with a shift score the pooled features at every depth),
+then the analyses run on those arrays (`covidlib.metrics`, `covidlib.threshold`,
+`covidlib.calibration`, `covidlib.shortcuts`, `covidlib.shift`), then `covidlib.report` writes
+them. The datasets scored: the threshold split (when an operating
 point is chosen), the evaluated split, the other findings and each unseen source's dataset (for
 the shortcut and shift sections), each split of them once.
 
@@ -54,7 +56,6 @@ from covidlib import explain
 from covidlib import hold_out
 from covidlib import metrics
 from covidlib import model_dir as md
-from covidlib import models
 from covidlib import scoring
 from covidlib import shift as shift_lib
 from covidlib import shortcuts
@@ -219,13 +220,15 @@ def resolve_unseen(spec: Sequence[str] | str, config: dict,
 
 
 def score_unseen_normals(model, config: dict, unseen: Sequence[str] | str,
-                         data_dir: str | None, *, batch_size: int = 32, strict: bool = True
+                         data_dir: str | None, *, batch_size: int = 32, strict: bool = True,
+                         taps: bool = False
                          ) -> tuple[dict[str, tuple[Scored, str]], list[str]]:
   """({source: (its normal images, scored, dataset)}, notes) for `unseen` (resolve_unseen).
 
   Every split of the dataset holding a source is scored once; its normals of that source are
   kept. strict: a source that cannot be scored raises (the shortcut figures); otherwise it
-  becomes a note (the shift section alone).
+  becomes a note (the shift section alone). taps: also the pooled features at every depth (what
+  the shift score reads), from the same pass.
 
   Raises:
     DataError (strict): a chosen dataset holds no normal image of its source.
@@ -241,7 +244,7 @@ def score_unseen_normals(model, config: dict, unseen: Sequence[str] | str,
   for source, dataset in chosen.items():
     try:
       scored = scoring.score_every_split(model, config, dataset, data_dir,
-                                         batch_size=batch_size, keep_images=False)
+                                         batch_size=batch_size, keep_images=False, taps=taps)
     except errors.CovidlibError as e:
       if strict:
         raise
@@ -385,7 +388,9 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
   shift_model = shift_lib.load(model_dir)
   if shift_model is not None and shift_model.threshold is None:
     shift_model = None
-  predictions = scoring.score_dataset(model, eval_data, keep_images=gradcam)
+  # With a shift score, the pooled features at every depth come from the same pass.
+  predictions = scoring.score_dataset(model, eval_data, keep_images=gradcam,
+                                      taps=shift_model is not None)
   report = {
       'caveat': CAVEAT,
       'model_dir': os.path.abspath(model_dir),
@@ -425,7 +430,8 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
   if shortcut_options is not None:
     options = dict(shortcut_options)
     unseen_normals = score_unseen_normals(model, config, options.pop('unseen', 'auto'),
-                                          data_dir_used, batch_size=batch_size)
+                                          data_dir_used, batch_size=batch_size,
+                                          taps=shift_model is not None)
     report['shortcuts'] = shortcut_section(
         model, config, decision, predictions, data_dir=data_dir_used,
         unseen_normals=unseen_normals, n_bootstrap=n_bootstrap, seed=seed,
@@ -436,16 +442,17 @@ def evaluate_model_dir(model_dir: str, *, split: str = 'test', dataset: str | No
   if shift_model is not None:
     if unseen_normals is None:
       unseen_normals = score_unseen_normals(
-          model, config, 'auto', data_dir_used, batch_size=batch_size, strict=False)
-    if predictions.features is None:
-      models.feature_layer(model)  # The UsageError naming the model without covidlib's head.
-    shift_scores = shift_model.score(predictions.features)
+          model, config, 'auto', data_dir_used, batch_size=batch_size, strict=False, taps=True)
+    shift_scores = shift_model.score(predictions.taps)
     normals_by_source, notes = unseen_normals
     report['shift'] = shift_lib.report_section(
         shift_model, shift_scores, predictions.labels, scores,
         predictions.metadata.get('source'), decision.threshold,
-        unseen={source: (shift_model.score(normals.features), dataset)
+        unseen={source: (shift_model.score(normals.taps), dataset)
                 for source, (normals, dataset) in normals_by_source.items()},
+        tap_scores={'evaluated': shift_model.tap_scores(predictions.taps),
+                    **{f'unseen {source}': shift_model.tap_scores(normals.taps)
+                       for source, (normals, _) in normals_by_source.items()}},
         notes=notes, n_bootstrap=n_bootstrap, seed=seed)
   return Evaluation(report=report, predictions=predictions, calibrated_scores=scores,
                     decision=decision, heatmaps=heatmaps, grid_indices=grid,

@@ -329,22 +329,43 @@ def feature_taps(model: keras.Model) -> list[str]:
 
 
 def _moments(x):
-  """(n, h, w, c) -> (n, 2c): per-channel mean and standard deviation over h x w."""
+  """(n, h, w, c) -> (n, 2c): per-channel mean and standard deviation over h x w.
+
+  The variance in two passes, mean((x - mean)^2), not E[x^2] - E[x]^2: the latter cancels
+  catastrophically for channels that are nearly constant over the image (common after a ReLU),
+  where float32 rounding, a TFLite kernel's order of summation or int8 quantization then give a
+  different "standard deviation" of pure noise, which the shift score's whitening amplifies.
+  The product rather than a square keeps to ops with int8 kernels in every TFLite build.
+  """
   x = keras.ops.cast(x, 'float32')
-  mean = keras.ops.mean(x, axis=(1, 2))
-  var = keras.ops.maximum(keras.ops.mean(keras.ops.square(x), axis=(1, 2))
-                          - keras.ops.square(mean), 0.0)
-  return keras.ops.concatenate([mean, keras.ops.sqrt(var + 1e-12)], axis=-1)
+  mean = keras.ops.mean(x, axis=(1, 2), keepdims=True)
+  centred = x - mean
+  var = keras.ops.mean(centred * centred, axis=(1, 2))
+  return keras.ops.concatenate([keras.ops.squeeze(mean, axis=(1, 2)),
+                                keras.ops.sqrt(var + 1e-12)], axis=-1)
 
 
-def tap_model(model: keras.Model) -> keras.Model:
+def tap_model(model: keras.Model, taps: list[str] | tuple[str, ...] | None = None
+              ) -> keras.Model:
   """A Keras model: images -> [the model's output, pooled tap 0, ..., penultimate features].
 
   Tap i (feature_taps(model)[i]) is (n, 2c) for a 4-D layer (mean and std per channel), and
-  (n, d) for the penultimate features. Shares `model`'s layers (no copy); built anew per call.
+  (n, d) for the penultimate features. With `taps`, only those (names of feature_taps, in the
+  order given): what a fitted shift score reads. Shares `model`'s layers (no copy); built anew
+  per call.
+
+  Raises:
+    UsageError: a name in `taps` that is not a tap of the model.
   """
+  names = feature_taps(model)
+  if taps is not None:
+    unknown = [t for t in taps if t not in names]
+    if unknown:
+      raise errors.UsageError(f'model {model.name!r} has no taps {unknown}; its taps are '
+                              f'{names}')
+    names = list(taps)
   outputs = [model.output]
-  for name in feature_taps(model):
+  for name in names:
     if name == PENULTIMATE_TAP:
       f = feature_layer(model).input
       outputs.append(keras.ops.reshape(keras.ops.cast(f, 'float32'), (-1, int(f.shape[-1]))))

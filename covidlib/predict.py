@@ -19,9 +19,11 @@ temperature of the model's decision.json:
                             decoding here) and resizes it in its graph; it runs through
                             `covidlib.edge`.
 
-Distribution shift (issue #10, `covidlib.shift`): when the model carries a shift score (shift.npz
-and shift.json in the model_dir; the `shift_score` output of a SavedModel or .tflite export),
-every Prediction also has `shift_score` and `in_distribution` (score <= the stored threshold);
+Distribution shift (issues #10 and #17, `covidlib.shift`): when the model carries a shift score
+(shift.npz and shift.json in the model_dir, scored here from the pooled features at several
+depths of the same forward pass; the `shift_score` output of a SavedModel or .tflite export,
+which computes the same score in its graph), every Prediction also has `shift_score` and
+`in_distribution` (score <= the stored threshold);
 both are None for a model without one. `on_shift='warn'` (default) still gives the label of a
 flagged image; `on_shift='abstain'` gives it no label, and its `decision` is
 'out_of_distribution'.
@@ -41,10 +43,10 @@ from covidlib import dicom
 from covidlib import edge
 from covidlib import errors
 from covidlib import model_dir as model_dir_lib
-from covidlib import models
 from covidlib import preprocess
 from covidlib import results
 from covidlib import shift as shift_lib
+from covidlib import shift_fit
 from covidlib import tflite_metadata
 
 KERAS, SAVED_MODEL, TFLITE = 'keras', 'saved_model', 'tflite'
@@ -131,7 +133,12 @@ class Predictor:
     self.on_shift = on_shift
     self.class_names: tuple[str, ...] = results.CLASS_NAMES  # Label 0, label 1.
     self.shift_threshold: float | None = None
+    # The depths the shift score reads ('penultimate' alone for issue 10's score and the int8
+    # TFLite variant), from shift.json or the file's metadata; None without a score.
+    self.shift_taps: tuple[str, ...] | None = None
     self._run_shift = None  # images -> (P, shift scores), set by _load_shift when available.
+    self._shift_tap_scores = None  # Keras: images -> (n, k) scores of each depth.
+    self._shift_model = None
     self.path = os.fspath(path)
     self._edge = None  # An edge.EdgePredictor for the uint8_image TFLite variant.
     self.format = detect_format(self.path)
@@ -303,28 +310,31 @@ class Predictor:
       fitted = shift_lib.load(folder)
       if fitted is None or fitted.threshold is None:
         return
-      extractor = models.feature_model(self.model)
-      dim = int(extractor.outputs[1].shape[-1])
-      if dim != fitted.feature_dim:
-        raise errors.ModelLoadError(
-            f'{os.path.join(folder, shift_lib.SHIFT_NPZ)}: fitted on {fitted.feature_dim} '
-            f'features, the model has {dim}: it belongs to another model; refit it with '
-            f'covidlib-fit-shift --model_dir={folder}')
+      extractor = shift_fit.tap_extractor(self.model, fitted, folder)
       temperature = self.decision.temperature
 
-      def run(images):
-        p, features = extractor(images, training=False)
+      def features_of(images):
+        p, *features = extractor(images, training=False)
         p = np.asarray(p, np.float32).reshape(-1)
+        return p, [np.asarray(f, np.float32).reshape(len(p), -1) for f in features]
+
+      def run(images):
+        p, features = features_of(images)
         if temperature != 1.0:
           p = calibration.apply_temperature(p, temperature).astype(np.float32)
-        return p, fitted.score(np.asarray(features, np.float32).reshape(len(p), -1))
+        return p, fitted.score(features)
       self.shift_threshold, self._run_shift = float(fitted.threshold), run
+      self.shift_taps, self._shift_model = fitted.tap_names, fitted
+      self._shift_tap_scores = lambda images: fitted.tap_scores(features_of(images)[1])
     elif self.format == SAVED_MODEL:
       signature = self._loaded.signatures[_PREPROCESSED_SIGNATURE]
       if _SHIFT_OUTPUT not in signature.structured_outputs:
         return
       probe = signature(images=tf.zeros((1, self.image_size, self.image_size, self.channels)))
       self.shift_threshold = float(probe['shift_threshold'].numpy().reshape(-1)[0])
+      info_path = os.path.join(self.path, 'assets.extra', shift_lib.SHIFT_JSON)
+      if os.path.isfile(info_path):
+        self.shift_taps = _shift_taps(model_dir_lib.read_json(info_path))
 
       def run(images):
         outputs = signature(images=tf.constant(images, tf.float32))
@@ -348,6 +358,26 @@ class Predictor:
                                     self._shift_output).reshape(-1)[0])
         return np.asarray(p, np.float32), np.asarray(scores, np.float64)
       self.shift_threshold, self._run_shift = threshold, run
+      self.shift_taps = _tflite_shift_taps(self._tflite_content)
+    elif self._edge is not None and self._edge.has_shift:
+      with open(self.path, 'rb') as f:
+        self.shift_taps = _tflite_shift_taps(f.read())
+
+  def shift_scores_at(self, images: np.ndarray, tap: str) -> tuple[np.ndarray, float]:
+    """The Keras model's shift scores of one depth alone and that depth's own threshold (what
+    the int8 TFLite variant carries, exporters.tflite.int8_shift_model), for preprocessed
+    images.
+
+    Raises:
+      UsageError: not a Keras model with a shift score, or no such depth.
+    """
+    if self._shift_tap_scores is None:
+      raise errors.UsageError(f'{self.path}: the scores of one depth need a Keras model with a '
+                              'shift score')
+    single = self._shift_model.single_tap(tap)
+    k = self.shift_taps.index(tap)
+    return (self._shift_tap_scores(np.asarray(images, np.float32))[:, k],
+            float(single.threshold))
 
   def predict_preprocessed_with_shift(self, images: np.ndarray
                                       ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -460,6 +490,23 @@ def _tflite_input_kind(content: bytes) -> str | None:
 # Shared with the TensorFlow-free edge route.
 _quantize = edge.quantize
 _dequantize = edge.dequantize
+
+
+def _shift_taps(info: dict) -> tuple[str, ...]:
+  """The depths a shift.json's score reads (issue 10's format: the penultimate features)."""
+  taps = info.get('taps')
+  if not taps:
+    return (shift_lib.PENULTIMATE,)
+  return tuple(str(t.get('name', '')) if isinstance(t, dict) else str(t) for t in taps)
+
+
+def _tflite_shift_taps(content: bytes) -> tuple[str, ...] | None:
+  """The depths of the embedded shift score (metadata entry covidlib_shift), or None."""
+  try:
+    entry = tflite_metadata.read_model_info(content).extra.get('shift')
+  except errors.CovidlibError:
+    return None
+  return _shift_taps(entry) if isinstance(entry, dict) else None
 
 
 def _tflite_shift_threshold(content: bytes) -> float | None:

@@ -196,15 +196,17 @@ def penultimate_features(model, images: np.ndarray, batch_size: int = 64) -> np.
 
 
 def score_every_split(model, config: dict, dataset: str, data_dir: str | None, *,
-                      batch_size: int = 32, keep_images: bool = True) -> Scored:
-  """The model's answers on every split of a built TFDS dataset, with 'finding' metadata."""
+                      batch_size: int = 32, keep_images: bool = True,
+                      taps: bool = False) -> Scored:
+  """The model's answers on every split of a built TFDS dataset, with 'finding' metadata (and
+  the pooled features at every tap with `taps`, as score_dataset)."""
   builder = data.builder(dataset, data_dir)
   parts = []
   for split in sorted(builder.info.splits.keys()):
     ds = data.load_tfds(dataset, split, data_dir=data_dir, image_size=int(config['image_size']),
                         channels=int(config.get('channels', 1)), batch_size=batch_size,
                         with_metadata=True, cache=False)
-    part = score_dataset(model, ds, keep_images=keep_images)
+    part = score_dataset(model, ds, keep_images=keep_images, taps=taps)
     part.metadata['finding'] = data.column(dataset, split, 'finding', data_dir)
     parts.append(part)
   return scored_lib.concat(parts)

@@ -52,6 +52,33 @@ def score_split(model, dataset) -> Scored:
   return scoring.score_dataset(model, dataset, taps=True)
 
 
+def tap_extractor(model, shift_model: ShiftModel, folder: str | None = None):
+  """`covidlib.models.tap_model(model, shift_model.tap_names)`, once the score is checked to
+  belong to `model` (its taps exist there, with the same feature counts).
+
+  Raises:
+    ModelLoadError: naming folder/shift.npz and the command that refits it.
+  """
+  where = os.path.join(folder, shift.SHIFT_NPZ) if folder else 'the shift score'
+  refit = ('it belongs to another model; refit it with covidlib-fit-shift --model_dir='
+           + (folder or 'MODEL_DIR'))
+  try:
+    names = models.feature_taps(model)
+  except errors.UsageError as e:
+    raise errors.ModelLoadError(f'{where}: {e}') from None
+  missing = [n for n in shift_model.tap_names if n not in names]
+  if missing:
+    raise errors.ModelLoadError(f'{where}: fitted on the taps {list(shift_model.tap_names)}, '
+                                f'the model has {names}: {refit}')
+  extractor = models.tap_model(model, shift_model.tap_names)
+  for tap, output in zip(shift_model.taps, extractor.outputs[1:]):
+    dim = int(output.shape[-1])
+    if dim != tap.feature_dim:
+      raise errors.ModelLoadError(f'{where}: fitted on {tap.feature_dim} features, the model has '
+                                  f'{dim} at tap {tap.name!r}: {refit}')
+  return extractor
+
+
 def features_and_labels(model, dataset):
   """Penultimate features (n, d) and labels (n,) of every (image, label[, ...]) batch."""
   models.feature_layer(model)
@@ -92,11 +119,12 @@ def fit_scored(train: Scored, validation: Scored, *, policy: str = shift.DEFAULT
   """The shift score (fitted on `train`, threshold on `validation`) and the reference, from the
   two splits' scoring passes (`score_split`)."""
   shift.parse_policy(policy)
-  shift_model = shift.fit_shift(train.taps[models.PENULTIMATE_TAP], train.labels,
-                                shrinkage=shrinkage, fit_split=fit_split)
-  shift_model = shift.choose_threshold(
-      shift_model, shift_model.score(validation.taps[models.PENULTIMATE_TAP]), policy,
-      threshold_split)
+  shift_model = shift.fit_shift(train.taps, train.labels, shrinkage=shrinkage,
+                                fit_split=fit_split, validation=validation.taps,
+                                normalised_on=threshold_split)
+  shift_model = shift.choose_threshold(shift_model, shift_model.score(validation.taps), policy,
+                                       threshold_split,
+                                       tap_scores=shift_model.tap_scores(validation.taps))
   return shift_model, make_reference(validation, train)
 
 

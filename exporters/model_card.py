@@ -307,10 +307,25 @@ def out_of_distribution_section(shift_info: dict | None, evaluated: dict | None,
     return lines + [
         'This model carries no shift score, so nothing tells you when an image is unlike its '
         'training images. Fit one with `covidlib-fit-shift --model_dir=...` and export again.', '']
+  taps = [t['name'] for t in shift_info.get('taps') or []]
+  if len(taps) > 1:
+    measured = (
+        'Every output comes with `shift_score` and `in_distribution`. The score measures how '
+        f'far an image\'s internal features lie from those of the training images at {len(taps)} '
+        'depths of the network, from the first layers, which see how a film was taken and '
+        'processed (scanner, digitisation, post-processing), to the layer before the output, '
+        'which sees what the model learned about the finding. At each depth it is a squared '
+        'Mahalanobis distance to the nearest class, standardised by its mean and spread on the '
+        'validation images; the score is the largest of them, so a film unusual at any one '
+        'depth scores high (the int8 TFLite file carries the last of these depths alone, with '
+        'its own threshold: 8-bit activations do not carry the earlier ones). ')
+  else:
+    measured = (
+        'Every output comes with `shift_score` and `in_distribution`. The score measures how '
+        'far an image\'s internal features (the layer before the output) lie from those of the '
+        'training images (a squared Mahalanobis distance to the nearest class). ')
   lines += [
-      'Every output comes with `shift_score` and `in_distribution`. The score measures how far '
-      'an image\'s internal features (the layer before the output) lie from those of the '
-      'training images (a squared Mahalanobis distance to the nearest class). An image is '
+      measured + 'An image is '
       f'flagged **out of distribution** when its score is above {shift_info["threshold"]:.4g}, '
       f'a threshold chosen so that about {_share_above(shift_info["policy"])} of the '
       f'`{shift_info.get("split") or "validation"}` images are flagged (policy '

@@ -17,10 +17,13 @@ SavedModel, a direct Keras call for the reference).
 The tflite_uint8_image variant takes the decoded image as it is: it is run on the split's images
 at their original sizes (`raw`), against the Keras model on the same images (its shift score
 too).
-Shift score (issue #10): when the Keras model carries one, each variant's `shift_score` is
-compared with the Keras one on the same images: the share of images whose out-of-distribution
-flag agrees, and the relative difference of the scores (median and max). Informational, no
-pass/fail: int8 quantizes the score coarsely and only its flag is meant to survive.
+Shift score (issues #10, #17): when the Keras model carries one, each variant's `shift_score`
+is compared with the Keras one on the same images: the share of images whose
+out-of-distribution flag agrees, and the relative difference of the scores (median and max;
+|score - Keras score| / max(|Keras score|, 1), since the standardised multi-depth score sits near
+0 for ordinary images). A variant that carries one depth alone (int8: the penultimate one) is
+compared with the Keras model's score of that depth. Informational, no pass/fail: int8
+quantizes the score coarsely and only its flag is meant to survive.
 
 Targets (pass/fail per variant, from the project's issue 5):
   int8 file <= 0.26 x the fp32 file; decision agreement >= 0.98; ROC-AUC drop <= 0.01.
@@ -223,8 +226,17 @@ def parity_report(model_path: str, variants: dict[str, str], images: np.ndarray,
       entry['n'] = int(len(v_labels))
     entry['targets'] = checks
     if shift_ref is not None:
+      ref_threshold = reference.shift_threshold
+      depths = predictor.shift_taps
+      if (scores is not None and depths and len(depths) == 1
+          and depths != reference.shift_taps and not predictor.takes_uint8_image):
+        # The int8 file carries one depth (exporters.tflite.int8_shift_model): against the
+        # Keras model's score of that depth, with its threshold.
+        v_shift_ref, ref_threshold = reference.shift_scores_at(images, depths[0])
       entry['shift'] = _shift_parity(scores, predictor.shift_threshold, v_shift_ref,
-                                     reference.shift_threshold)
+                                     ref_threshold)
+      if depths and depths != reference.shift_taps:
+        entry['shift']['taps'] = list(depths)
     models[name] = entry
   verdicts = [c['pass'] for m in models.values() for c in m.get('targets', {}).values()]
   return {
@@ -286,7 +298,9 @@ def _shift_parity(scores: np.ndarray | None, threshold: float | None, reference:
   """A variant's shift scores against the Keras ones: flag agreement and relative differences."""
   if scores is None:
     return {'missing': 'the variant has no shift_score output'}
-  relative = np.abs(scores - reference) / np.maximum(np.abs(reference), 1e-9)
+  # Ordinary images score near 0 (each depth is standardised on validation images), where a
+  # ratio means nothing: below 1 the difference is taken as it is.
+  relative = np.abs(scores - reference) / np.maximum(np.abs(reference), 1.0)
   flags, flags_ref = scores > threshold, reference > reference_threshold
   return {'flag_agreement': float(np.mean(flags == flags_ref)),
           'share_flagged': float(np.mean(flags)),
@@ -373,7 +387,7 @@ def render_markdown(report: dict) -> str:
     lines += ['## Shift score', '',
               f'Out of distribution = shift_score > {report["shift"]["threshold"]:.4g}; the '
               f'Keras model flags {report["shift"]["keras_share_flagged"]:.1%} of these images. '
-              'Relative difference = |score - Keras score| / Keras score.', '',
+              'Relative difference = |score - Keras score| / max(|Keras score|, 1).', '',
               '| Model | Flag agreement with Keras | Share flagged | Median rel. diff | '
               'Max rel. diff |', '|---|---|---|---|---|']
     for name, m in report['models'].items():
@@ -383,9 +397,14 @@ def render_markdown(report: dict) -> str:
       if 'missing' in sh:
         lines.append(f'| {name} | {sh["missing"]} | | | |')
         continue
-      lines.append(f'| {name} | {sh["flag_agreement"]:.4f} | {sh["share_flagged"]:.1%} | '
+      mark = ' (*)' if sh.get('taps') else ''
+      lines.append(f'| {name}{mark} | {sh["flag_agreement"]:.4f} | {sh["share_flagged"]:.1%} | '
                    f'{sh["median_rel_diff"]:.2e} | {sh["max_rel_diff"]:.2e} |')
     lines.append('')
+    if any((m.get('shift') or {}).get('taps') for m in report['models'].values()):
+      lines += ['(*) carries the score of one depth alone, with its own threshold (int8: 8-bit '
+                'activations do not carry the earlier depths; exporters/tflite.py), and is '
+                'compared with the Keras model\'s score of that depth.', '']
   return '\n'.join(lines)
 
 

@@ -12,11 +12,12 @@ after the stored temperature), `label` (int32, 1 = COVID-19 when probability >= 
                         (`decode_image` + `preprocess`) runs inside the graph, per image.
   serving_preprocessed  images: float32 (None, S, S, C) in [0, 1], already preprocessed.
 
-When the model_dir holds a shift score (shift.npz + shift.json, `covidlib.shift`, issue #10),
-both signatures also return `shift_score` (float32, the squared Mahalanobis distance of the
-image's penultimate features to the nearest class of the training images, computed in-graph from
-the same forward pass), `in_distribution` (bool, shift_score <= the shift threshold) and
-`shift_threshold` (float32); assets.extra/shift.json documents the score.
+When the model_dir holds a shift score (shift.npz + shift.json, `covidlib.shift`, issues #10
+and #17), both signatures also return `shift_score` (float32: at several depths of the network,
+the squared Mahalanobis distance of the image's pooled features to the nearest class of the
+training images, standardised on the validation images, and the largest of them; computed
+in-graph from the same forward pass), `in_distribution` (bool, shift_score <= the shift
+threshold) and `shift_threshold` (float32); assets.extra/shift.json documents the score.
 
 It loads with `tf.saved_model.load` alone (no covidlib, no Keras needed) and follows TF Serving's
 REST conventions: the input name ends in `_bytes`, so TF Serving base64-decodes `{"b64": ...}`:
@@ -43,9 +44,9 @@ import tensorflow as tf
 
 import covidlib
 from covidlib import model_dir as model_dir_lib
-from covidlib import models
 from covidlib import preprocess
 from covidlib import shift as shift_lib
+from covidlib import shift_fit
 from exporters import serving
 
 BYTES_INPUT = 'image_bytes'
@@ -72,7 +73,7 @@ def _outputs(probability: tf.Tensor, threshold: float) -> dict[str, tf.Tensor]:
   }
 
 
-def _shift_outputs(features: tf.Tensor, shift_model) -> dict[str, tf.Tensor]:
+def _shift_outputs(features: list[tf.Tensor], shift_model) -> dict[str, tf.Tensor]:
   score = serving.shift_score_tf(shift_model, features)
   threshold = tf.constant(shift_model.threshold, tf.float32)
   return {SHIFT_OUTPUT: score, 'in_distribution': score <= threshold,
@@ -94,13 +95,13 @@ def build_archive(model: keras.Model, decision: model_dir_lib.Decision,
   archive = keras.export.ExportArchive()
   archive.track(calibrated)
   if shift_model is not None:
-    with_features = models.feature_model(calibrated)
+    with_features = shift_fit.tap_extractor(calibrated, shift_model)
     archive.track(with_features)
 
   def from_tensors(images):
     if shift_model is None:
       return _outputs(calibrated(images, training=False), threshold)
-    probability, features = with_features(images, training=False)
+    probability, *features = with_features(images, training=False)
     return {**_outputs(probability, threshold), **_shift_outputs(features, shift_model)}
 
   def from_bytes(image_bytes):

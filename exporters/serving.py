@@ -85,15 +85,37 @@ def serving_model(model: keras.Model, temperature: float = 1.0) -> keras.Model:
 
 
 def shift_score_tf(shift_model, features):
-  """covidlib.shift's score in TensorFlow ops (float32), for exports: (n, d) -> (n,).
+  """covidlib.shift's score in TensorFlow ops (float32), for exports: tap features -> (n,).
 
-  min_c ||f W - m_c||^2, the second form of the score in covidlib/shift.py.
+  Args:
+    shift_model: a covidlib.shift.ShiftModel.
+    features: one (n, d_i) tensor per tap of shift_model, in its order (what
+      `covidlib.models.tap_model(model, shift_model.tap_names)` returns after the output), or
+      one tensor for a one-tap score.
+
+  Per tap, min_c ||f W - m_c||^2 (the second form of the score in covidlib/shift.py),
+  standardised, then the maximum over taps. The standardisation is folded into the constants:
+  (d - offset) / scale = min_c ||f W' - m'_c||^2 - offset / scale with W' = W / sqrt(scale),
+  m' = m / sqrt(scale), so each tap costs a matrix product, a subtraction, a sum of squares, a
+  minimum and one subtraction.
   """
-  projection = tf.constant(shift_model.projection, tf.float32)
-  centers = tf.constant(shift_model.centers, tf.float32)
-  z = tf.matmul(tf.reshape(tf.cast(features, tf.float32), [-1, shift_model.feature_dim]),
-                projection)
-  difference = z[:, tf.newaxis, :] - centers[tf.newaxis]
-  # A product rather than tf.square: MUL has int8 kernels in every TFLite build.
-  distances = tf.reduce_sum(difference * difference, axis=-1)
-  return tf.reduce_min(distances, axis=-1)
+  if not isinstance(features, (list, tuple)):
+    features = [features]
+  if len(features) != len(shift_model.taps):
+    raise errors.UsageError(f'shift_score_tf: {len(features)} feature tensors for the '
+                            f'{len(shift_model.taps)} taps {list(shift_model.tap_names)}')
+  scores = []
+  for tap, f in zip(shift_model.taps, features):
+    root = np.sqrt(tap.scale)
+    projection = tf.constant(tap.projection / root, tf.float32)
+    centers = tf.constant(tap.centers / root, tf.float32)
+    z = tf.matmul(tf.reshape(tf.cast(f, tf.float32), [-1, tap.feature_dim]), projection)
+    difference = z[:, tf.newaxis, :] - centers[tf.newaxis]
+    # A product rather than tf.square: MUL has int8 kernels in every TFLite build.
+    distance = tf.reduce_min(tf.reduce_sum(difference * difference, axis=-1), axis=-1)
+    if tap.offset != 0.0:
+      distance = distance - tf.constant(tap.offset / tap.scale, tf.float32)
+    scores.append(distance)
+  if len(scores) == 1:
+    return scores[0]
+  return tf.reduce_max(tf.stack(scores, axis=-1), axis=-1)

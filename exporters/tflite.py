@@ -26,23 +26,28 @@ hands over the bitmap; `covidlib.edge` runs it without TensorFlow.
 Labels and the operating point travel inside the file: entries `covidlib_labels` and
 `covidlib_decision` of the flatbuffer's `metadata` table, defined (written and read, without
 TensorFlow) by `covidlib.tflite_metadata`; `read_metadata` here is that module's.
-A shift score (issue #10) adds the entry `covidlib_shift` (shift.json of `covidlib.shift`:
-{"threshold", "policy", ...}; in_distribution = shift_score <= threshold) and a second output
-tensor `shift_score`.
+A shift score (issues #10, #17) adds the entry `covidlib_shift` (shift.json of `covidlib.shift`:
+{"threshold", "policy", "taps", ...}; in_distribution = shift_score <= threshold) and a second
+output tensor `shift_score`.
 The exporter also writes labels.txt and decision.json next to the .tflite files.
 
 Shift score (`covidlib.shift`): when given one (or converting a SavedModel that returns one),
-every variant has a second output `shift_score` (float32 (1,); int8 with int8_io), the squared
-Mahalanobis distance computed from the penultimate features with ordinary ops (FULLY_CONNECTED,
-SUB, MUL, SUM, MIN), in the same invocation as `probability`; the uint8_image variant computes it
-on the image after its in-graph resize and scaling, i.e. on the same tensor as the others. Find the outputs by name with the
-interpreter's signature runner (`get_signature_runner().get_output_details()`); `probability`
-is output 0 for apps that read outputs by position. The int8
-variant's score is quantized on the calibration images' range, and large scores saturate at
-its top. The training images alone all score below the threshold (the density was fitted on
-them), so a far-out image would saturate below it and pass as in distribution; the converter
-therefore appends to the calibration images SHIFT_ANCHORS inverted copies (1 - x) of them that
-score above the threshold (checked with the float model), which stretches the range past it.
+every variant has a second output `shift_score` (float32 (1,); int8 with int8_io): at each depth
+the score reads (`covidlib.models.tap_model`: the per-channel mean and standard deviation of a
+stage's output, and the penultimate features), the standardised squared Mahalanobis distance to
+the nearest class mean, then the largest of them, all with ordinary ops (MEAN, SQRT,
+FULLY_CONNECTED, SUB, MUL, SUM, MIN, PACK, MAX), in the same invocation as `probability`; the
+uint8_image variant computes it on the image after its in-graph resize and scaling, i.e. on the
+same tensor as the others. Find the outputs by name with the interpreter's signature runner
+(`get_signature_runner().get_output_details()`); `probability` is output 0 for apps that read
+outputs by position. The int8 variant carries the penultimate depth alone, with that depth's
+own threshold (`int8_shift_model`: 8-bit activations do not carry the whitened features of the
+earlier depths); its covidlib_shift entry says so ("taps": the penultimate only, "variant").
+Its score is quantized on the calibration images' range, and large scores saturate at its top. The training images alone all score below the threshold
+(the density was fitted on them), so a far-out image would saturate below it and pass as in
+distribution; the converter therefore appends to the calibration images SHIFT_ANCHORS inverted
+copies (1 - x) of them that score above the threshold (checked with the float model), which
+stretches the range past it.
 The flag then survives where the value does not (tests/exporters/test_shift_exports.py).
 """
 
@@ -60,9 +65,9 @@ import tensorflow as tf
 
 from covidlib import errors
 from covidlib import model_dir as model_dir_lib
-from covidlib import models
 from covidlib import scoring
 from covidlib import shift as shift_lib
+from covidlib import shift_fit
 from covidlib import tflite_metadata
 from exporters import saved_model as saved_model_lib
 from exporters import serving
@@ -75,6 +80,8 @@ INPUT = 'images'
 SHIFT_METADATA = tflite_metadata.SHIFT
 SHIFT_OUTPUT = 'shift_score'
 SHIFT_ANCHORS = 2  # Out-of-distribution calibration images for int8 (see the module docstring).
+INT8_SHIFT_NOTE = ('int8: the shift score of the penultimate depth alone, with its own threshold; '
+                   '8-bit activations do not carry the whitened features of the earlier depths')
 
 
 def _probability_saved_model(source: keras.Model | str, out_dir: str,
@@ -124,11 +131,11 @@ def _outputs(source: keras.Model, shift_model, archive):
   archive.track(source)
   if shift_model is None:
     return lambda images: {OUTPUT: tf.reshape(source(images, training=False), [-1])}
-  with_features = models.feature_model(source)
+  with_features = shift_fit.tap_extractor(source, shift_model)
   archive.track(with_features)
 
   def outputs(images):
-    probability, features = with_features(images, training=False)
+    probability, *features = with_features(images, training=False)
     return {OUTPUT: tf.reshape(probability, [-1]),
             SHIFT_OUTPUT: serving.shift_score_tf(shift_model, features)}
   return outputs
@@ -216,7 +223,9 @@ def convert_tflite(source: keras.Model | str | os.PathLike, quant_type: str,
       raise errors.UsageError('a SavedModel carries its own shift score; pass shift_model=None')
     source = os.fspath(source)
     decision = _saved_model_decision(source)
-  shift_entry = _shift_entry(source, shift_model)
+  if quant_type == 'int8':
+    shift_model = int8_shift_model(shift_model)
+  shift_entry = _shift_entry(source, shift_model, int8=quant_type == 'int8')
 
   with tempfile.TemporaryDirectory(prefix='covidlib_tflite_') as tmp:
     size, channels = _probability_saved_model(source, tmp, shift_model)
@@ -270,7 +279,9 @@ def _with_shift_anchors(source, images: np.ndarray, threshold: float, shift_mode
     return images  # _representative reports the problem.
   candidates = 1.0 - images[:8 * SHIFT_ANCHORS]
   if isinstance(source, keras.Model):
-    scores = shift_model.score(scoring.penultimate_features(source, candidates))
+    batches = tf.data.Dataset.from_tensor_slices(
+        (candidates, np.zeros(len(candidates), np.int64))).batch(8 * SHIFT_ANCHORS)
+    scores = shift_model.score(scoring.score_dataset(source, batches, taps=True).taps)
   else:
     signature = tf.saved_model.load(source).signatures[saved_model_lib.PREPROCESSED_SIGNATURE]
     scores = signature(images=tf.constant(candidates))[SHIFT_OUTPUT].numpy()
@@ -283,17 +294,40 @@ def _with_shift_anchors(source, images: np.ndarray, threshold: float, shift_mode
   return np.concatenate([images, candidates[chosen]])
 
 
-def _shift_entry(source, shift_model) -> bytes | None:
+def int8_shift_model(shift_model):
+  """The shift score the int8 variant carries: the deepest depth alone (the penultimate
+  features), with its own threshold; a one-depth score as it is.
+
+  Why: in the int8 file every activation is rounded to 8 bits, and the whitening of the earlier
+  depths' pooled features (directions of tiny variance, which carry much of a site's signature)
+  amplifies that rounding into errors of several standard deviations (measured on the same-site
+  models: up to 22 at the first stage even with the score's own arithmetic in float; 0.4 at the
+  penultimate features; benchmarks/shift.py), so the multi-depth flag would not survive.
+  """
+  if shift_model is None or len(shift_model.taps) == 1:
+    return shift_model
+  return shift_model.single_tap(shift_model.tap_names[-1])
+
+
+def _shift_entry(source, shift_model, int8: bool = False) -> bytes | None:
   """shift.json for the metadata: from the shift model, or the SavedModel's assets.extra."""
   if shift_model is not None:
     if shift_model.threshold is None:
       raise errors.UsageError('the shift model has no threshold: choose one before exporting')
-    return shift_lib.info_json(shift_model).encode()
+    info = shift_model.info()
+    if int8 and shift_model.format > 1:
+      info['variant'] = INT8_SHIFT_NOTE
+    return (json.dumps(info, indent=2, sort_keys=True) + '\n').encode()
   if isinstance(source, str):
     path = os.path.join(source, 'assets.extra', shift_lib.SHIFT_JSON)
     if os.path.isfile(path):
       with open(path, 'rb') as f:
-        return f.read()
+        content = f.read()
+      if int8 and len(json.loads(content).get('taps') or [None]) > 1:
+        raise errors.UsageError(
+            f'{source}: its shift score reads several depths, which int8 cannot carry: convert '
+            'the int8 variant from the Keras model (covidlib-export does)')
+      return content
   return None
 
 

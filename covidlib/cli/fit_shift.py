@@ -4,11 +4,12 @@
 
 (or `python -m covidlib.cli.fit_shift ...`). covidlib-train fits the score at the end of
 training when the run has a validation split; this command fits it for a model_dir trained
-before that (or before the score's current format), or again with another policy. It scores the
-training split (to fit the density of features) and the validation split (to choose the
-threshold and draw the reference of the training site from) that config.json names, once each,
-and writes shift.npz and shift.json (covidlib/shift.py) and reference.npz and reference.json
-(covidlib/reference.py) beside decision.json.
+before that (or with the penultimate-only score of issue #10: it is refitted at several
+depths), or again with another policy. It scores the training split (to fit the density of the
+pooled features at several depths of the network) and the validation split (to standardise
+each depth, choose the threshold and draw the reference of the training site from) that
+config.json names, once each, and writes shift.npz and shift.json (covidlib/shift.py) and
+reference.npz and reference.json (covidlib/reference.py) beside decision.json.
 
 Exit status: 0 fitted; 2 usage error (bad flag or policy, not a finished model_dir, no
 validation split); 1 failure (data that cannot be read).
@@ -51,9 +52,10 @@ def main(argv):
       raise errors.UsageError(
           f"--shrinkage must be 'ledoit_wolf' or a number in [0, 1], got {shrinkage!r}") from None
   fitted = shift_fit.fit_model_dir(_MODEL_DIR.value, policy=_POLICY.value, shrinkage=shrinkage)
+  depths = ', '.join(f'{t.name} ({t.feature_dim})' for t in fitted.taps)
   print(f'shift score fitted: threshold {fitted.threshold:.6g} ({fitted.policy} of split '
-        f'{fitted.split!r}), feature dim {fitted.feature_dim}, images per class '
-        f'{list(fitted.n_per_class)}, shrinkage {fitted.shrinkage:.3g}; wrote '
+        f'{fitted.split!r}), {len(fitted.taps)} depths: {depths}; images per class '
+        f'{list(fitted.n_per_class)}; wrote '
         f'{os.path.join(_MODEL_DIR.value, shift.SHIFT_NPZ)}, {shift.SHIFT_JSON}, '
         f'{reference.REFERENCE_NPZ} and {reference.REFERENCE_JSON}')
   return 0

@@ -96,7 +96,12 @@ def test_shift_section(workspace, capsys):
   assert set(section['answered']['figures']) == {'accuracy', 'sensitivity', 'specificity',
                                                  'roc_auc'}
   counts = section['histogram']['counts']['evaluated']
-  assert sum(counts) == 32 and len(section['histogram']['log10_edges']) == 31
+  assert sum(counts) == 32 and len(section['histogram']['edges']) == 31
+  # The score reads two depths (the 1x1 convolution's stage, the penultimate features); the
+  # frames are flagged at the first (their brightness spread is unlike any film's).
+  assert section['taps'] == ['feature', 'penultimate']
+  above = section['depths']['share_above']['evaluated']
+  assert len(above) == 2 and above[0] >= 12 / 32
   assert section['unseen_sources'] == []  # A folder dataset names no sources.
   markdown = open(os.path.join(out, 'report.md')).read()
   assert '## Distribution shift (out of distribution)' in markdown
@@ -117,7 +122,16 @@ def test_no_section_without_a_shift_model(workspace, tmp_path):
 
 
 def test_unseen_source_auc_with_the_metric_helpers():
-  scores = np.array([1.0, 2.0, 3.0])
-  unit = shift._as_unit(scores, 2.0)
-  np.testing.assert_allclose(unit, [1 / 3, 0.5, 0.6])
-  assert np.all(np.diff(unit) > 0)
+  """Standardised scores can be negative: _as_unit maps any reals into (0, 1) by rank, ties
+  kept, so covidlib.metrics gives the ROC-AUC of the scores themselves."""
+  from sklearn.metrics import roc_auc_score
+
+  from covidlib import metrics
+
+  scores = np.array([-1.5, 0.2, 0.2, 3.0, 250.0, -0.3])
+  unit = shift._as_unit(scores)
+  assert np.all((unit > 0) & (unit < 1)) and unit[1] == unit[2]
+  assert np.array_equal(np.argsort(unit, kind='stable'), np.argsort(scores, kind='stable'))
+  labels = np.array([0, 0, 1, 1, 1, 0])
+  auc = metrics.compute_metrics(labels, unit, 0.5, n_bootstrap=0).figures['roc_auc'].value
+  assert auc == pytest.approx(roc_auc_score(labels, scores))

@@ -191,3 +191,26 @@ def test_tap_model_pools_mean_and_std_per_channel():
   penultimate = models.feature_model(model)(images)[1]
   np.testing.assert_allclose(outputs[-1], penultimate, atol=1e-6)
   assert [int(o.shape[-1]) for o in outputs[1:]] == [32, 32, 64, 128, 256, 128]
+
+
+def test_tap_model_with_a_subset_of_taps():
+  model = models.build_model('compact_resnet', 32, 1, seed=0)
+  images = np.random.RandomState(1).uniform(size=(2, 32, 32, 1)).astype(np.float32)
+  every = models.tap_model(model)(images)
+  some = models.tap_model(model, ['stage2_out', 'penultimate'])(images)
+  assert len(some) == 3
+  np.testing.assert_allclose(some[1], every[3], rtol=1e-6)
+  np.testing.assert_allclose(some[2], every[-1], rtol=1e-6)
+  with pytest.raises(errors.UsageError, match=r"has no taps \['stage9_out'\]"):
+    models.tap_model(model, ['stage9_out'])
+
+
+def test_tap_std_of_a_nearly_constant_channel_does_not_cancel():
+  """mean((x - mean)^2), not E[x^2] - E[x]^2: a channel at 300 +- 0.001 keeps its spread in
+  float32 (the other form loses it to cancellation, and a TFLite kernel's order of summation
+  or 8-bit rounding then decides a "standard deviation" the shift score's whitening amplifies)."""
+  rs = np.random.RandomState(0)
+  x = (300.0 + 1e-3 * rs.randn(2, 16, 16, 3)).astype(np.float32)
+  got = np.asarray(models._moments(x))
+  want = np.asarray(x, np.float64).std((1, 2))
+  np.testing.assert_allclose(got[:, 3:], want, rtol=1e-2)

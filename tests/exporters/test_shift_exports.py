@@ -2,14 +2,21 @@
 
     .venv/bin/python -m pytest tests/exporters/test_shift_exports.py -q
 
-Tolerances (relative, on the squared Mahalanobis distance), from what each variant changes:
-  saved_model, tflite_fp32   float32 instead of float64 for the projection: 1e-3.
+The score is the largest over the model's depths of a squared Mahalanobis distance standardised
+on validation images (covidlib.shift), so in-distribution images score about -1 to 3 and
+far-out ones tens to thousands. Tolerances, from what each variant changes:
+  saved_model, tflite_fp32   float32 instead of float64 for the projection: 1e-3 relative
+                              (1e-3 absolute near zero).
   tflite_fp16, tflite_dynamic weights rounded to 16 or 8 bits move every feature by up to ~1e-2
                               relative, and the whitening amplifies the small-variance
-                              directions: values within 25%, and the flag agreeing on >= 90%
-                              of images.
-  tflite_int8                 8-bit activations and a saturating output: flags only (>= 80%
-                              on in-distribution images, and every far-out image flagged).
+                              directions: values within 25%, or within 0.25 near zero (a
+                              quarter of the validation images' standard deviation at a
+                              depth), and the flag agreeing on >= 90% of images.
+  tflite_int8                 carries the penultimate depth alone, with its own threshold
+                              (8-bit activations do not carry the earlier depths); 8-bit
+                              activations and a saturating output: flags only (>= 80% agreeing
+                              with the Keras score of that depth on in-distribution images, and
+                              every far-out image flagged).
 The uint8_image variants (fp32, dynamic) take the decoded image and score it after their
 in-graph resize; they are held to the fp32 and dynamic tolerances against the Keras model on
 the same images through covidlib.preprocess, and run through the TensorFlow-free edge route.
@@ -30,10 +37,14 @@ from covidlib import scoring
 
 RTOL = {'model_dir': 0.0, 'saved_model': 1e-3, 'tflite_fp32': 1e-3, 'tflite_fp16': 0.25,
         'tflite_dynamic': 0.25}
+ATOL = {'model_dir': 0.0, 'saved_model': 1e-3, 'tflite_fp32': 1e-3, 'tflite_fp16': 0.25,
+        'tflite_dynamic': 0.25}
 FLAG_AGREEMENT = {'tflite_fp16': 0.9, 'tflite_dynamic': 0.9, 'tflite_int8': 0.8}
 UINT8_IMAGE = {'tflite_uint8_image': 'fp32', 'tflite_uint8_image_dynamic': 'dynamic'}
 UINT8_RTOL = {'tflite_uint8_image': RTOL['tflite_fp32'],
               'tflite_uint8_image_dynamic': RTOL['tflite_dynamic']}
+UINT8_ATOL = {'tflite_uint8_image': ATOL['tflite_fp32'],
+              'tflite_uint8_image_dynamic': ATOL['tflite_dynamic']}
 
 
 def _far_out(n, size=16):
@@ -77,19 +88,31 @@ def uint8_exports(shift_exports, tiny_model, decision, tmp_path_factory):
   return paths
 
 
+def _taps(model, images):
+  """{tap: pooled features} of preprocessed images, by the one scoring pass."""
+  import tensorflow as tf
+
+  batches = tf.data.Dataset.from_tensor_slices((images, np.zeros(len(images)))).batch(16)
+  return scoring.score_dataset(model, batches, taps=True).taps
+
+
 @pytest.fixture(scope='module')
 def shift_exports(tmp_path_factory, tiny_model, calibration_images, decision, helpers):
+  """The multi-depth score fitted on the tiny model (the stage of its second convolution and
+  its penultimate features), and every export of it."""
   from exporters import saved_model
   from exporters import tflite
 
   root = tmp_path_factory.mktemp('shift_exports')
   run = helpers.write_model_dir(root / 'run', tiny_model, decision)
-  features = scoring.penultimate_features(tiny_model, calibration_images)
-  labels = np.arange(len(features)) % 2
-  fitted = shift.fit_shift(features, labels)
+  train = _taps(tiny_model, calibration_images)
+  labels = np.arange(len(calibration_images)) % 2
   validation = helpers.preprocessed(helpers.xray_like(30, seed=7))
-  fitted = shift.choose_threshold(
-      fitted, fitted.score(scoring.penultimate_features(tiny_model, validation)), 'quantile:0.9')
+  val_taps = _taps(tiny_model, validation)
+  fitted = shift.fit_shift(train, labels, validation=val_taps)
+  assert len(fitted.taps) == 2
+  fitted = shift.choose_threshold(fitted, fitted.score(val_taps), 'quantile:0.9',
+                                  tap_scores=fitted.tap_scores(val_taps))
   shift.save(fitted, run)
   paths = {'model_dir': run,
            'saved_model': saved_model.export_saved_model(run, root / 'saved_model',
@@ -108,7 +131,7 @@ def test_model_dir_score_matches_the_numpy_reference(shift_exports, tiny_model):
   fitted, paths, validation = shift_exports
   predictor = predict.Predictor(paths['model_dir'])
   p, scores = predictor.predict_preprocessed_with_shift(validation)
-  want = fitted.score(scoring.penultimate_features(tiny_model, validation))
+  want = fitted.score(_taps(tiny_model, validation))
   np.testing.assert_allclose(scores, want, rtol=1e-6)
   np.testing.assert_array_equal(p, predictor.predict_preprocessed(validation))
   assert predictor.shift_threshold == fitted.threshold
@@ -123,19 +146,38 @@ def test_variant_scores_match_keras(shift_exports, name):
   assert predictor.has_shift
   assert predictor.shift_threshold == pytest.approx(fitted.threshold, rel=1e-6)
   p, scores = predictor.predict_preprocessed_with_shift(images)
-  np.testing.assert_allclose(scores, reference, rtol=RTOL[name], atol=1e-3)
+  np.testing.assert_allclose(scores, reference, rtol=RTOL[name], atol=ATOL[name])
   if name in FLAG_AGREEMENT:
     agree = np.mean((scores <= fitted.threshold) == (reference <= fitted.threshold))
     assert agree >= FLAG_AGREEMENT[name]
 
 
-def test_int8_flags_agree_and_far_out_images_are_flagged(shift_exports):
+def test_int8_carries_the_penultimate_depth_and_its_flags_agree(shift_exports):
+  """8-bit activations cannot carry the earlier depths (exporters.tflite.int8_shift_model): the
+  int8 file's score is the penultimate depth alone, with that depth's own threshold, and its
+  flags agree with the Keras model's score of that depth."""
+  from covidlib import tflite_metadata
+
   fitted, paths, validation = shift_exports
-  _, reference = predict.Predictor(paths['model_dir']).predict_preprocessed_with_shift(validation)
+  keras_route = predict.Predictor(paths['model_dir'])
+  reference, threshold = keras_route.shift_scores_at(validation, 'penultimate')
+  assert threshold == fitted.taps[-1].threshold != fitted.threshold
   predictor = predict.Predictor(paths['tflite_int8'])
+  assert predictor.shift_taps == ('penultimate',) and keras_route.shift_taps == fitted.tap_names
+  assert predictor.shift_threshold == pytest.approx(threshold, rel=1e-6)
+  entry = tflite_metadata.read_model_info(open(paths['tflite_int8'], 'rb').read()).extra['shift']
+  assert [t['name'] for t in entry['taps']] == ['penultimate'] and 'int8' in entry['variant']
   _, scores = predictor.predict_preprocessed_with_shift(validation)
-  agree = np.mean((scores <= fitted.threshold) == (reference <= fitted.threshold))
+  agree = np.mean((scores <= threshold) == (reference <= threshold))
   assert agree >= FLAG_AGREEMENT['tflite_int8']
+
+
+def test_int8_from_a_saved_model_with_several_depths_is_refused(shift_exports, calibration_images):
+  from covidlib import errors
+  from exporters import tflite
+
+  with pytest.raises(errors.UsageError, match='reads several depths, which int8 cannot carry'):
+    tflite.convert_tflite(shift_exports[1]['saved_model'], 'int8', calibration_images)
 
 
 @pytest.mark.parametrize('name', ['model_dir', 'saved_model', 'tflite_fp32', 'tflite_fp16',
@@ -227,7 +269,9 @@ def test_parity_report_has_the_shift_table(shift_exports, uint8_exports, helpers
       'tflite_uint8_image'] + 1e-3
   text = parity.render_markdown(report)
   table = text.split('## Shift score')[1]
-  assert '| tflite_int8 |' in table and '| tflite_uint8_image |' in table
+  assert '| tflite_int8 (*) |' in table and '| tflite_uint8_image |' in table
+  assert report['models']['tflite_int8']['shift']['taps'] == ['penultimate']
+  assert 'taps' not in report['models']['tflite_fp32']['shift']
   assert 'no shift_score output' not in table
 
 
@@ -239,13 +283,13 @@ def test_uint8_image_scores_match_keras_on_the_preprocessed_images(
   fitted, _, _ = shift_exports
   raw = _validation_raw(helpers)[:12] + _far_out_gray(3)
   assert len({x.shape for x in raw}) > 5  # Resized in the graph from assorted sizes.
-  reference = fitted.score(scoring.penultimate_features(tiny_model, helpers.preprocessed(raw)))
+  reference = fitted.score(_taps(tiny_model, helpers.preprocessed(raw)))
   ours = edge.EdgePredictor(uint8_exports[name])
   assert ours.kind == edge.UINT8_IMAGE and ours.has_shift
   assert ours.shift_threshold == pytest.approx(fitted.threshold, rel=1e-6)
   got = [ours.predict_array(x) for x in raw]
   scores = np.array([r.shift_score for r in got])
-  np.testing.assert_allclose(scores, reference, rtol=UINT8_RTOL[name], atol=1e-3)
+  np.testing.assert_allclose(scores, reference, rtol=UINT8_RTOL[name], atol=UINT8_ATOL[name])
   assert [r.in_distribution for r in got] == [bool(s <= ours.shift_threshold) for s in scores]
   agree = np.mean((scores <= fitted.threshold) == (reference <= fitted.threshold))
   assert agree >= FLAG_AGREEMENT.get(name.replace('uint8_image_', ''), 1.0)
@@ -263,10 +307,17 @@ def test_edge_route_flags_far_out_images(shift_exports, uint8_exports, helpers, 
   assert all(keras_route.predict_array(x).in_distribution is False for x in gray)
   ours = edge.EdgePredictor({**paths, **uint8_exports}[name])
   got = [ours.predict_array(x) for x in gray]
-  assert all(r.in_distribution is False and r.shift_score > fitted.threshold for r in got)
+  assert all(r.in_distribution is False and r.shift_score > ours.shift_threshold for r in got)
   assert all(r.label in (0, 1) for r in got)  # Flagged, still labelled (no abstention here).
   inside = [ours.predict_array(x) for x in _validation_raw(helpers)]
-  reference = [keras_route.predict_array(x).in_distribution for x in _validation_raw(helpers)]
+  if name == 'tflite_int8':  # The penultimate depth alone, with its own threshold.
+    scores, threshold = keras_route.shift_scores_at(
+        helpers.preprocessed(_validation_raw(helpers)), 'penultimate')
+    assert ours.shift_threshold == pytest.approx(threshold, rel=1e-6)
+    reference = list(scores <= threshold)
+  else:
+    assert ours.shift_threshold == pytest.approx(fitted.threshold, rel=1e-6)
+    reference = [keras_route.predict_array(x).in_distribution for x in _validation_raw(helpers)]
   agree = np.mean([r.in_distribution == want for r, want in zip(inside, reference)])
   assert agree >= FLAG_AGREEMENT.get(name.replace('uint8_image_', ''), 0.9)
 
@@ -340,6 +391,7 @@ def test_model_card_explains_out_of_distribution(shift_exports, decision):
   assert f'above {fitted.threshold:.4g}' in section and '10%' in section
   assert 'Not flagged does not mean correct' in section
   assert 'knows only the feature distribution of the training images' in section
+  assert 'at 2 depths of the network' in section and 'the largest of them' in section
   measured = '\n'.join(model_card.out_of_distribution_section(fitted.info(), evaluated))
   assert 'Normals of unseen source nih: 40.0% of 5 flagged' in measured
   bare = model_card.render_model_card(config, decision, evaluation=None,
@@ -355,8 +407,52 @@ def test_a_shift_file_of_another_model_is_refused(tmp_path, tiny_model, helpers)
   other = shift.fit_shift(rs.normal(size=(20, 5)), np.arange(20) % 2)
   shift.save(shift.choose_threshold(other, [1.0, 2.0], 'quantile:0.5'), run)
   with pytest.raises(errors.ModelLoadError, match='shift.npz: fitted on 5 features, the model '
-                     'has 64'):
+                     "has 64 at tap 'penultimate'.*covidlib-fit-shift"):
     predict.Predictor(run)
+  taps = {'stage9_out': rs.normal(size=(20, 4)), 'penultimate': rs.normal(size=(20, 64))}
+  other = shift.fit_shift(taps, np.arange(20) % 2, validation=taps)
+  shift.save(shift.choose_threshold(other, [1.0, 2.0], 'quantile:0.5'), run)
+  with pytest.raises(errors.ModelLoadError, match=r"shift.npz: fitted on the taps \['stage9_out', "
+                     r"'penultimate'\], the model has \['conv2d\w*', 'penultimate'\]"):
+    predict.Predictor(run)
+
+
+def test_a_format_1_score_works_in_every_path(tmp_path, tiny_model, calibration_images, decision,
+                                             helpers):
+  """A model_dir with issue #10's penultimate-only shift.npz/json: the same raw score as then,
+  from the Keras model, its SavedModel and its TFLite file, with the stored threshold."""
+  from exporters import saved_model
+  from exporters import tflite
+
+  run = helpers.write_model_dir(tmp_path / 'run', tiny_model, decision)
+  features = scoring.penultimate_features(tiny_model, calibration_images)
+  tap = shift.fit_tap(features, np.arange(len(features)) % 2)
+  np.savez(os.path.join(run, shift.SHIFT_NPZ), projection=tap.projection, centers=tap.centers,
+           class_means=tap.class_means)
+  model_dir_lib.write_json(os.path.join(run, shift.SHIFT_JSON), {
+      'threshold': 80.0, 'policy': 'quantile:0.99', 'split': 'validation', 'feature_dim': 64,
+      'n_per_class': [20, 20], 'shrinkage': tap.shrinkage, 'fit_split': 'train',
+      'score': 'squared Mahalanobis distance to the nearest class mean (shared shrunk '
+               'covariance)', 'description': 'shift_score: ...'})
+  images = np.concatenate([helpers.preprocessed(helpers.xray_like(12, seed=7)), _far_out(3)])
+  z = scoring.penultimate_features(tiny_model, images).astype(np.float64) @ tap.projection
+  want = ((z[:, None] - tap.centers[None]) ** 2).sum(-1).min(1)  # Issue #10's formula.
+  keras_route = predict.Predictor(run)
+  assert keras_route.shift_threshold == 80.0
+  np.testing.assert_allclose(keras_route.predict_preprocessed_with_shift(images)[1], want,
+                             rtol=1e-6)
+  exported = saved_model.export_saved_model(run, tmp_path / 'saved_model', model=tiny_model)
+  path = tmp_path / 'model.tflite'
+  path.write_bytes(tflite.convert_tflite(tiny_model, 'fp32', decision=decision,
+                                         shift_model=shift.load(run)))
+  assert tflite.read_shift_threshold(path.read_bytes()) == 80.0
+  for other in (exported, str(path)):
+    predictor = predict.Predictor(other)
+    assert predictor.shift_threshold == pytest.approx(80.0)
+    np.testing.assert_allclose(predictor.predict_preprocessed_with_shift(images)[1], want,
+                               rtol=1e-3)
+  assert 'format' not in json.loads(open(os.path.join(exported, 'assets.extra',
+                                                      shift.SHIFT_JSON)).read())
 
 
 def test_export_writes_the_uint8_image_variant_with_the_shift_score(shift_exports, tmp_path):
