@@ -103,11 +103,10 @@ def _check_rows(model_dir, own_test, other, cache, name) -> dict:
 
   model = md.load_model(model_dir)
   ref = reference.load(model_dir)
-  scored = {part: site.score_films(model, films, taps=True)
-            for part, films in (('own', own_test), ('other', other))}
   out = {'reference': {'n': ref.n, 'split': ref.split}}
-  for part, s in scored.items():
-    def run(s=s, part=part):
+  for part, films in (('own', own_test), ('other', other)):
+    def run(films=films, part=part):
+      s = site.score_films(model, films, taps=True)
       rng = np.random.default_rng(0 if part == 'own' else 1)
       p, auc = [], []
       for _ in range(_BATCHES.value):
