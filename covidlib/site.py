@@ -288,14 +288,12 @@ def score_films(model, films: Films, *, taps: bool = False, batch_size: int = 32
 
 
 def share_flagged(model_dir: str, scored) -> float | None:
-  """Share of films the model_dir's per-image shift score flags; None without a score."""
+  """Share of films the model_dir's per-image shift score flags (covidlib.shift, at the depths
+  it was fitted on); None without a score."""
   shift_model = shift_lib.load(model_dir)
-  if shift_model is None or shift_model.threshold is None:
+  if shift_model is None or shift_model.threshold is None or scored.taps is None:
     return None
-  features = scored.taps.get(models.PENULTIMATE_TAP) if scored.taps else scored.features
-  if features is None or features.shape[1] != shift_model.feature_dim:
-    return None
-  return float(np.mean(~shift_model.in_distribution(shift_model.score(features))))
+  return float(np.mean(~shift_model.in_distribution(shift_model.score(scored.taps))))
 
 
 def site_name_of(films: Films, site: str | None) -> str:
