@@ -292,7 +292,8 @@ def render(results: dict) -> str:
   if 'check' in results:
     lines += ['## check: batches of 50 films against the model\'s reference', '',
               '| model (reference) | batches from | films | batches flagged | median p | '
-              'mean domain ROC-AUC | films flagged one by one |', '|---|---|---|---|---|---|---|']
+              'mean domain ROC-AUC | films flagged one by one (shift score stored with the model) |',
+              '|---|---|---|---|---|---|---|']
     for name, rows in results['check'].items():
       for part, label in (('other', 'the other site (every split)'),
                           ('own', 'its own test split')):
