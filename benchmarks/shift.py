@@ -1,7 +1,7 @@
 """Does the shift score (issues #10, #17) flag images unlike the training data? Measured on real
 data, in two parts (--parts, comma-separated).
 
-cross_site (issue 17), about 25 min on 2 shared cores:
+cross_site (issue 17), about 10 min on 2 shared cores:
 
     .venv/bin/python benchmarks/shift.py --parts=cross_site --runs_dir=runs \\
         --same_site_src=/work/main/runs/same_site --same_site_data_dir=/work/main/tfds_data \\
@@ -189,13 +189,13 @@ def _latency(model_dir: str, images) -> dict:
   import numpy as np
 
   from covidlib import model_dir as md
+  from covidlib import models
   from covidlib import shift
-  from covidlib import shift_fit
   from exporters import tflite
 
   model = md.load_model(model_dir)
   fitted = shift.load(model_dir)
-  extractor = shift_fit.tap_extractor(model, fitted, model_dir)
+  extractor = models.tap_model(model, fitted.tap_names, fitted.feature_dims)
   x = images[:1]
   features = [np.asarray(f) for f in extractor(x, training=False)[1:]]
 
@@ -548,12 +548,22 @@ def _tflite_figures(model_dir: str, name: str, other: str, data_dir: str) -> dic
   taps = [scoring.score_dataset(model, _batches(x), taps=True).taps for x in (test, unseen)]
   for label, fitted in (('old', shift.load(os.path.join(model_dir, 'shift_format_1'))),
                         ('new', shift.load(model_dir))):
-    for quant in ('fp32', 'fp16', 'dynamic', 'int8'):
+    for quant in ('fp32', 'fp16', 'dynamic', 'int8') + (('int8-all-depths',) if label == 'new'
+                                                         else ()):
       # What the variant carries: int8 the penultimate depth alone (tflite.int8_shift_model).
+      # 'int8-all-depths' is the alternative not shipped: every depth in the int8 file.
       carried = tflite.int8_shift_model(fitted) if quant == 'int8' else fitted
       keras_scores = [carried.score(t) for t in taps]
-      content = tflite.convert_tflite(model, quant, calibration if quant == 'int8' else None,
-                                      decision=decision, shift_model=fitted)
+      shipped = tflite.int8_shift_model
+      if quant == 'int8-all-depths':
+        tflite.int8_shift_model = lambda m: m
+      try:
+        content = tflite.convert_tflite(
+            model, quant[:4] if quant.startswith('int8') else quant,
+            calibration if quant.startswith('int8') else None, decision=decision,
+            shift_model=fitted)
+      finally:
+        tflite.int8_shift_model = shipped
       interpreter = Interpreter(model_content=content, num_threads=1)
       runner = interpreter.get_signature_runner()
       got = [np.array([float(runner(images=x[None])['shift_score'][0]) for x in part])
@@ -591,15 +601,15 @@ def _site_latency(model_dir: str, contents: dict, x) -> dict:
   from ai_edge_litert.interpreter import Interpreter
 
   from covidlib import model_dir as md
+  from covidlib import models
   from covidlib import shift
-  from covidlib import shift_fit
   from exporters import tflite
 
   model = md.load_model(model_dir)
   keras_paths = {'keras_model_ms': lambda: model(x, training=False)}
   for label, fitted in (('old', shift.load(os.path.join(model_dir, 'shift_format_1'))),
                         ('new', shift.load(model_dir))):
-    extractor = shift_fit.tap_extractor(model, fitted, model_dir)
+    extractor = models.tap_model(model, fitted.tap_names, fitted.feature_dims)
 
     def keras_path(extractor=extractor, fitted=fitted):
       _, *features = extractor(x, training=False)
@@ -730,9 +740,12 @@ def render_cross_site(r: dict) -> str:
             '|---|---|---|---|---|---|---|---|']
   for name, m in r['models'].items():
     for key, t in m['tflite'].items():
-      label, quant = key.split('_')
+      label, quant = key.split('_', 1)
       carried = ('issue 10' if label == 'old' else
                  'penultimate alone' if len(t['taps']) == 1 else f'{len(t["taps"])} depths')
+      if quant == 'int8-all-depths':
+        quant, carried = 'int8', f'{len(t["taps"])} depths (not shipped)'
+
       lines.append(f'| {name} | {quant} | {carried} | {t["flag_agreement_own_test"]:.3f} | '
                    f'{t["flag_agreement_unseen"]:.3f} | {_pct(t["unseen_flagged"])} '
                    f'({_pct(t["keras_unseen_flagged"])}) | {_pct(t["own_test_flagged"])} | '

@@ -43,10 +43,10 @@ from covidlib import dicom
 from covidlib import edge
 from covidlib import errors
 from covidlib import model_dir as model_dir_lib
+from covidlib import models
 from covidlib import preprocess
 from covidlib import results
 from covidlib import shift as shift_lib
-from covidlib import shift_fit
 from covidlib import tflite_metadata
 
 KERAS, SAVED_MODEL, TFLITE = 'keras', 'saved_model', 'tflite'
@@ -310,7 +310,12 @@ class Predictor:
       fitted = shift_lib.load(folder)
       if fitted is None or fitted.threshold is None:
         return
-      extractor = shift_fit.tap_extractor(self.model, fitted, folder)
+      try:
+        extractor = models.tap_model(self.model, fitted.tap_names, fitted.feature_dims)
+      except errors.UsageError as e:
+        raise errors.ModelLoadError(
+            f'{os.path.join(folder, shift_lib.SHIFT_NPZ)}: fitted on another model ({e}); refit '
+            f'it with covidlib-fit-shift --model_dir={folder}') from None
       temperature = self.decision.temperature
 
       def features_of(images):

@@ -52,33 +52,6 @@ def score_split(model, dataset) -> Scored:
   return scoring.score_dataset(model, dataset, taps=True)
 
 
-def tap_extractor(model, shift_model: ShiftModel, folder: str | None = None):
-  """`covidlib.models.tap_model(model, shift_model.tap_names)`, once the score is checked to
-  belong to `model` (its taps exist there, with the same feature counts).
-
-  Raises:
-    ModelLoadError: naming folder/shift.npz and the command that refits it.
-  """
-  where = os.path.join(folder, shift.SHIFT_NPZ) if folder else 'the shift score'
-  refit = ('it belongs to another model; refit it with covidlib-fit-shift --model_dir='
-           + (folder or 'MODEL_DIR'))
-  try:
-    names = models.feature_taps(model)
-  except errors.UsageError as e:
-    raise errors.ModelLoadError(f'{where}: {e}') from None
-  missing = [n for n in shift_model.tap_names if n not in names]
-  if missing:
-    raise errors.ModelLoadError(f'{where}: fitted on the taps {list(shift_model.tap_names)}, '
-                                f'the model has {names}: {refit}')
-  extractor = models.tap_model(model, shift_model.tap_names)
-  for tap, output in zip(shift_model.taps, extractor.outputs[1:]):
-    dim = int(output.shape[-1])
-    if dim != tap.feature_dim:
-      raise errors.ModelLoadError(f'{where}: fitted on {tap.feature_dim} features, the model has '
-                                  f'{dim} at tap {tap.name!r}: {refit}')
-  return extractor
-
-
 def features_and_labels(model, dataset):
   """Penultimate features (n, d) and labels (n,) of every (image, label[, ...]) batch."""
   models.feature_layer(model)

@@ -131,13 +131,16 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # covidlib model of the same network (e.g. a pneumonia model, or a shipped model adapted to
     # a site). Layers are matched by name; every weighted layer must match in shape.
     'init_from': None,
+    # Initial weights of a keras.applications backbone (covidlib.models.BACKBONES): 'none'
+    # (random), 'imagenet' (Keras' cache only: never downloaded) or a Keras weights file.
+    'weights': 'none',
     'seed': 0,               # Shuffling, augmentation, initial weights, dropout.
     'deterministic': False,  # Also make ops deterministic (same weights on every CPU run).
     'strategy': 'auto',
     'mixed_precision': 'auto',
     'jit_compile': 'auto',   # XLA; Keras' 'auto' uses it on GPU/TPU only.
     # Measures against source shortcuts (issue #9); all off by default (= the plain recipe).
-    'crop': 0.0,             # Fraction of each side cut off INSIDE the model (covidlib.standardize).
+    'crop': 0.0,             # Fraction of each side cut off INSIDE the model (standardize).
     'equalize': 'none',      # 'histogram' or 'clahe': per-image equalization inside the model.
     'balance': 'none',       # 'source': draw each (source, label) stratum of train equally often.
     'augment_preset': 'article',  # Base of 'augment': covidlib.augment.PRESETS ('strong').
@@ -240,6 +243,11 @@ def make_config(**overrides: Any) -> dict[str, Any]:
     if not os.path.exists(config['init_from']):
       raise errors.UsageError(f'init_from {config["init_from"]!r} does not exist: give a '
                               'finished model_dir or a .keras file')
+  # Checks that the file is there (for 'imagenet', in Keras' cache): a run fails here, at once.
+  models.weights_path(config['model'], config['weights'])
+  if config['weights'] != 'none' and config['init_from'] is not None:
+    raise errors.UsageError(f'weights={config["weights"]!r} and init_from='
+                            f'{config["init_from"]!r}: init_from replaces every weight; give one')
   if config['deterministic'] and config['seed'] is None:
     raise errors.UsageError('deterministic=True needs a seed; seed is None')
   if config['strategy'] not in distribute.STRATEGIES:
@@ -575,7 +583,7 @@ def build_models(config: dict) -> tuple[keras.Model, keras.Model]:
   config = make_config(**config)
   inference_model = models.build_model(config['model'], config['image_size'], config['channels'],
                                        seed=config['seed'], crop=config['crop'],
-                                       equalize=config['equalize'])
+                                       equalize=config['equalize'], weights=config['weights'])
   augmentation = augment.build_augmentation(**config['augment'], seed=config['seed'])
   training_model = augment.training_model(inference_model, augmentation)
   training_model.compile(

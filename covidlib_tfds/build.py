@@ -39,10 +39,23 @@ names, unless --skip_bad. --positive names the label of class 1 when the CSV's t
 not covid and normal (e.g. pneumonia and normal). Building a NAME already built from other
 inputs (CSV, files, salt, flags) fails: --overwrite, or a new --name. See
 covidlib_tfds/labelled_xrays/labelled_xrays_dataset_builder.py.
+
+The same build on Apache Beam (pip install 'covidlib[beam]'), for archives too big for one
+process: --beam runs the per-file work (reading, decoding, hashing, encoding) on the DirectRunner
+with one worker process per core; --beam_pipeline_options picks another runner or cluster, in
+`tfds build`'s syntax (see README, "At scale", and labelled_xrays/beam_build.py):
+
+    COVIDLIB_SALT=... python -m covidlib_tfds.build --labels_csv=exports/labels.csv \
+        --name=site_2025 --data_dir=DIR --beam \
+        [--beam_pipeline_options=runner=DirectRunner,direct_num_workers=2,\
+direct_running_mode=multi_processing]
+
+It writes the dataset a streaming build writes, example for example.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -106,6 +119,13 @@ _UNLISTED = flags.DEFINE_enum('unlisted', 'skip', list(labelled_xrays.UNLISTED),
 _POSITIVE = flags.DEFINE_string('positive', None, 'With --labels_csv: the label of the positive '
                                 'class (label 1), e.g. pneumonia; needed unless the labels are '
                                 'covid/normal or 1/0.', flag_values=FLAGS)
+_BEAM = flags.DEFINE_bool('beam', False, 'With --labels_csv: build on Apache Beam (pip install '
+                          '\'covidlib[beam]\'), by default on the DirectRunner with one worker '
+                          'process per core.', flag_values=FLAGS)
+_BEAM_OPTIONS = flags.DEFINE_string(
+    'beam_pipeline_options', None, 'With --labels_csv: build on Apache Beam with these pipeline '
+    'options, comma-separated as `tfds build` takes them, e.g. runner=FlinkRunner,'
+    'flink_master=HOST:8081,environment_type=LOOPBACK (implies --beam).', flag_values=FLAGS)
 
 
 def build(name: str, *, manual_dir: str | None, data_dir: str | None, allow_missing: bool,
@@ -123,14 +143,36 @@ def build(name: str, *, manual_dir: str | None, data_dir: str | None, allow_miss
   return builder
 
 
+def beam_options(text: str | None):
+  """Beam PipelineOptions from --beam_pipeline_options' text (None: the embedded default).
+
+  Raises:
+    UsageError: apache-beam is not installed, or the text is not name=value,...
+  """
+  try:
+    from covidlib import beam_options as options_lib  # Imports apache_beam: only Beam needs it.
+  except ImportError as e:
+    if not (e.name or '').startswith('apache_beam'):
+      raise
+    raise errors.UsageError("--beam needs Apache Beam, which is not installed: pip install "
+                            "'covidlib[beam]'") from None
+  # Beam logs a line per type hint and per stage at INFO: the build's own lines drown in them.
+  logging.getLogger('apache_beam').setLevel(logging.WARNING)
+  return options_lib.parse(text)
+
+
 def build_labelled(labels_csv: str, name: str, *, data_dir: str | None, salt: str | None,
                    val_fraction: float = labelled_xrays.DEFAULT_FRACTION,
                    test_fraction: float = labelled_xrays.DEFAULT_FRACTION,
                    frontal_only: bool = False, skip_bad: bool = False,
                    hash_filenames: bool = False, unlisted: str = 'skip',
-                   positive: str | None = None,
-                   overwrite: bool = False) -> tfds.core.DatasetBuilder:
-  """Prepares labelled_xrays/`name` from a labels CSV and returns its builder."""
+                   positive: str | None = None, overwrite: bool = False,
+                   beam_options=None) -> tfds.core.DatasetBuilder:
+  """Prepares labelled_xrays/`name` from a labels CSV and returns its builder.
+
+  beam_options: None builds streaming, in this process; Beam PipelineOptions (`beam_options()`)
+  build on that Beam runner.
+  """
   if not name:
     raise errors.UsageError('--labels_csv needs --name (the dataset becomes labelled_xrays/NAME)')
   config = labelled_xrays.make_config(name, val_fraction=val_fraction,
@@ -141,18 +183,22 @@ def build_labelled(labels_csv: str, name: str, *, data_dir: str | None, salt: st
                                    positive=positive)
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      download_mode=mode, beam_options=beam_options))
   return builder
 
 
 def _main_labelled() -> int:
   try:
+    options = None
+    if _BEAM.value or _BEAM_OPTIONS.value:
+      options = beam_options(_BEAM_OPTIONS.value)
     builder = build_labelled(
         _LABELS_CSV.value, _NAME.value, data_dir=_DATA_DIR.value, salt=_SALT.value,
         val_fraction=_VAL_FRACTION.value, test_fraction=_TEST_FRACTION.value,
         frontal_only=_FRONTAL_ONLY.value, skip_bad=_SKIP_BAD.value,
         hash_filenames=_HASH_FILENAMES.value, unlisted=_UNLISTED.value,
-        positive=_POSITIVE.value, overwrite=_OVERWRITE.value)
+        positive=_POSITIVE.value, overwrite=_OVERWRITE.value, beam_options=options)
   except errors.CovidlibError as e:
     print(f'{_BINARY}: error: {" ".join(str(e).split())}', file=sys.stderr)
     return 2 if isinstance(e, errors.UsageError) else 1
@@ -179,7 +225,7 @@ def main(argv: list[str]) -> int:
     return 2
   # Each way of building has its own flags; one given to the other is a mistake, not ignored.
   labelled_only = ('name', 'salt', 'val_fraction', 'test_fraction', 'frontal_only', 'skip_bad',
-                   'hash_filenames', 'unlisted', 'positive')
+                   'hash_filenames', 'unlisted', 'positive', 'beam', 'beam_pipeline_options')
   archive_only = ('dataset', 'config', 'manual_dir', 'allow_missing')
   given = [f for f in (archive_only if _LABELS_CSV.value else labelled_only) if FLAGS[f].present]
   if given:

@@ -44,9 +44,9 @@ import tensorflow as tf
 
 import covidlib
 from covidlib import model_dir as model_dir_lib
+from covidlib import models
 from covidlib import preprocess
 from covidlib import shift as shift_lib
-from covidlib import shift_fit
 from exporters import serving
 
 BYTES_INPUT = 'image_bytes'
@@ -95,7 +95,8 @@ def build_archive(model: keras.Model, decision: model_dir_lib.Decision,
   archive = keras.export.ExportArchive()
   archive.track(calibrated)
   if shift_model is not None:
-    with_features = shift_fit.tap_extractor(calibrated, shift_model)
+    with_features = models.tap_model(calibrated, shift_model.tap_names,
+                                     shift_model.feature_dims)
     archive.track(with_features)
 
   def from_tensors(images):

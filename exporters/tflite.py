@@ -43,12 +43,12 @@ same tensor as the others. Find the outputs by name with the interpreter's signa
 outputs by position. The int8 variant carries the penultimate depth alone, with that depth's
 own threshold (`int8_shift_model`: 8-bit activations do not carry the whitened features of the
 earlier depths); its covidlib_shift entry says so ("taps": the penultimate only, "variant").
-Its score is quantized on the calibration images' range, and large scores saturate at its top. The training images alone all score below the threshold
-(the density was fitted on them), so a far-out image would saturate below it and pass as in
-distribution; the converter therefore appends to the calibration images SHIFT_ANCHORS inverted
-copies (1 - x) of them that score above the threshold (checked with the float model), which
-stretches the range past it.
-The flag then survives where the value does not (tests/exporters/test_shift_exports.py).
+Its score is quantized on the calibration images' range, and large scores saturate at its top.
+The training images alone all score below the threshold (the density was fitted on them), so a
+far-out image would saturate below it and pass as in distribution; the converter therefore
+appends to the calibration images SHIFT_ANCHORS inverted copies (1 - x) of them that score
+above the threshold (checked with the float model), which stretches the range past it. The flag
+then survives where the value does not (tests/exporters/test_shift_exports.py).
 """
 
 from __future__ import annotations
@@ -65,9 +65,9 @@ import tensorflow as tf
 
 from covidlib import errors
 from covidlib import model_dir as model_dir_lib
+from covidlib import models
 from covidlib import scoring
 from covidlib import shift as shift_lib
-from covidlib import shift_fit
 from covidlib import tflite_metadata
 from exporters import saved_model as saved_model_lib
 from exporters import serving
@@ -131,7 +131,7 @@ def _outputs(source: keras.Model, shift_model, archive):
   archive.track(source)
   if shift_model is None:
     return lambda images: {OUTPUT: tf.reshape(source(images, training=False), [-1])}
-  with_features = shift_fit.tap_extractor(source, shift_model)
+  with_features = models.tap_model(source, shift_model.tap_names, shift_model.feature_dims)
   archive.track(with_features)
 
   def outputs(images):

@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = [
     ('bottom: errors, the one preprocessing function, metrics, formats and helpers',
      ['covidlib', 'errors', 'preprocess', 'metrics', 'standardize', 'distribute', 'archive',
-      'dicom', 'results', 'scored']),
+      'dicom', 'results', 'scored', 'beam_options']),
     ('data, models, model_dir (and the dataset builders, covidlib_tfds)',
      ['covidlib_tfds', 'model_dir', 'tflite_metadata', 'data', 'augment', 'models', 'explain']),
     ('the one scoring pass: a model over a split, folder or file list, once, into arrays',
@@ -30,8 +30,8 @@ LAYERS = [
      ['calibration', 'threshold', 'shift', 'shortcuts', 'hold_out', 'confounds', 'reference',
       'sites']),
     ('orchestrators and serving: fit, train, evaluate, cross-validate, report, predict',
-     ['shift_fit', 'train', 'evaluate', 'crossval', 'report', 'predict', 'edge', 'site',
-      'site_adapt']),
+     ['shift_fit', 'train', 'evaluate', 'crossval', 'report', 'predict', 'edge',
+      'beam_scoring', 'site', 'site_adapt']),
     ('binaries: the absl and argparse mains', ['cli']),
 ]
 # Modules that work on arrays only: numpy, scipy and scikit-learn, never TensorFlow or data.
@@ -44,6 +44,9 @@ OPTIONAL_EVERYWHERE = ('matplotlib', 'pydicom', 'ai_edge_litert')
 OPTIONAL_IN = {
     'model_dir': ('keras', 'covidlib.standardize'),  # TensorFlow-free for model_dir readers.
     'data': ('covidlib_tfds',),                       # Registers the builders when installed.
+    # covidlib-predict-beam: these import apache-beam (covidlib[beam]); without it, one line.
+    'cli': ('covidlib.beam_scoring', 'covidlib.beam_options'),
+    'beam_options': ('apache_beam',),  # Imported under a logging filter (see there).
 }
 
 

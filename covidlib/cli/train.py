@@ -25,6 +25,11 @@
     covidlib-train --model_dir=runs/covid_from_pneumonia --dataset=covid_xray/adult \
         --data_dir=/tmp/tfds_real --init_from=runs/same_site/nih_pneumonia --learning_rate=1e-4
 
+    # A keras.applications backbone from ImageNet weights (in Keras' cache: never downloaded;
+    # without the file the error names it and the folder), or from a weights file.
+    covidlib-train --model_dir=runs/densenet --dataset=folder:ROOT --model=densenet121 \
+        --weights=imagenet
+
     # A finished 10-epoch run, extended to 15 epochs (same flags, a larger --epochs).
     covidlib-train --model_dir=/work/runs/compact_resnet --data_dir=/tmp/tfds_real --epochs=15
 
@@ -105,6 +110,12 @@ _INIT_FROM = flags.DEFINE_string(
     'init_from', _D['init_from'],
     'Start from the weights of this model_dir (or .keras file) instead of a fresh init: a model '
     'of the same --model and input (e.g. a pneumonia model as the start of a COVID-19 one).')
+_WEIGHTS = flags.DEFINE_string(
+    'weights', _D['weights'],
+    'Initial weights of a keras.applications backbone (--model='
+    f'{",".join(sorted(models.BACKBONES))}): none (random), imagenet (the file in Keras\' cache, '
+    '$KERAS_HOME/models or ~/.keras/models; never downloaded: without it the error names the '
+    'file) or the path of a Keras weights file of that network. Other models: none only.')
 _STRATEGY = flags.DEFINE_enum(
     'strategy', _D['strategy'], list(distribute.STRATEGIES),
     'auto: mirrored over several GPUs, else default. multi_worker reads TF_CONFIG.')
@@ -201,7 +212,7 @@ def config_from_flags() -> dict:
       batch_size=_BATCH_SIZE.value, epochs=_EPOCHS.value, learning_rate=_LEARNING_RATE.value,
       class_weight=_CLASS_WEIGHT.value,
       early_stopping_patience=_EARLY_STOPPING_PATIENCE.value, keep=_KEEP.value,
-      init_from=_INIT_FROM.value,
+      init_from=_INIT_FROM.value, weights=_WEIGHTS.value,
       seed=_SEED.value,
       deterministic=_DETERMINISTIC.value, strategy=_STRATEGY.value,
       mixed_precision=_MIXED_PRECISION.value,

@@ -89,6 +89,13 @@ Builder arguments (build time only; none is stored in the dataset but in the fin
     split out). Ignored when the CSV has a split column.
   frontal_only: keep PA and AP views only.
   hash_filenames: store hashed file names instead of the CSV's paths.
+
+On Apache Beam: a download config naming a beam_runner or beam_options (`python -m
+covidlib_tfds.build ... --beam`, `tfds build ... --beam_pipeline_options=...`) runs both passes
+over the files on Beam workers, and step 3 with the checks in the launching process, on the
+same functions: the same dataset, example for example (beam_build.py). Without labels_csv, the
+download config's manual_dir may hold it as labels.csv (`tfds build labelled_xrays/NAME
+--imports=covidlib_tfds --manual_dir=FOLDER`).
 """
 
 from __future__ import annotations
@@ -180,7 +187,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                '`info.metadata["unknown_patient_series"]` and, with a CSV split, '
                '`["series_in_two_splits"]`.',
   }
-  BUILDER_CONFIGS = []  # Named by the user: labelled_xrays/<name>.
+  # Named by the user: labelled_xrays/<name>. One is listed, the shipped example's (set at the
+  # end of this module): `tfds build` refuses every config name of a builder that lists none.
+  BUILDER_CONFIGS = []
 
   def __init__(self, *, config: str | LabelledXraysConfig | None = None,
                labels_csv: epath.PathLike | None = None, salt: str | None = None,
@@ -203,6 +212,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     if positive is not None and (not isinstance(positive, str) or not positive.strip()):
       raise errors.UsageError(f'positive must be a label of the CSV, got {positive!r}')
     self._labels_csv = epath.Path(labels_csv) if labels_csv else None
+    self._beam = None  # A beam_build.BeamBuild while a build runs on Beam.
     self._salt = salt
     self._skip_bad = skip_bad
     self._unlisted = unlisted
@@ -222,17 +232,43 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   def download_and_prepare(self, *, download_dir=None, download_config=None, **kwargs) -> None:
     """TFDS's, but a build from a labels CSV reuses a built config only if its inputs match.
 
+    Without labels_csv, the download config's manual_dir may hold it as labels.csv (`tfds build
+    labelled_xrays/NAME --manual_dir=FOLDER`). A download config that names a beam_runner or
+    beam_options runs the build's per-file work on Beam (beam_build.py).
+
     Raises:
       UsageError: the config is built in data_dir from other inputs (CSV, files, salt or
         arguments; see `input_fingerprint`), and the download mode does not overwrite it.
     """
-    mode = tfds.download.GenerateMode(
-        (download_config or tfds.download.DownloadConfig()).download_mode)
+    download_config = download_config or tfds.download.DownloadConfig()
+    mode = tfds.download.GenerateMode(download_config.download_mode)
+    if self._labels_csv is None and download_config.manual_dir:
+      found = epath.Path(download_config.manual_dir) / 'labels.csv'
+      self._labels_csv = found if found.is_file() else None
     if (self._labels_csv is not None and not mode.overwrite_dataset
         and mode != tfds.download.GenerateMode.UPDATE_DATASET_INFO and self.data_path.exists()):
       self._check_same_inputs()
-    super().download_and_prepare(download_dir=download_dir, download_config=download_config,
-                                 **kwargs)
+    if download_config.beam_runner is None and download_config.beam_options is None:
+      super().download_and_prepare(download_dir=download_dir, download_config=download_config,
+                                   **kwargs)
+      return
+    from covidlib_tfds.labelled_xrays import beam_build  # Needs apache-beam (covidlib[beam]).
+    self._beam = beam_build.BeamBuild(download_config.beam_runner, download_config.beam_options,
+                                      self.builder_config.name)
+    if download_config.beam_runner is None:  # TFDS's pipeline on the same kind of runner.
+      download_config = dataclasses.replace(
+          download_config, beam_runner=beam_build.runner(self._beam.options))
+    try:
+      super().download_and_prepare(download_dir=download_dir, download_config=download_config,
+                                   **kwargs)
+    except Exception as e:  # A covidlib error on a worker arrives as the runner's error text.
+      error = beam_build.covidlib_error(e)
+      if error is None:
+        raise
+      raise error from None
+    finally:
+      self._beam.close()
+      self._beam = None
 
   def _arguments(self) -> dict:
     """The build arguments that shape the dataset, as recorded in its fingerprint."""
@@ -298,10 +334,13 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     logging.info('%s: %d rows to read (%s)', csv_path.name, len(rows), ', '.join(columns))
 
     images = []
-    progress = tfds.core.utils.tqdm(
-        bounded_map(lambda row: _inspect(root, row, salt, config.hash_filenames, class_names),
-                    rows),
-        total=len(rows), desc='Reading and checking files', unit=' files', leave=False)
+    if self._beam is None:
+      progress = tfds.core.utils.tqdm(
+          bounded_map(lambda row: _inspect(root, row, salt, config.hash_filenames, class_names),
+                      rows),
+          total=len(rows), desc='Reading and checking files', unit=' files', leave=False)
+    else:  # The same _inspect, on the Beam workers (beam_build.py).
+      progress = self._beam.inspect(rows, root, salt, config.hash_filenames, class_names)
     for result in progress:
       (bad if isinstance(result, labels_lib.BadFile) else images).append(result)
 
@@ -372,6 +411,9 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                    ', '.join(f'{k} {v}' for k, v in sorted(counts.items())))
     # Last: a build that failed above records nothing, and the inputs are those read at start.
     self.info.metadata['inputs'] = fingerprint
+    if self._beam is not None:
+      return {name: self._beam.examples(name, root, [i for i in images if i.split == name])
+              for name in names}
     return {name: self._generate_examples(root, [i for i in images if i.split == name])
             for name in names}
 
@@ -380,17 +422,22 @@ class Builder(tfds.core.GeneratorBasedBuilder):
       return image, read_image(root, image.path)[0]
 
     for image, pixels in bounded_map(load, images):
-      yield image.filename, {
-          'image': pixels,
-          'label': image.label,
-          'image/filename': image.filename,
-          'patient_id': image.patient_id,
-          'source': image.source,
-          'view': image.view,
-          'age': image.age,
-          'sex': image.sex,
-          'finding': image.finding,
-      }
+      yield image.filename, example(image, pixels)
+
+
+def example(image: _Image, pixels: np.ndarray) -> dict:
+  """The stored example of one image (the streaming and the Beam build share it)."""
+  return {
+      'image': pixels,
+      'label': image.label,
+      'image/filename': image.filename,
+      'patient_id': image.patient_id,
+      'source': image.source,
+      'view': image.view,
+      'age': image.age,
+      'sex': image.sex,
+      'finding': image.finding,
+  }
 
 
 def make_config(name: str, *, val_fraction: float = DEFAULT_FRACTION,
@@ -407,13 +454,22 @@ def make_config(name: str, *, val_fraction: float = DEFAULT_FRACTION,
   split_fractions(val_fraction, test_fraction)
   kept = 'PA and AP views only' if frontal_only else 'every view'
   files = 'hashed file names' if hash_filenames else 'file names as in the labels CSV'
-  return LabelledXraysConfig(
+  config = LabelledXraysConfig(
       name=name, val_fraction=val_fraction, test_fraction=test_fraction,
       frontal_only=frontal_only, hash_filenames=hash_filenames,
       description=(f'Labelled chest X-rays "{name}" built from a labels CSV: split by patient '
                    f'and near-duplicate image (validation {val_fraction:g}, test '
                    f'{test_fraction:g}) unless the CSV gives the split; {kept}; {files}; '
                    'patient ids as salted hashes.'))
+  # TFDS refuses a config named as a listed one unless it is that very object.
+  listed = next((c for c in Builder.BUILDER_CONFIGS if c.name == name), None)
+  if listed is None:
+    return config
+  if listed != config:
+    raise errors.UsageError(f'dataset name {name!r} is the shipped example\'s (dummy_data/, '
+                            'default options): choose another name')
+  return listed
+
 
 
 def split_fractions(val_fraction: float, test_fraction: float) -> dict[str, float]:
@@ -672,3 +728,10 @@ def _warn_patients_in_two_splits(images: list[_Image], metadata: dict) -> None:
     logging.warning('The CSV\'s split puts %d patient(s) and %d file-name series of images '
                     'without a patient id in more than one split (kept as given; python -m '
                     'covidlib_tfds.audit lists them)', len(on_two_sides) - series, series)
+
+
+# The example built from dummy_data/ (`tfds build labelled_xrays --imports=covidlib_tfds
+# --manual_dir=covidlib_tfds/labelled_xrays/dummy_data`): listed so that `tfds build` takes
+# config names at all (labelled_xrays/NAME); every other name is the user's.
+EXAMPLE_CONFIG = 'dummy'
+Builder.BUILDER_CONFIGS = [make_config(EXAMPLE_CONFIG)]

@@ -135,3 +135,32 @@ def test_unseen_source_auc_with_the_metric_helpers():
   labels = np.array([0, 0, 1, 1, 1, 0])
   auc = metrics.compute_metrics(labels, unit, 0.5, n_bootstrap=0).figures['roc_auc'].value
   assert auc == pytest.approx(roc_auc_score(labels, scores))
+
+
+def test_a_format_1_score_is_evaluated_as_it_was(workspace, tmp_path):
+  """Issue 10's penultimate-only shift.npz/json: the section reads that depth alone, raw, and
+  says covidlib-fit-shift refits it at several depths."""
+  from covidlib import evaluate
+  from covidlib import scoring
+
+  run = tmp_path / 'run'
+  run.mkdir()
+  for name in (md.MODEL, md.CONFIG):
+    (run / name).write_bytes((workspace / 'model_dir' / name).read_bytes())
+  config = md.load_config(run)
+  model = md.load_model(run)
+  train = scoring.score_dataset(model, scoring.load_split(config, 'train')[0])
+  tap = shift.fit_tap(train.features, train.labels)
+  np.savez(run / shift.SHIFT_NPZ, projection=tap.projection, centers=tap.centers,
+           class_means=tap.class_means)
+  md.write_json(run / shift.SHIFT_JSON, {'threshold': 3.0, 'policy': 'quantile:0.99',
+                                         'split': 'validation', 'feature_dim': 1,
+                                         'n_per_class': [20, 20], 'shrinkage': tap.shrinkage,
+                                         'fit_split': 'train'})
+  result = evaluate.evaluate_model_dir(str(run), split='test', gradcam=False, n_bootstrap=0)
+  section = result.report['shift']
+  assert section['taps'] == ['penultimate'] and 'depths' not in section
+  assert section['score'] == shift.SCORE_NAME_PENULTIMATE
+  assert any('covidlib-fit-shift refits it at several depths' in n for n in section['notes'])
+  np.testing.assert_allclose(result.shift_scores, tap.distance(result.predictions.features),
+                             rtol=1e-9)

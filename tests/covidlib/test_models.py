@@ -8,6 +8,10 @@ from covidlib import errors
 from covidlib import model_dir
 from covidlib import models
 
+# The networks built here from scratch; the keras.applications backbones (models.BACKBONES) are
+# tested in test_backbones.py, each built as few times as possible (seconds per build).
+SCRATCH = sorted(set(models.MODELS) - set(models.BACKBONES))
+
 
 @pytest.fixture
 def float32_policy():
@@ -65,7 +69,7 @@ def test_count_flops_matches_a_hand_count():
   assert models.count_flops(outer) == expected
 
 
-@pytest.mark.parametrize('name', sorted(models.MODELS))
+@pytest.mark.parametrize('name', SCRATCH)
 @pytest.mark.parametrize('channels', [1, 3])
 def test_inference_model_contract(name, channels):
   model = models.build_model(name, image_size=32, channels=channels, seed=1)
@@ -84,7 +88,7 @@ def test_inference_model_contract(name, channels):
   assert not any('random' in type(l).__name__.lower() for l in model.layers)
 
 
-@pytest.mark.parametrize('name', sorted(models.MODELS))
+@pytest.mark.parametrize('name', SCRATCH)
 def test_output_is_float32_under_mixed_precision(name, float32_policy):
   keras.mixed_precision.set_global_policy('mixed_bfloat16')
   model = models.build_model(name, image_size=32, channels=1)
@@ -95,7 +99,7 @@ def test_output_is_float32_under_mixed_precision(name, float32_policy):
   assert model(np.zeros((1, 32, 32, 1), 'float32')).dtype == 'float32'
 
 
-@pytest.mark.parametrize('name', sorted(models.MODELS))
+@pytest.mark.parametrize('name', SCRATCH)
 def test_seed_fixes_the_weights(name):
   a = models.build_model(name, 32, 1, seed=7).get_weights()
   b = models.build_model(name, 32, 1, seed=7).get_weights()
@@ -109,7 +113,7 @@ def test_seed_fixes_the_weights(name):
   assert all(not np.array_equal(a[i], a[j]) for i, j in same_shape)
 
 
-@pytest.mark.parametrize('name', sorted(models.MODELS))
+@pytest.mark.parametrize('name', SCRATCH)
 def test_save_and_load_with_safe_mode_gives_identical_predictions(name, tmp_path):
   model = models.build_model(name, 32, 1, seed=3)
   x = np.random.RandomState(1).rand(4, 32, 32, 1).astype('float32')
@@ -128,7 +132,7 @@ def test_save_and_load_with_safe_mode_gives_identical_predictions(name, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', sorted(models.MODELS))
+@pytest.mark.parametrize('name', SCRATCH)
 def test_a_few_steps_learn_a_separable_problem(name):
   rs = np.random.RandomState(0)
   y = np.tile([0.0, 1.0], 16).astype('float32')
@@ -144,7 +148,8 @@ def test_a_few_steps_learn_a_separable_problem(name):
 
 def test_unknown_model_lists_the_valid_names():
   with pytest.raises(errors.UsageError, match=r"unknown model 'resnet50'; valid models: "
-                     r'compact_resnet, seed_cnn'):
+                     r'compact_resnet, densenet121, efficientnetv2b0, mobilenetv3small, '
+                     r'resnet50v2, seed_cnn'):
     models.build_model('resnet50')
 
 
@@ -203,6 +208,10 @@ def test_tap_model_with_a_subset_of_taps():
   np.testing.assert_allclose(some[2], every[-1], rtol=1e-6)
   with pytest.raises(errors.UsageError, match=r"has no taps \['stage9_out'\]"):
     models.tap_model(model, ['stage9_out'])
+  assert len(models.tap_model(model, ['stage2_out'], [64]).outputs) == 2
+  with pytest.raises(errors.UsageError, match="tap 'stage2_out' of model .* has 64 features, "
+                     'not 63'):
+    models.tap_model(model, ['stage2_out'], [63])
 
 
 def test_tap_std_of_a_nearly_constant_channel_does_not_cancel():

@@ -112,7 +112,8 @@ def test_augment_preset_and_overrides():
 
 @pytest.mark.parametrize('overrides, message', [
     ({'epoch': 3}, r"unknown config keys \['epoch'\]"),
-    ({'model': 'vgg'}, "unknown model 'vgg'; valid models: compact_resnet, seed_cnn"),
+    ({'model': 'vgg'}, "unknown model 'vgg'; valid models: compact_resnet, densenet121, "
+                       'efficientnetv2b0, mobilenetv3small, resnet50v2, seed_cnn'),
     ({'batch_size': 0}, 'config batch_size must be a positive integer, got 0'),
     ({'epochs': 2.5}, 'config epochs must be a positive integer, got 2.5'),
     ({'image_size': True}, 'config image_size must be a positive integer, got True'),

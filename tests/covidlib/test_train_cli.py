@@ -195,7 +195,8 @@ def test_usage_errors_from_the_command_line(tmp_path):
   cases = {
       'missing model_dir': ([], 'flag --model_dir is required'),
       'unknown model': ([f'--model_dir={tmp_path}/a', '--model=vgg16'],
-                        "unknown model 'vgg16'; valid models: compact_resnet, seed_cnn"),
+                        "unknown model 'vgg16'; valid models: compact_resnet, densenet121, "
+                        'efficientnetv2b0, mobilenetv3small, resnet50v2, seed_cnn'),
       'unknown equalize': ([f'--model_dir={tmp_path}/a', '--equalize=adaptive'],
                            'flag --equalize=adaptive: value should be one of '
                            '<none|histogram|clahe>'),

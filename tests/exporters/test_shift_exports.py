@@ -406,14 +406,16 @@ def test_a_shift_file_of_another_model_is_refused(tmp_path, tiny_model, helpers)
   rs = np.random.RandomState(0)
   other = shift.fit_shift(rs.normal(size=(20, 5)), np.arange(20) % 2)
   shift.save(shift.choose_threshold(other, [1.0, 2.0], 'quantile:0.5'), run)
-  with pytest.raises(errors.ModelLoadError, match='shift.npz: fitted on 5 features, the model '
-                     "has 64 at tap 'penultimate'.*covidlib-fit-shift"):
+  with pytest.raises(errors.ModelLoadError, match=r"shift.npz: fitted on another model \(tap "
+                     r"'penultimate' of model 'tiny' has 64 features, not 5\); refit it with "
+                     'covidlib-fit-shift'):
     predict.Predictor(run)
   taps = {'stage9_out': rs.normal(size=(20, 4)), 'penultimate': rs.normal(size=(20, 64))}
   other = shift.fit_shift(taps, np.arange(20) % 2, validation=taps)
   shift.save(shift.choose_threshold(other, [1.0, 2.0], 'quantile:0.5'), run)
-  with pytest.raises(errors.ModelLoadError, match=r"shift.npz: fitted on the taps \['stage9_out', "
-                     r"'penultimate'\], the model has \['conv2d\w*', 'penultimate'\]"):
+  with pytest.raises(errors.ModelLoadError, match=r"shift.npz: fitted on another model \(model "
+                     r"'tiny' has no taps \['stage9_out'\]; its taps are \['conv2d\w*', "
+                     r"'penultimate'\]\)"):
     predict.Predictor(run)
 
 

@@ -39,6 +39,7 @@ BINARIES = {
     'covidlib-predict-edge': ['-m', 'covidlib.cli.predict_edge'],
     'covidlib-fit-shift': ['-m', 'covidlib.cli.fit_shift'],
     'covidlib-site': ['-m', 'covidlib.cli.site'],
+    'covidlib-predict-beam': ['-m', 'covidlib.cli.predict_beam'],
     'covidlib_tfds.build': ['-m', 'covidlib_tfds.build'],
     'covidlib_tfds.audit': ['-m', 'covidlib_tfds.audit'],
 }
@@ -89,7 +90,8 @@ CASES = {
     'crossval-missing_out': Case('covidlib-crossval', (), 2, 'flag --out is required'),
     'crossval-unknown_model': Case('covidlib-crossval', ('--out={out}', '--model=vgg16'), 2,
                                    "unknown model 'vgg16'; valid models: compact_resnet, "
-                                   'seed_cnn'),
+                                   'densenet121, efficientnetv2b0, mobilenetv3small, '
+                                   'resnet50v2, seed_cnn'),
     'crossval-bad_hold_out': Case('covidlib-crossval', ('--out={out}', '--hold_out=site'), 2,
                                   "--hold_out must be 'none' or 'source', got 'site'"),
     # covidlib-export
@@ -164,12 +166,25 @@ CASES = {
                           '--new_model_dir={model_dir}'), 2,
         '--new_model_dir is the parent model_dir: adapt writes a NEW model_dir and never '
         'modifies the parent'),
+    # covidlib-predict-beam (apache-beam is imported only past the flags: these need none)
+    'beam-unknown_flag': Case('covidlib-predict-beam', ('--model={model_dir}', '--output={out}',
+                                                        '--shard_sise=10', '{image}'), 2,
+                              "Unknown command line flag 'shard_sise'"),
+    'beam-missing_output': Case('covidlib-predict-beam', ('--model={model_dir}', '{image}'), 2,
+                                'flag --output is required (an output prefix, e.g. '
+                                'scores/run1)'),
+    'beam-not_a_model': Case('covidlib-predict-beam', ('--model={text}', '--output={out}',
+                                                       '{image}'), 1,
+                             '{text}: not a model: expected a .keras file'),
     # covidlib_tfds.build and covidlib_tfds.audit
     'build-unknown_flag': Case('covidlib_tfds.build', ('--config=seed', '--data_dir={out}',
                                                        '--allow-missing'), 2,
                                "Unknown command line flag 'allow-missing'"),
     'build-unknown_config': Case('covidlib_tfds.build', ('--config=sead', '--data_dir={out}'),
                                  2, "covid_xray: unknown config 'sead'"),
+    'build-beam_without_labels_csv': Case('covidlib_tfds.build', ('--config=seed', '--beam',
+                                                                  '--data_dir={out}'), 2,
+                                          '--beam needs --labels_csv'),
     'audit-unknown_flag': Case('covidlib_tfds.audit', ('--config=seed', '--allow_leak'), 2,
                                "Unknown command line flag 'allow_leak'"),
     'audit-not_built': Case('covidlib_tfds.audit', ('--config=seed', '--data_dir={tmp}/empty'), 2,
