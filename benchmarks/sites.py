@@ -3,12 +3,15 @@ many local films adapting needs (issue 17).
 
     nice -n 10 .venv/bin/python benchmarks/sites.py \\
         --nih_dir=runs/sites/nih --guangzhou_dir=runs/sites/guangzhou \\
-        --data_dir=/work/main/tfds_data --work=runs/sites_bench --out=benchmarks/results/sites
+        --data_dir=/work/main/tfds_data --work=runs/sites_bench --out=benchmarks/results/sites \\
+        --parts=check,matrix,curve,covid --covid_dir=runs/sites/covid_adult
 
 The two model_dirs are `make same-site`'s (compact_resnet, 224 px, 30 epochs, seed 0, trained on
 labelled_xrays/nih_pneumonia and labelled_xrays/guangzhou_pneumonia), copied, with their
-reference and shift score added by `covidlib-fit-shift`. Every film of each dataset is read once
-into memory and each model scores each dataset once (with taps) for the check part.
+reference and multi-depth shift score added by `covidlib-fit-shift`; --covid_dir is a copy of
+`make main`'s runs/default/compact_resnet (covid_xray/adult), likewise refitted. Every film of
+each dataset is read once into memory and each model scores each dataset once (with taps) for
+the check part (once more for the per-image flag, cached on its own).
 
 Parts (--parts):
   check   100 random 50-film batches of the OTHER site (every split) and 100 of the model's OWN
@@ -29,7 +32,8 @@ Parts (--parts):
   covid   --covid_dir (make main's covid_xray/adult model), if given: its specificity on the
           pediatric normals of covid_xray/adult_pediatric before and after adapt (normals only:
           specificity only).
-Finished runs are cached in <work>/runs.json, so an interrupted benchmark resumes.
+Finished runs are cached in <work>/runs.json, so an interrupted benchmark resumes; a run with
+fewer --parts reports only those (the cache keeps the others).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -58,6 +63,8 @@ _DRAWS = flags.DEFINE_integer('draws', 5, 'Random draws per k.')
 _EPOCHS = flags.DEFINE_integer('epochs', 15, 'Fine-tuning (and from-scratch) epochs.')
 _BATCHES = flags.DEFINE_integer('batches', 100, 'Random batches per check row.')
 _BATCH_FILMS = flags.DEFINE_integer('batch_films', 50, 'Films per check batch.')
+_MACHINE = flags.DEFINE_string('machine', '2-core AMD EPYC VM, no GPU, shared with other jobs',
+                               'The machine, for the report.')
 _CURVE_METHODS = flags.DEFINE_list('curve_methods',
                                    ['threshold', 'finetune', 'adabn+finetune', 'scratch'],
                                    'Methods of the learning curve.')
@@ -98,6 +105,7 @@ def _check_rows(model_dir, own_test, other, cache, name) -> dict:
 
   from covidlib import model_dir as md
   from covidlib import reference
+  from covidlib import shift
   from covidlib import site
   from covidlib import sites
 
@@ -117,9 +125,19 @@ def _check_rows(model_dir, own_test, other, cache, name) -> dict:
         p.append(test['p_value'])
         auc.append(test['domain_roc_auc']['value'])
       return {'p_values': p, 'domain_roc_auc': auc, 'n_films': len(s),
-              'flagged': float(np.mean(np.asarray(p) < sites.DEFAULT_ALPHA)),
-              'share_flagged_per_image': site.share_flagged(model_dir, s)}
-    out[part] = cache.get(f'check/{name}/{part}', run)
+              'flagged': float(np.mean(np.asarray(p) < sites.DEFAULT_ALPHA))}
+
+    def per_image(films=films):
+      # Its own entry: the batch rows above may come from a run before the multi-depth score
+      # (their 'share_flagged_per_image', if any, is issue 10's penultimate-only score).
+      shift_model = shift.load(model_dir)
+      s = site.score_films(model, films, taps=True)
+      return {'share_flagged': site.share_flagged(model_dir, s), 'n_films': len(s),
+              'depths': [t.name for t in shift_model.taps], 'format': shift_model.format,
+              'threshold': shift_model.threshold, 'policy': shift_model.policy}
+    row = {k: v for k, v in cache.get(f'check/{name}/{part}', run).items()
+           if k != 'share_flagged_per_image'}
+    out[part] = {**row, 'per_image': cache.get(f'check/{name}/{part}/per_image', per_image)}
   return out
 
 
@@ -281,30 +299,50 @@ def _fig(summary, name):
   return f'{f["value"]:.3f} [{low:.3f}, {high:.3f}]'
 
 
+def _check_line(name, rows, part, label) -> str:
+  import numpy as np
+  r = rows[part]
+  per_image = r['per_image']['share_flagged']
+  return (f'| {name} ({rows["reference"]["n"]} {rows["reference"]["split"]} films) | {label} | '
+          f'{r["n_films"]} | {r["flagged"]:.0%} of {len(r["p_values"])} | '
+          f'{np.median(r["p_values"]):.3g} | {np.mean(r["domain_roc_auc"]):.3f} | '
+          + ('—' if per_image is None else f'{per_image:.1%}') + ' |')
+
+
+def _paired(row, method, against='scratch'):
+  """mean ± sd over draws of method - against, and the draws where method is ahead."""
+  import numpy as np
+  a, b = np.asarray(row[method], float), np.asarray(row[against], float)
+  d = a - b
+  sd = float(np.std(d, ddof=1)) if d.size > 1 else 0.0
+  return f'{d.mean():+.3f} ± {sd:.3f} ({int(np.sum(d > 0))} of {d.size})'
+
+
 def render(results: dict) -> str:
   import numpy as np
 
+  parts = ', '.join(f'{name} {minutes:.0f} min' for name, minutes in
+                    results['part_minutes'].items())
   lines = ['# covidlib-site on real sites (issue 17)', '',
            f'Command: `{results["command"]}`. Machine: {results["machine"]}. Date: '
-           f'{results["date"]}. Wall time of this invocation {results["wall_minutes"]:.0f} min; every '
-           f'run it reports (some cached from an earlier invocation) took '
-           f'{results["compute_minutes"]:.0f} min.', '']
+           f'{results["date"]}. Wall time of this invocation {results["wall_minutes"]:.0f} min '
+           f'(load average {results["load_average"][0]:.1f} at its start, '
+           f'{results["load_average"][1]:.1f} at its end); every run it reports (most cached '
+           f'from earlier invocations, resumed after interruptions) took '
+           f'{results["compute_minutes"]:.0f} min: {parts}.', '']
   if 'check' in results:
     lines += ['## check: batches of 50 films against the model\'s reference', '',
               '| model (reference) | batches from | films | batches flagged | median p | '
-              'mean domain ROC-AUC | films flagged one by one (shift score stored with the model) |',
+              'mean domain ROC-AUC | films flagged one by one (the model\'s shift score) |',
               '|---|---|---|---|---|---|---|']
     for name, rows in results['check'].items():
       for part, label in (('other', 'the other site (every split)'),
                           ('own', 'its own test split')):
-        r = rows[part]
-        per_image = r['share_flagged_per_image']
-        lines.append(
-            f'| {name} ({rows["reference"]["n"]} {rows["reference"]["split"]} films) | {label} | '
-            f'{r["n_films"]} | {r["flagged"]:.0%} of {len(r["p_values"])} | '
-            f'{np.median(r["p_values"]):.3g} | {np.mean(r["domain_roc_auc"]):.3f} | '
-            + ('—' if per_image is None else f'{per_image:.1%}') + ' |')
-    lines.append('')
+        lines.append(_check_line(name, rows, part, label))
+    lines += ['', 'Batches flagged: combined p-value < 0.01 (1000 permutations, min-p over the '
+              'taps). Films flagged one by one: the multi-depth shift score of each model_dir '
+              '(covidlib-fit-shift), threshold `quantile:0.99` of its validation split, over '
+              'every film of the row.', '']
   if 'matrix' in results:
     lines += ['## Across sites: each method, hold-out figures before and after', '',
               '| direction | method | adapt / hold-out films | ROC-AUC before → after | '
@@ -328,6 +366,24 @@ def render(results: dict) -> str:
       lines.append(f'| {k} | {row["draws"]} | {row["hold_out"]} | {_mean_sd(row["parent"])} | '
                    + ' | '.join(_mean_sd(row[m]) for m in methods) + ' |')
     lines.append('')
+    ahead = [m for m in methods if m not in ('scratch', 'threshold')]
+    if 'scratch' in methods and ahead:
+      lines += ['Ahead of from-scratch on the same films: hold-out ROC-AUC difference per draw '
+                '(same k films, same hold-out), mean ± sd, and the draws where it is ahead:', '',
+                '| k | ' + ' | '.join(f'{m} − scratch' for m in ahead) + ' |',
+                '|---|' + '---|' * len(ahead)]
+      for k, row in curve['rows'].items():
+        lines.append(f'| {k} | ' + ' | '.join(_paired(row, m) for m in ahead) + ' |')
+      lines.append('')
+    lines += ['Sensitivity / specificity on the hold-out at the threshold each method chose '
+              '(youden, on the inner validation, or on the k films when there is none), mean '
+              'over draws:', '', '| k | ' + ' | '.join(methods) + ' |',
+              '|---|' + '---|' * len(methods)]
+    for k, row in curve['rows'].items():
+      lines.append(f'| {k} | ' + ' | '.join(
+          f'{np.mean(row["sensitivity"][m]):.3f} / {np.mean(row["specificity"][m]):.3f}'
+          for m in methods) + ' |')
+    lines.append('')
   if results.get('covid'):
     c = results['covid']
     spec = c['specificity']
@@ -343,11 +399,12 @@ def render(results: dict) -> str:
               f'{_fig(spec, "hold_out_before")} |',
               f'| hold-out, after AdaBN on the other {spec["n_adapt"]} normals (threshold kept) | '
               f'{spec["n_hold_out"]} | {_fig(spec, "hold_out_after_adabn")} |', '']
+    lines += ['check, batches of 50 films:', '',
+              '| model (reference) | batches from | films | batches flagged | median p | '
+              'mean domain ROC-AUC | films flagged one by one (the model\'s shift score) |',
+              '|---|---|---|---|---|---|---|']
     for part, label in (('other', 'pediatric normals'), ('own', 'its own test split')):
-      r = c['check'][part]
-      lines.append(f'check, batches of 50 of {label}: {r["flagged"]:.0%} of '
-                   f'{len(r["p_values"])} flagged (median p {np.median(r["p_values"]):.3g}, '
-                   f'mean domain ROC-AUC {np.mean(r["domain_roc_auc"]):.3f}).')
+      lines.append(_check_line('covid_xray/adult model', c['check'], part, label))
     lines.append('')
   return '\n'.join(lines)
 
@@ -364,11 +421,10 @@ def main(argv):
     gz = _films(GZ_DATA, _NIH.value, data_dir)
     nih = _films(NIH_DATA, _NIH.value, data_dir)
     print(f'films: Guangzhou {len(gz)}, NIH {len(nih)}', flush=True)
-  results = {'command': 'nice -n 10 .venv/bin/python benchmarks/sites.py '
-                        f'--parts={",".join(_PARTS.value)} --ks={",".join(_KS.value)} '
-                        f'--draws={_DRAWS.value} --epochs={_EPOCHS.value}',
-             'machine': '2-core AMD EPYC VM, no GPU, shared with other jobs',
-             'date': time.strftime('%Y-%m-%d')}
+  results = {'command': 'nice -n 10 .venv/bin/python benchmarks/sites.py ' + ' '.join(
+                 a for a in sys.argv[1:]),
+             'machine': _MACHINE.value, 'date': time.strftime('%Y-%m-%d'),
+             'load_average': [os.getloadavg()[0]]}
   if 'check' in _PARTS.value:
     results['check'] = {
         'NIH model': _check_rows(_NIH.value, nih.select(nih.metadata['split'] == 'test'), gz,
@@ -389,8 +445,9 @@ def main(argv):
     methods = list(_CURVE_METHODS.value)
     ks = [int(k) for k in _KS.value]
     parent_model = md.load_model(_NIH.value)
-    rows = {k: {**{m: [] for m in methods + ['parent']}, 'draws': 0, 'hold_out': []}
-            for k in ks}
+    rows = {k: {**{m: [] for m in methods + ['parent']}, 'draws': 0, 'hold_out': [],
+                'sensitivity': {m: [] for m in methods},
+                'specificity': {m: [] for m in methods}} for k in ks}
     for d in range(_DRAWS.value):  # Draws outermost: a cut-short run still has every k.
       for k in ks:
         seed = 1000 * k + d
@@ -404,6 +461,8 @@ def main(argv):
           r = _curve_run(_NIH.value, adapt_films, holdout, parent_scores, method, _WORK.value,
                          key, cache, seed)
           row[method].append(r['roc_auc'])
+          row['sensitivity'][method].append(r['sensitivity'])
+          row['specificity'][method].append(r['specificity'])
 
         def parent_auc(holdout=holdout, scores=parent_scores):
           if scores is None:
@@ -418,7 +477,15 @@ def main(argv):
   if 'covid' in _PARTS.value and _COVID.value:
     results['covid'] = _covid_row(_COVID.value, data_dir, cache)
   results['wall_minutes'] = (time.time() - start) / 60
-  results['compute_minutes'] = sum(r.get('seconds', 0) for r in cache.runs.values()) / 60
+  results['load_average'].append(os.getloadavg()[0])
+  reported = {k: r for k, r in cache.runs.items() if k.split('/')[0] in _PARTS.value
+              or (k.startswith('check/covid_adult') and 'covid' in _PARTS.value)}
+  results['compute_minutes'] = sum(r.get('seconds', 0) for r in reported.values()) / 60
+  results['part_minutes'] = {}
+  for part in _PARTS.value:
+    keys = [k for k in reported if (k.split('/')[0] == part and 'covid_adult' not in k)
+            or (part == 'covid' and 'covid_adult' in k)]
+    results['part_minutes'][part] = sum(reported[k].get('seconds', 0) for k in keys) / 60
   results['runs'] = cache.runs
   os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
   with open(_OUT.value + '.json', 'w') as f:
