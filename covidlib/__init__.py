@@ -19,7 +19,8 @@ CLASS_NAMES = ('normal', 'covid')  # index = label; label 1 = COVID-19.
 _SUBMODULES = (
     'archive', 'augment', 'beam_options', 'beam_scoring', 'calibration', 'confounds', 'crossval',
     'data', 'dicom', 'distribute',
-    'errors', 'edge', 'evaluate', 'explain', 'hold_out', 'metrics', 'model_dir', 'models', 'predict',
+    'errors', 'edge', 'ensemble', 'evaluate', 'explain', 'hold_out', 'metrics', 'model_dir',
+    'models', 'predict',
     'preprocess', 'reference', 'report', 'results', 'scored', 'scoring', 'shift', 'shift_fit',
     'shortcuts', 'site', 'site_adapt', 'sites',
     'standardize', 'threshold', 'tflite_metadata', 'train',

@@ -367,3 +367,54 @@ def training_model(inference_model: keras.Model, augmentation: keras.Layer) -> k
   inputs = keras.Input(shape, dtype='float32', name='image')
   outputs = inference_model(augmentation(inputs))
   return keras.Model(inputs, outputs, name=f'{inference_model.name}_training')
+
+
+def check_mixup(alpha) -> float:
+  """alpha of mixup as a float: 0 (off) or a positive number up to 10.
+
+  Raises:
+    UsageError: naming the value.
+  """
+  if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or \
+      not 0.0 <= alpha <= 10.0:
+    raise errors.UsageError(f'mixup must be a number in [0, 10] (0 = off), got {alpha!r}')
+  return float(alpha)
+
+
+def mixup_draw(seeds: tf.Tensor, n, alpha: float) -> tuple[tf.Tensor, tf.Tensor]:
+  """(lam (n,), partner (n,)) of one batch from three stateless seeds (a (2, 3) tensor, as
+  `tf.random.Generator.make_seeds(3)` gives): lam ~ Beta(alpha, alpha) per example (a / (a + b),
+  a and b Gamma(alpha)), partner a random permutation of 0..n-1."""
+  a = tf.random.stateless_gamma([n], seeds[:, 0], alpha=alpha)
+  b = tf.random.stateless_gamma([n], seeds[:, 1], alpha=alpha)
+  lam = a / tf.maximum(a + b, 1e-12)  # Both draws underflow to 0 only for tiny alpha.
+  partner = tf.argsort(tf.random.stateless_uniform([n], seeds[:, 2]))
+  return lam, partner
+
+
+def mixup(dataset: tf.data.Dataset, alpha: float, seed: int | None) -> tf.data.Dataset:
+  """Mixup (Zhang et al., 2018) of a batched training dataset of (images, labels[, ...]).
+
+  Each example i of a batch becomes lam_i x_i + (1 - lam_i) x_j, its label lam_i y_i +
+  (1 - lam_i) y_j, with j = partner[i] (a random permutation of the batch) and lam_i ~
+  Beta(alpha, alpha) (`mixup_draw`); further elements (e.g. metadata) pass unchanged. The
+  draws come from one `tf.random.Generator` seeded with `seed`: the same seed gives the same
+  pairs and weights in every run, and every batch of every epoch gets new ones (the map runs
+  sequentially, so the order is fixed). For the training split only: evaluation never mixes.
+  Labels become fractions; Keras' class_weight rounds them to the nearer class.
+  """
+  alpha = check_mixup(alpha)
+  generator = (tf.random.Generator.from_seed(seed) if seed is not None
+               else tf.random.Generator.from_non_deterministic_state())
+
+  def mix(images, labels, *rest):
+    lam, partner = mixup_draw(generator.make_seeds(3), tf.shape(images)[0], alpha)
+    lam = tf.cast(lam, images.dtype)
+    mixed = (lam[:, None, None, None] * images
+             + (1 - lam[:, None, None, None]) * tf.gather(images, partner))
+    labels = tf.cast(labels, images.dtype)
+    lam_y = tf.reshape(lam, [-1] + [1] * (len(labels.shape) - 1))
+    mixed_labels = lam_y * labels + (1 - lam_y) * tf.gather(labels, partner)
+    return (mixed, mixed_labels, *rest)
+
+  return dataset.map(mix)

@@ -179,7 +179,13 @@ def inner_split(films: Films, seed: int) -> tuple[Films, Films | None, str]:
 def train_on_films(config: dict, work_dir: str, train: Films, validation: Films | None, *,
                    init_from: str | None, learning_rate: float, epochs: int, batch_size: int,
                    seed: int, description: str, verbose: int = 0) -> keras.Model:
-  """covidlib.train on in-memory films (fresh, or from `init_from`'s weights); the model kept."""
+  """covidlib.train on in-memory films (fresh, or from `init_from`'s weights); the model kept.
+
+  The recipe is the plain one (Adam at a constant rate, no smoothing, mixup or weight average),
+  not covidlib-train's default, whatever the parent was trained with: it is what
+  benchmarks/sites.py measured, and a moving average of the weights over the few hundred steps
+  of a site's films would hold the model near its starting point.
+  """
   keys = ('model', 'image_size', 'channels', 'class_names', 'class_weight', 'crop', 'equalize',
           'augment_preset', 'augment', 'mixed_precision', 'jit_compile', 'strategy')
   run_config = train_lib.make_config(
@@ -187,7 +193,7 @@ def train_on_films(config: dict, work_dir: str, train: Films, validation: Films 
       init_from=init_from, learning_rate=float(learning_rate), epochs=int(epochs),
       batch_size=int(batch_size), seed=int(seed),
       validation_split='validation' if validation is not None else '',
-      keep='best' if validation is not None else 'last')
+      keep='best' if validation is not None else 'last', **train_lib.PLAIN_RECIPE)
   train_lib.train(run_config, work_dir,
                   train_data=_dataset(train, batch_size, seed, True, MIN_STEPS_PER_EPOCH),
                   validation_data=None if validation is None else _dataset(validation,

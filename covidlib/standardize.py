@@ -268,6 +268,23 @@ class ContrastLimitedEqualization(keras.layers.Layer):
     return {**super().get_config(), 'clip_limit': self.clip_limit, 'grid': self.grid}
 
 
+@keras.saving.register_keras_serializable(package='covidlib')
+class FlipLeftRight(keras.layers.Layer):
+  """Mirrors (B, H, W, C) images left-right, always (the flipped pass of test-time averaging,
+  `covidlib.ensemble.flip_average`). Registered here so that `model_dir.load_model`, which
+  imports this module, loads such models in safe mode; TFLite: one REVERSE_V2 op."""
+
+  def __init__(self, **kwargs):
+    kwargs.setdefault('dtype', 'float32')
+    super().__init__(**kwargs)
+
+  def call(self, images):
+    return tf.reverse(tf.convert_to_tensor(images, self.compute_dtype), axis=[2])
+
+  def compute_output_shape(self, input_shape):
+    return input_shape
+
+
 def build_standardization(crop: float = 0.0, equalize: str = 'none') -> list[keras.Layer]:
   """The standardization layers for `crop` and `equalize`, in that order (crop first, so the
   equalization's histogram sees the film without its borders and markers); [] for the defaults.

@@ -27,15 +27,54 @@ config trains exactly as before:
                    often each class is drawn. With train_data passed in (cross-validation) it
                    only describes how the caller drew that data.
 
+The recipe (issue 18), each part a config key and a covidlib-train flag. The defaults are the
+recipe measured best (BENCHMARKS.md, "Training recipes"): AdamW 0.05, cosine after 2 warm-up
+epochs, label smoothing 0.1, EMA 0.99, mixup 0.2, no test-time flipping. The recipe before:
+
+    config = train.make_config(weight_decay=0, lr_schedule='constant', warmup_epochs=0,
+                               label_smoothing=0, ema=0, mixup=0, tta='none')
+
+  weight_decay     > 0: AdamW (decoupled decay, w -= lr * weight_decay * w per step) of the
+                   kernels only, not biases or batch-norm scales and offsets; 0: Adam.
+  lr_schedule      'cosine': the rate falls from learning_rate to 0 along a half cosine, per
+  warmup_epochs    step; after a linear per-step warm-up from 0 (`learning_rate_schedule`). The
+                   step is the optimizer's, saved with it, so a resumed run goes on at the rate
+                   it stopped at; an extension re-plans the schedule over the new epoch count.
+  label_smoothing  binary cross-entropy against y (1 - s) + s / 2.
+  ema              the optimizer keeps a moving average of the weights (Keras use_ema); the
+                   average is what validation judges (so keep='best' chooses by it), what
+                   model.keras holds and what the next phase starts from; training moves the raw
+                   weights. Both are in every checkpoint (raw weights, averages in the optimizer
+                   state), so a resume goes on with both.
+  mixup            training batches mixed pairwise (`covidlib.augment.mixup`, seeded by `seed`);
+                   validation, the shift score's fit and evaluation see plain images.
+  tta              'flip': model.keras averages the logits of each image and its mirror
+                   (`covidlib.ensemble.flip_average`), so every export runs it; validation
+                   during training does not.
+
+Fine-tuning phases (`freeze_epochs` > 0): epochs 1..freeze_epochs are the 'head' phase, which
+trains the Dense 'logit' alone (`models.feature_layer`) with every layer before it frozen
+(trainable=False: batch norm then runs in inference mode, with its moving statistics, and does
+not update them), at learning_rate; the 'full' phase trains every layer at
+finetune_learning_rate, with a fresh optimizer (and schedule, warm-up included) over its own
+epochs. A checkpoint's phase follows from its epoch and config.json's freeze_epochs, and its
+weights file holds that phase's optimizer state: a run killed in either phase, or at the change,
+reloads its checkpoint into the model compiled for that phase and goes on from there (at the
+change: the full phase starts from the head phase's last weights, its EMA ones with ema). The
+kept epoch may be of either phase, and early stopping may end the run in the head phase.
+
 `train()` reads top to bottom: configuration -> strategy and precision -> model_dir (new,
-resumable, or finished) -> seeds -> input pipeline -> model and optimizer -> resume -> fit ->
-save. What it writes into model_dir is described in `covidlib.model_dir`.
+resumable, or finished) -> seeds -> input pipeline -> model and optimizer -> resume -> fit,
+phase by phase -> save. What it writes into model_dir is described in `covidlib.model_dir`.
 
 Resuming. At the end of every epoch the weights and the optimizer state go to
 `checkpoints/epoch-NNNN.weights.h5` (temporary file, then rename), and then
 `checkpoints/state.json` names that file and holds the history so far (also atomic: it is the
 commit point). A run killed at any moment and started again with the same config reloads the
 last committed epoch and trains the remaining ones; the returned and saved history is complete.
+A config.json written before a key existed reads as what that run did (`_PREDATING`: the recipe
+keys as plain Adam at a constant rate, even where today's default differs), so resuming or
+extending such a run takes those values on the command line; the refusal names each key.
 (Keras' own `BackupAndRestore` writes its weights and metadata in place, so a kill during the
 write leaves a checkpoint that cannot be loaded; hence this small callback.) The data order and
 augmentation draws of a resumed run differ from an uninterrupted one: resuming is exact in
@@ -93,6 +132,7 @@ import tensorflow as tf
 from covidlib import augment
 from covidlib import data
 from covidlib import distribute
+from covidlib import ensemble
 from covidlib import errors
 from covidlib import model_dir as md
 from covidlib import models
@@ -123,7 +163,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     'class_names': None,
     'batch_size': 32,        # Global batch: split evenly over the strategy's replicas.
     'epochs': 10,
-    'learning_rate': 1e-3,   # Adam; the article's optimizer and Keras' default rate.
+    'learning_rate': 1e-3,   # Peak rate (of the head phase with freeze_epochs).
     'class_weight': 'none',  # 'balanced': weight n / (2 n_class), for unbalanced splits.
     'early_stopping_patience': 0,  # Epochs without a lower val_loss before stopping; 0 = off.
     'keep': 'best',          # Weights saved: 'best' val_auc epoch (ties: earlier) or 'last'.
@@ -145,9 +185,35 @@ DEFAULT_CONFIG: dict[str, Any] = {
     'balance': 'none',       # 'source': draw each (source, label) stratum of train equally often.
     'augment_preset': 'article',  # Base of 'augment': covidlib.augment.PRESETS ('strong').
     'augment': dict(augment.PRESETS['article']),  # build_augmentation arguments; keys given
-}                                                 # here override the preset's.
+                                                  # here override the preset's.
+    # The recipe (issue 18; see "The recipe" above). Defaults: the best recipe measured on the
+    # same-site sets (BENCHMARKS.md, "Training recipes"); tta stays off (no gain, twice the
+    # inference). _PREDATING holds the recipe before.
+    'weight_decay': 0.05,    # > 0: AdamW with this decoupled decay of the kernels; 0: Adam.
+    'lr_schedule': 'cosine',  # Per-step cosine decay to 0 over each phase; or 'constant'.
+    'warmup_epochs': 2,      # Linear per-step warm-up from 0 over the first epochs of a phase.
+    'label_smoothing': 0.1,  # Targets y (1 - s) + s / 2 in the loss; 0 = off.
+    'ema': 0.99,             # Momentum of a moving average of the weights (saved); 0 = off.
+    'mixup': 0.2,            # Beta(a, a) mixup of training batches (covidlib.augment); 0 = off.
+    'tta': 'none',           # 'flip': model.keras averages the image and its mirror.
+    'freeze_epochs': 0,      # Epochs that train the head only, backbone frozen; 0 = none.
+    'finetune_learning_rate': 1e-4,  # Peak rate after the freeze_epochs (unused without them).
+}
+
+# What a config.json written before a key existed ran with: the behaviour before the key, which
+# may differ from its default today (saved_config).
+# PLAIN_RECIPE: the recipe keys at the values before issue 18 (Adam at a constant rate), for
+# callers that want it whatever the default (covidlib.site_adapt's fine-tuning).
+PLAIN_RECIPE: dict[str, Any] = {
+    'weight_decay': 0.0, 'lr_schedule': 'constant', 'warmup_epochs': 0, 'label_smoothing': 0.0,
+    'ema': 0.0, 'mixup': 0.0, 'tta': 'none',
+}
+_PREDATING: dict[str, Any] = {**PLAIN_RECIPE, 'freeze_epochs': 0}
+TTA = ('none', 'flip')
+LR_SCHEDULES = ('constant', 'cosine')
 
 _POSITIVE_INTS = ('image_size', 'batch_size', 'epochs')
+_NON_NEGATIVE_INTS = ('warmup_epochs', 'freeze_epochs')
 
 
 class TrainingError(errors.CovidlibError):
@@ -193,9 +259,17 @@ def make_config(**overrides: Any) -> dict[str, Any]:
   def is_int(v):
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
+  def is_number(v):
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) \
+        and math.isfinite(v)
+
   for key in _POSITIVE_INTS:
     if not is_int(config[key]) or config[key] < 1:
       bad(key, 'a positive integer')
+    config[key] = int(config[key])
+  for key in _NON_NEGATIVE_INTS:
+    if not is_int(config[key]) or config[key] < 0:
+      bad(key, 'an integer >= 0')
     config[key] = int(config[key])
   if config['model'] not in models.MODELS:
     raise errors.UsageError(
@@ -215,6 +289,23 @@ def make_config(**overrides: Any) -> dict[str, Any]:
   if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < math.inf:
     bad('learning_rate', 'a positive number')
   config['learning_rate'] = float(lr)
+  if not is_number(config['finetune_learning_rate']) or config['finetune_learning_rate'] <= 0:
+    bad('finetune_learning_rate', 'a positive number')
+  config['finetune_learning_rate'] = float(config['finetune_learning_rate'])
+  if not is_number(config['weight_decay']) or not 0 <= config['weight_decay'] < 1:
+    bad('weight_decay', 'a number in [0, 1) (0 = Adam)')
+  config['weight_decay'] = float(config['weight_decay'])
+  if config['lr_schedule'] not in LR_SCHEDULES:
+    bad('lr_schedule', f'one of {", ".join(LR_SCHEDULES)}')
+  if not is_number(config['label_smoothing']) or not 0 <= config['label_smoothing'] < 0.5:
+    bad('label_smoothing', 'a number in [0, 0.5)')
+  config['label_smoothing'] = float(config['label_smoothing'])
+  if not is_number(config['ema']) or not 0 <= config['ema'] < 1:
+    bad('ema', 'a momentum in [0, 1) (0 = off)')
+  config['ema'] = float(config['ema'])
+  config['mixup'] = augment.check_mixup(config['mixup'])
+  if config['tta'] not in TTA:
+    bad('tta', f'one of {", ".join(TTA)}')
   if config['class_weight'] not in ('none', 'balanced'):
     bad('class_weight', "'none' or 'balanced'")
   patience = config['early_stopping_patience']
@@ -267,10 +358,11 @@ def make_config(**overrides: Any) -> dict[str, Any]:
   return config
 
 
-def _with_defaults(saved: dict) -> dict:
-  """A config.json of an older covidlib completed with the defaults of keys it predates (the
-  run used them), so a resumed run compares like with like."""
-  saved = {**DEFAULT_CONFIG, **saved}
+def saved_config(saved: dict) -> dict:
+  """A config.json of an older covidlib completed with what the run used for the keys it
+  predates (their defaults then: `_PREDATING`, else DEFAULT_CONFIG), so a resumed run compares
+  like with like and a recipe read back (covidlib-crossval --recipe) is the one that ran."""
+  saved = {**DEFAULT_CONFIG, **_PREDATING, **saved}
   saved['augment'] = {**DEFAULT_CONFIG['augment'], **(saved.get('augment') or {})}
   return saved
 
@@ -347,7 +439,7 @@ def _check_model_dir(model_dir: str, config: dict, overwrite: bool) -> None:
           'scratch, or choose another model_dir')
     _clear_run(model_dir)  # Stopped before its first epoch ended: nothing to resume.
     return
-  saved = _with_defaults(md.read_json(config_path))
+  saved = saved_config(md.read_json(config_path))
   state = _load_state(model_dir)
   if has_model and state['finished']:
     _check_extension(model_dir, saved, config, state)
@@ -448,6 +540,34 @@ def _remove_other_weights(directory: str, state: dict) -> None:
       os.remove(old)
 
 
+class AverageForValidation(keras.callbacks.Callback):
+  """Validates with the EMA weights (those model.keras will hold) and trains on the raw ones.
+
+  With ema > 0 the optimizer keeps a moving average of the weights; val_auc, and so the epoch
+  keep='best' chooses, must judge the average, not the raw weights that training moves. Keras
+  calls on_test_begin/on_test_end around the validation pass inside fit: the averages go in
+  before it and the raw weights come back after, before EpochCheckpoint saves both (the raw
+  weights and, in the optimizer state, the averages).
+  """
+
+  def __init__(self):
+    super().__init__()
+    self.raw = None
+
+  def on_test_begin(self, logs: dict | None = None) -> None:
+    optimizer = self.model.optimizer
+    if optimizer is None or not optimizer.use_ema or not optimizer.built:
+      return
+    self.raw = [v.numpy() for v in self.model.trainable_variables]
+    use_average_weights(self.model)
+
+  def on_test_end(self, logs: dict | None = None) -> None:
+    if self.raw is not None:
+      for variable, value in zip(self.model.trainable_variables, self.raw):
+        variable.assign(value)
+      self.raw = None
+
+
 class NaNGuard(keras.callbacks.Callback):
   """Stops training at the first batch whose loss is NaN or infinite, and remembers where."""
 
@@ -540,6 +660,20 @@ def balanced_steps(config: dict) -> int:
   return data.steps_per_epoch(n, config['batch_size'])
 
 
+def count_steps(train_data: tf.data.Dataset, steps_per_epoch: int | None) -> int:
+  """Steps in one epoch: `steps_per_epoch` if given, else the dataset's batches (counted by
+  iterating it once when tf.data does not know them)."""
+  if steps_per_epoch:
+    return int(steps_per_epoch)
+  n = int(train_data.cardinality())
+  if n > 0:
+    return n
+  if n == tf.data.INFINITE_CARDINALITY:
+    raise errors.UsageError('the training dataset is infinite: a learning-rate schedule needs '
+                            'a finite epoch (take() a number of batches)')
+  return sum(1 for _ in train_data)
+
+
 def _balanced_class_counts(config: dict) -> tuple[int, int]:
   """(normal, covid) strata of the training split: under balance='source' each stratum is
   drawn equally often, so the classes appear in the ratio of their strata counts."""
@@ -574,11 +708,97 @@ def balanced_class_weight(n_normal: int, n_covid: int) -> dict[int, float]:
 # --------------------------------------------------------------------------------------------
 
 
-def build_models(config: dict) -> tuple[keras.Model, keras.Model]:
+PHASES = ('head', 'full')
+
+
+def phase_of_epoch(config: dict, epoch: int) -> str:
+  """The phase that trains `epoch` (1-based): 'head' for the first freeze_epochs, else 'full'.
+
+  A checkpoint's phase follows from its epoch and config.json's freeze_epochs (which a resume or
+  an extension cannot change); it says which optimizer's state the weights file holds.
+  """
+  return 'head' if epoch <= config['freeze_epochs'] else 'full'
+
+
+def phase_epochs(config: dict, phase: str) -> tuple[int, int]:
+  """(epochs done before the phase, epochs done at its end) of 'head' or 'full'."""
+  freeze = min(config['freeze_epochs'], config['epochs'])
+  return (0, freeze) if phase == 'head' else (freeze, config['epochs'])
+
+
+def learning_rate_schedule(config: dict, learning_rate: float, steps: int, warmup_steps: int):
+  """The learning rate of one phase of `steps` steps: a float (constant, no warm-up) or a
+  Keras schedule of the optimizer's step t (steps done in the phase, restored on resume):
+
+    t < w:  learning_rate * t / w                                     (linear warm-up from 0)
+    else:   learning_rate * (1 + cos(pi * min(t - w, d) / d)) / 2     (cosine, d = steps - w)
+            learning_rate                                             (constant)
+
+  with w = min(warmup_steps, steps) (keras.optimizers.schedules.CosineDecay; constant is its
+  alpha=1).
+  """
+  warmup_steps = min(int(warmup_steps), int(steps))
+  if config['lr_schedule'] == 'constant' and not warmup_steps:
+    return learning_rate
+  return keras.optimizers.schedules.CosineDecay(
+      0.0, decay_steps=max(int(steps) - warmup_steps, 1),
+      alpha=1.0 if config['lr_schedule'] == 'constant' else 0.0,
+      warmup_target=learning_rate, warmup_steps=warmup_steps)
+
+
+def _optimizer(config: dict, phase: str, steps_per_epoch: int | None):
+  """A fresh Adam (or AdamW) for `phase`, its schedule over the phase's steps."""
+  rate = (config['finetune_learning_rate'] if phase == 'full' and config['freeze_epochs']
+          else config['learning_rate'])
+  if config['lr_schedule'] != 'constant' or config['warmup_epochs']:
+    if not steps_per_epoch:
+      raise errors.UsageError(f'lr_schedule={config["lr_schedule"]!r} with warmup_epochs='
+                              f'{config["warmup_epochs"]} needs the number of steps per epoch')
+    first, last = phase_epochs(config, phase)
+    rate = learning_rate_schedule(config, rate, (last - first) * steps_per_epoch,
+                                  config['warmup_epochs'] * steps_per_epoch)
+  common = dict(learning_rate=rate, use_ema=bool(config['ema']),
+                ema_momentum=config['ema'] or 0.99)
+  if not config['weight_decay']:
+    return keras.optimizers.Adam(**common)
+  optimizer = keras.optimizers.AdamW(weight_decay=config['weight_decay'], **common)
+  # Decay the kernels only: shrinking biases and batch-norm scales and offsets toward 0 does not
+  # regularise the function the network computes, it only distorts it.
+  optimizer.exclude_from_weight_decay(var_names=['bias', 'gamma', 'beta'])
+  return optimizer
+
+
+def compile_phase(training_model: keras.Model, inference_model: keras.Model, config: dict,
+                  phase: str = 'full', steps_per_epoch: int | None = None) -> None:
+  """Freezes for `phase` and compiles `training_model` with a fresh optimizer for it.
+
+  With freeze_epochs, 'head' makes every layer of the inference model before its head
+  (`models.feature_layer`: the Dense 'logit') non-trainable, so the optimizer sees the head's
+  weights only and frozen BatchNormalization layers run in inference mode (Keras 3: a BN layer
+  with trainable=False normalises with its moving statistics and does not update them); 'full'
+  makes every layer trainable again. Without freeze_epochs, trainability is left as built.
+  Loss: binary cross-entropy with config['label_smoothing']; metrics accuracy and ROC-AUC.
+  Call under `strategy.scope()`.
+  """
+  if config['freeze_epochs']:
+    head = models.feature_layer(inference_model)
+    for layer in inference_model.layers:
+      layer.trainable = phase == 'full' or layer is head
+  training_model.compile(
+      optimizer=_optimizer(config, phase, steps_per_epoch),
+      loss=keras.losses.BinaryCrossentropy(label_smoothing=config['label_smoothing']),
+      metrics=[keras.metrics.BinaryAccuracy(name='accuracy'), keras.metrics.AUC(name='auc')],
+      jit_compile=config['jit_compile'])
+
+
+def build_models(config: dict, steps_per_epoch: int | None = None,
+                 phase: str = 'full') -> tuple[keras.Model, keras.Model]:
   """(inference model, compiled training model = augmentation + inference model).
 
-  Adam at config['learning_rate'], binary cross-entropy, accuracy and ROC-AUC, as the article
-  (plus AUC). Call under `strategy.scope()` to place the variables on the strategy's devices.
+  Compiled by `compile_phase` for `phase` (the article's Adam at config['learning_rate'] and
+  binary cross-entropy under the default config). `steps_per_epoch` is needed by a learning
+  rate schedule or warm-up. Call under `strategy.scope()` to place the variables on the
+  strategy's devices.
   """
   config = make_config(**config)
   inference_model = models.build_model(config['model'], config['image_size'], config['channels'],
@@ -586,12 +806,20 @@ def build_models(config: dict) -> tuple[keras.Model, keras.Model]:
                                        equalize=config['equalize'], weights=config['weights'])
   augmentation = augment.build_augmentation(**config['augment'], seed=config['seed'])
   training_model = augment.training_model(inference_model, augmentation)
-  training_model.compile(
-      optimizer=keras.optimizers.Adam(config['learning_rate']),
-      loss=keras.losses.BinaryCrossentropy(),
-      metrics=[keras.metrics.BinaryAccuracy(name='accuracy'), keras.metrics.AUC(name='auc')],
-      jit_compile=config['jit_compile'])
+  compile_phase(training_model, inference_model, config, phase, steps_per_epoch)
   return inference_model, training_model
+
+
+def use_average_weights(model: keras.Model) -> None:
+  """With an EMA optimizer, puts the moving averages into the trainable weights (no-op else)."""
+  if model.optimizer is not None and model.optimizer.built:
+    model.optimizer.finalize_variable_values(model.trainable_variables)
+
+
+def _load_checkpoint(training_model: keras.Model, path: str) -> None:
+  """Loads weights and optimizer state (the optimizer compiled for the file's phase)."""
+  training_model.optimizer.build(training_model.trainable_variables)
+  training_model.load_weights(path)
 
 
 def init_weights_from(model: keras.Model, source: str) -> None:
@@ -664,7 +892,8 @@ def _is_chief(strategy: tf.distribute.Strategy) -> bool:
 
 
 def _save_inference_model(model: keras.Model, config: dict, path: str) -> None:
-  """Saves the inference model atomically, as float32 whatever policy it was trained under.
+  """Saves the inference model atomically, as float32 whatever policy it was trained under,
+  flip-averaged for tta='flip' (`covidlib.ensemble.flip_average`).
 
   A mixed-precision model computes in float16/bfloat16; saved that way it would run slowly (or
   not at all) on CPUs and in exporters. Weights are float32 variables under every policy, so a
@@ -680,6 +909,8 @@ def _save_inference_model(model: keras.Model, config: dict, path: str) -> None:
       keras.config.set_dtype_policy(previous)
     plain.set_weights(model.get_weights())
     model = plain
+  if config['tta'] == 'flip':
+    model = ensemble.flip_average(model)
   with md.atomic_path(path, suffix='.keras') as tmp:
     model.save(tmp, overwrite=True)
 
@@ -760,13 +991,21 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
         steps_per_epoch = balanced_steps(config)
     train_data = input_for_training(train_data)
     validation_data = input_for_training(validation_data)
+    fit_data = train_data  # Mixed for fit only: validation, and the shift score's fit, never.
+    if config['mixup']:
+      fit_data = augment.mixup(train_data, config['mixup'], config['seed'])
     if config['early_stopping_patience'] and validation_data is None:
       raise errors.UsageError('early stopping (early_stopping_patience='
                               f'{config["early_stopping_patience"]}) needs validation data')
+    schedule_steps = None  # A schedule or warm-up counts steps; a constant rate needs none.
+    if config['lr_schedule'] != 'constant' or config['warmup_epochs']:
+      schedule_steps = count_steps(train_data, steps_per_epoch)
 
     # ------------------------------------------------------------ Model and optimizer.
+    # Compiled for the phase of the checkpoint to resume from (its optimizer state must fit).
+    phase = phase_of_epoch(config, max(state['epoch'], 1))
     with strategy.scope():
-      inference_model, training_model = build_models(config)
+      inference_model, training_model = build_models(config, schedule_steps, phase)
       distribute.patch_multi_worker_fit(training_model, strategy)
 
     # ------------------------------------------------------------ Resume or extend.
@@ -774,8 +1013,7 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
     if config['init_from'] and not state['weights']:
       init_weights_from(inference_model, config['init_from'])
     if state['weights']:
-      training_model.optimizer.build(training_model.trainable_variables)
-      training_model.load_weights(os.path.join(checkpoints, state['weights']))
+      _load_checkpoint(training_model, os.path.join(checkpoints, state['weights']))
     if state['finished'] and state['epoch'] < config['epochs']:  # _check_model_dir allowed it.
       state = {**state, 'finished': False, 'extended_from_epochs': state['epoch']}
       decision = os.path.join(model_dir, md.DECISION)
@@ -788,18 +1026,33 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
     elif state['weights'] and verbose:
       print(f'Resuming {model_dir} after epoch {state["epoch"]} of {config["epochs"]}.')
 
-    # --------------------------------------------------------------------------- Fit.
+    # ------------------------------------------------------- Fit, phase by phase.
     if chief:
       md.write_json(os.path.join(model_dir, md.CONFIG), config)
       os.makedirs(checkpoints, exist_ok=True)
     checkpoint = EpochCheckpoint(model_dir, state, config['early_stopping_patience'],
                                  config['keep'], chief)
     nan_guard = NaNGuard()
-    fit_callbacks = [nan_guard, checkpoint, *callbacks]
+    fit_callbacks = [nan_guard, AverageForValidation(), checkpoint, *callbacks]
     if chief:
       fit_callbacks.append(keras.callbacks.TensorBoard(os.path.join(model_dir, md.LOGS)))
-    if state['epoch'] < config['epochs'] and not state['stopped_early']:
-      training_model.fit(train_data, validation_data=validation_data, epochs=config['epochs'],
+    for next_phase in PHASES:
+      done, end = phase_epochs(config, next_phase)
+      state = checkpoint.state
+      if state['epoch'] >= end or state['stopped_early'] or nan_guard.failure:
+        continue
+      if next_phase != phase:
+        # The head phase is over (in this process, or before a restart): the full phase starts
+        # from its weights as they would be saved (the moving average, with ema), with a fresh
+        # optimizer for all the weights at finetune_learning_rate.
+        use_average_weights(training_model)
+        with strategy.scope():
+          compile_phase(training_model, inference_model, config, next_phase, schedule_steps)
+        phase = next_phase
+        if verbose:
+          print(f'Unfreezing after epoch {done}: training every layer at '
+                f'{config["finetune_learning_rate"]:g}.')
+      training_model.fit(fit_data, validation_data=validation_data, epochs=end,
                          initial_epoch=state['epoch'], class_weight=class_weight,
                          steps_per_epoch=steps_per_epoch,
                          callbacks=fit_callbacks, verbose=verbose,
@@ -820,8 +1073,14 @@ def train(config: dict, model_dir: str, *, train_data: tf.data.Dataset | None = 
       log.warning('%s: kept epoch %d, %s', model_dir, kept[0], kept[2])
     record = _history_record(state, kept)
     if chief:
-      if kept[3] != state['weights']:  # The last epoch's weights are in the model already.
-        training_model.load_weights(os.path.join(checkpoints, kept[3]))
+      # The kept epoch's weights (and with ema its averages, which replace them), loaded into
+      # the model compiled for that epoch's phase.
+      if phase_of_epoch(config, kept[0]) != phase:
+        phase = phase_of_epoch(config, kept[0])
+        with strategy.scope():
+          compile_phase(training_model, inference_model, config, phase, schedule_steps)
+      _load_checkpoint(training_model, os.path.join(checkpoints, kept[3]))
+      use_average_weights(training_model)
       md.write_json(os.path.join(model_dir, md.HISTORY), record)
       _save_inference_model(inference_model, config, os.path.join(model_dir, md.MODEL))
       # The commit point of a finished run; checkpoints/ stays, to extend it from.

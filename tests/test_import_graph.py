@@ -29,8 +29,8 @@ LAYERS = [
     ('analyses: plain functions of arrays (no data loading, no model)',
      ['calibration', 'threshold', 'shift', 'shortcuts', 'hold_out', 'confounds', 'reference',
       'sites']),
-    ('orchestrators and serving: fit, train, evaluate, cross-validate, report, predict',
-     ['shift_fit', 'train', 'evaluate', 'crossval', 'report', 'predict', 'edge',
+    ('orchestrators and serving: fit, train, evaluate, cross-validate, report, predict, ensemble',
+     ['ensemble', 'shift_fit', 'train', 'evaluate', 'crossval', 'report', 'predict', 'edge',
       'beam_scoring', 'site', 'site_adapt']),
     ('binaries: the absl and argparse mains', ['cli']),
 ]

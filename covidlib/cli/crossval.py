@@ -89,7 +89,7 @@ def main(argv: list[str]) -> None:
                if holder.value is not None}
   recipe = {}
   if _RECIPE.value:
-    recipe = md.load_config(md.check_model_dir(_RECIPE.value))
+    recipe = train.saved_config(md.load_config(md.check_model_dir(_RECIPE.value)))
   dataset = _DATASET.value or recipe.get('dataset') or train.DEFAULT_CONFIG['dataset']
   data_dir = _DATA_DIR.value or recipe.get('data_dir')
   config = train.make_config(**{**recipe, 'dataset': dataset, 'data_dir': data_dir,

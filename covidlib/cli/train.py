@@ -25,10 +25,24 @@
     covidlib-train --model_dir=runs/covid_from_pneumonia --dataset=covid_xray/adult \
         --data_dir=/tmp/tfds_real --init_from=runs/same_site/nih_pneumonia --learning_rate=1e-4
 
+    # The recipe. Default: Adam, per-step cosine decay after 2 warm-up epochs, a moving average
+    # of the weights (0.99) that validation judges and model.keras holds. The other parts are
+    # flags, off by default (they did not help beyond noise: BENCHMARKS.md, "Training recipes");
+    # here all of them, and the recipe before issue 18 (Adam at a constant 1e-3) below it.
+    covidlib-train --model_dir=runs/all_parts --dataset=folder:ROOT --weight_decay=0.05 \
+        --label_smoothing=0.1 --mixup=0.2 --tta=flip
+    covidlib-train --model_dir=runs/plain --dataset=folder:ROOT --lr_schedule=constant \
+        --warmup_epochs=0 --ema=0
+
     # A keras.applications backbone from ImageNet weights (in Keras' cache: never downloaded;
     # without the file the error names it and the folder), or from a weights file.
     covidlib-train --model_dir=runs/densenet --dataset=folder:ROOT --model=densenet121 \
         --weights=imagenet
+
+    # Fine-tuning it: 5 epochs of the head alone (backbone and its batch norm frozen), then
+    # every layer at --finetune_learning_rate. A kill in either phase resumes.
+    covidlib-train --model_dir=runs/densenet_ft --dataset=folder:ROOT --model=densenet121 \
+        --weights=imagenet --freeze_epochs=5 --finetune_learning_rate=1e-4
 
     # A finished 10-epoch run, extended to 15 epochs (same flags, a larger --epochs).
     covidlib-train --model_dir=/work/runs/compact_resnet --data_dir=/tmp/tfds_real --epochs=15
@@ -94,7 +108,42 @@ _BATCH_SIZE = flags.DEFINE_integer(
 _EPOCHS = flags.DEFINE_integer(
     'epochs', _D['epochs'], 'Epochs to train (in all, across restarts); larger than a finished '
     "run's in --model_dir: extend it.")
-_LEARNING_RATE = flags.DEFINE_float('learning_rate', _D['learning_rate'], 'Adam learning rate.')
+_LEARNING_RATE = flags.DEFINE_float(
+    'learning_rate', _D['learning_rate'],
+    'Peak learning rate (Adam, or AdamW with --weight_decay), reached after --warmup_epochs; of '
+    'the head with --freeze_epochs.')
+_WEIGHT_DECAY = flags.DEFINE_float(
+    'weight_decay', _D['weight_decay'],
+    'AdamW: decoupled weight decay of the kernels (not biases or batch norm); 0 = Adam.')
+_LR_SCHEDULE = flags.DEFINE_enum(
+    'lr_schedule', _D['lr_schedule'], list(train_lib.LR_SCHEDULES),
+    'constant, or cosine: per-step cosine decay to 0 over the run (over each phase with '
+    '--freeze_epochs); an extended run re-plans it over the new epoch count.')
+_WARMUP_EPOCHS = flags.DEFINE_integer(
+    'warmup_epochs', _D['warmup_epochs'],
+    'Linear per-step warm-up of the learning rate from 0 over this many epochs (of each phase).')
+_LABEL_SMOOTHING = flags.DEFINE_float(
+    'label_smoothing', _D['label_smoothing'],
+    'Train on targets y (1 - s) + s / 2 instead of 0 and 1; in [0, 0.5).')
+_EMA = flags.DEFINE_float(
+    'ema', _D['ema'],
+    'Momentum of an exponential moving average of the weights, which validation judges and '
+    'model.keras holds; 0 = off.')
+_MIXUP = flags.DEFINE_float(
+    'mixup', _D['mixup'],
+    'Mixup of training batches: example pairs mixed with weights ~ Beta(a, a), labels alike; '
+    '0 = off (e.g. 0.2). Seeded by --seed; never at validation or evaluation.')
+_TTA = flags.DEFINE_enum(
+    'tta', _D['tta'], list(train_lib.TTA),
+    'flip: model.keras (and every export) averages the logits of the image and its left-right '
+    'mirror (covidlib.ensemble).')
+_FREEZE_EPOCHS = flags.DEFINE_integer(
+    'freeze_epochs', _D['freeze_epochs'],
+    'First train only the head (the Dense "logit") for this many epochs, everything before it '
+    'frozen (batch norm in inference mode), then every layer at --finetune_learning_rate.')
+_FINETUNE_LEARNING_RATE = flags.DEFINE_float(
+    'finetune_learning_rate', _D['finetune_learning_rate'],
+    'Peak learning rate after --freeze_epochs, when every layer trains.')
 _CLASS_WEIGHT = flags.DEFINE_enum(
     'class_weight', _D['class_weight'], ['none', 'balanced'],
     'balanced: weigh each class n / (2 n_class) in the loss, for unbalanced splits.')
@@ -210,6 +259,10 @@ def config_from_flags() -> dict:
       allow_missing=_ALLOW_MISSING.value,
       train_split=_TRAIN_SPLIT.value, validation_split=_VALIDATION_SPLIT.value,
       batch_size=_BATCH_SIZE.value, epochs=_EPOCHS.value, learning_rate=_LEARNING_RATE.value,
+      weight_decay=_WEIGHT_DECAY.value, lr_schedule=_LR_SCHEDULE.value,
+      warmup_epochs=_WARMUP_EPOCHS.value, label_smoothing=_LABEL_SMOOTHING.value,
+      ema=_EMA.value, mixup=_MIXUP.value, tta=_TTA.value, freeze_epochs=_FREEZE_EPOCHS.value,
+      finetune_learning_rate=_FINETUNE_LEARNING_RATE.value,
       class_weight=_CLASS_WEIGHT.value,
       early_stopping_patience=_EARLY_STOPPING_PATIENCE.value, keep=_KEEP.value,
       init_from=_INIT_FROM.value, weights=_WEIGHTS.value,

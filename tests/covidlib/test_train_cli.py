@@ -10,6 +10,7 @@ tiny generated images.
 import contextlib
 import io
 import json
+import math
 import os
 import signal
 import subprocess
@@ -113,6 +114,24 @@ def test_shortcut_flags_are_recorded_in_config_json(tmp_path, make_folder):
   assert [l.name for l in md.load_model(model_dir).layers[:3]] == ['image', 'crop', 'equalize']
 
 
+@pytest.mark.slow
+def test_recipe_flags_are_recorded_and_train_together(tmp_path, make_folder):
+  # Every recipe key at once, through the binary: two phases, the schedule, EMA, mixup, TTA.
+  model_dir, dataset = tmp_path / 'run', make_folder()
+  recipe = dict(weight_decay=0.01, lr_schedule='cosine', warmup_epochs=1, label_smoothing=0.1,
+                ema=0.9, mixup=0.2, tta='flip', freeze_epochs=1, finetune_learning_rate=5e-4)
+  status, stdout, stderr = call(**tiny_flags(model_dir, dataset, epochs=2, **recipe))
+  assert status == 0, stderr
+  assert md.load_config(model_dir) == train_lib.make_config(
+      model='seed_cnn', image_size=24, batch_size=4, epochs=2, mixed_precision='off',
+      dataset=dataset, **recipe)
+  history = json.loads((model_dir / md.HISTORY).read_text())
+  assert len(history['loss']) == 2 and all(math.isfinite(v) for v in history['val_loss'])
+  model = md.load_model(model_dir)
+  assert 'flip_logit' in {layer.name for layer in model.layers}  # tta='flip'.
+  assert 'Trained seed_cnn for 2 epochs' in stdout
+
+
 def _kept_figures(model_dir, epoch):
   """The reference: 'val_auc X, val_loss Y' of that epoch, read from history.json's lists."""
   history = json.loads((model_dir / md.HISTORY).read_text())
@@ -158,7 +177,7 @@ def test_keep_last_and_a_larger_epochs_extends(tmp_path, make_folder):
 
 
 @pytest.mark.parametrize('overrides, status, message', [
-    ({'learning_rate': 1e30}, 1, 'loss became NaN at epoch 1, batch '),
+    ({'learning_rate': 1e30, 'warmup_epochs': 0}, 1, 'loss became NaN at epoch 1, batch '),
     ({'channels': 2}, 2, 'config channels must be 1 or 3, got 2'),
     ({'dataset': 'folder:/nonexistent/xrays'}, 2, '/nonexistent/xrays/train: no such folder'),
     ({'dataset': 'covid_xray/seed', 'data_dir': '/nonexistent/tfds'}, 1,
