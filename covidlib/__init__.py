@@ -22,7 +22,7 @@ _SUBMODULES = (
     'errors', 'edge', 'ensemble', 'evaluate', 'explain', 'hold_out', 'metrics', 'model_dir',
     'models', 'predict',
     'preprocess', 'reference', 'report', 'results', 'scored', 'scoring', 'shift', 'shift_fit',
-    'shortcuts',
+    'shortcuts', 'site', 'site_adapt', 'sites',
     'standardize', 'threshold', 'tflite_metadata', 'train',
 )
 

@@ -202,10 +202,13 @@ DEFAULT_CONFIG: dict[str, Any] = {
 
 # What a config.json written before a key existed ran with: the behaviour before the key, which
 # may differ from its default today (saved_config).
-_PREDATING: dict[str, Any] = {
+# PLAIN_RECIPE: the recipe keys at the values before issue 18 (Adam at a constant rate), for
+# callers that want it whatever the default (covidlib.site_adapt's fine-tuning).
+PLAIN_RECIPE: dict[str, Any] = {
     'weight_decay': 0.0, 'lr_schedule': 'constant', 'warmup_epochs': 0, 'label_smoothing': 0.0,
-    'ema': 0.0, 'mixup': 0.0, 'tta': 'none', 'freeze_epochs': 0,
+    'ema': 0.0, 'mixup': 0.0, 'tta': 'none',
 }
+_PREDATING: dict[str, Any] = {**PLAIN_RECIPE, 'freeze_epochs': 0}
 TTA = ('none', 'flip')
 LR_SCHEDULES = ('constant', 'cosine')
 

@@ -12,6 +12,7 @@ Layout of the output folder:
     labels.txt, decision.json    the operating point, also embedded in every model
     shift.json                   the shift score's threshold (issue #10), when the model has one
     config.json                  the training configuration, copied
+    lineage.json                 for a model adapted to a site (covidlib-site adapt), copied
     export_report.json / .md     parity of every variant against the Keras model
     MODEL_CARD.md
 
@@ -62,6 +63,7 @@ FORMATS = ('saved_model', 'tflite_fp32', 'tflite_dynamic', 'tflite_fp16', 'tflit
 # weights are dynamic-range quantized (int8 weights, float activations).
 UINT8_IMAGE_QUANT_TYPE = 'dynamic'
 SAVED_MODEL_DIR = 'saved_model'
+LINEAGE = 'lineage.json'  # covidlib.site.LINEAGE, without importing the site tools.
 log = logging.getLogger(__name__)
 
 
@@ -311,6 +313,8 @@ def _build(tmp, model_dir, model, config, decision, *, formats, int8_io, dataset
   model_dir_lib.write_bytes_atomic(os.path.join(tmp, model_dir_lib.DECISION),
                                    tflite.decision_json(decision).encode())
   model_dir_lib.write_json(os.path.join(tmp, model_dir_lib.CONFIG), config)
+  if _lineage(model_dir):  # A model adapted to a site (covidlib-site adapt): where it came from.
+    model_dir_lib.write_json(os.path.join(tmp, LINEAGE), _lineage(model_dir))
   if _shift_model(model_dir) is not None:  # The shift threshold, beside decision.json.
     model_dir_lib.write_bytes_atomic(os.path.join(tmp, shift_lib.SHIFT_JSON),
                                      shift_lib.info_json(_shift_model(model_dir)).encode())
@@ -344,9 +348,15 @@ def _build(tmp, model_dir, model, config, decision, *, formats, int8_io, dataset
                                       params=int(model.count_params()),
                                       shift_info=None if fitted is None else fitted.info(),
                                       training_strata=training_strata(config),
-                                      history=report_lib.load_history(model_dir))
+                                      history=report_lib.load_history(model_dir),
+                                      lineage=_lineage(model_dir))
   model_dir_lib.write_bytes_atomic(os.path.join(tmp, model_card.FILENAME), card.encode())
   return report
+
+
+def _lineage(model_dir: str) -> dict | None:
+  path = os.path.join(model_dir, LINEAGE)
+  return model_dir_lib.read_json(path) if os.path.isfile(path) else None
 
 
 def training_strata(config: dict) -> dict | None:

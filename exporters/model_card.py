@@ -24,6 +24,7 @@ from covidlib import metrics as metrics_lib
 from covidlib import model_dir as model_dir_lib
 from covidlib import report
 from covidlib import shortcuts
+from covidlib import sites
 
 FILENAME = 'MODEL_CARD.md'
 _FIGURES = (('roc_auc', 'ROC-AUC'), ('sensitivity', 'Sensitivity (COVID-19 recall)'),
@@ -242,12 +243,13 @@ def render_model_card(config: dict, decision: model_dir_lib.Decision, *,
                       parity: dict | None, files: list[str],
                       params: int | None = None, shift_info: dict | None = None,
                       training_strata: dict | None = None,
-                      history: dict | None = None) -> str:
+                      history: dict | None = None, lineage: dict | None = None) -> str:
   """The model card's Markdown. `evaluation` has covidlib-evaluate's report.json layout;
   `shift_info` is the model_dir's shift.json (None: the model carries no shift score);
   `training_strata` is {(source, label): images} of the training split (covidlib.data.
   stratum_counts), used to describe a user's own dataset (covid_xray's text is fixed);
-  `history` its history.json (None: none)."""
+  `history` its history.json (None: none); `lineage` the lineage.json of a model adapted to a
+  site by covidlib-site adapt (None: not adapted)."""
   name = config.get('model', '?')
   public = model_dir_lib.trained_on_public_data(config)
   names = tuple(model_dir_lib.display_name(n) for n in model_dir_lib.class_names(config))
@@ -267,6 +269,7 @@ def render_model_card(config: dict, decision: model_dir_lib.Decision, *,
       f'- Operating point (decision.json): threshold {decision.threshold:.4g}, policy '
       f'`{decision.policy}`, temperature {decision.temperature:.4g}'
       f'{f", chosen on split `{decision.split}`" if decision.split else " (default)"}.',
+      *([f'- Site adaptation (lineage.json): {sites.lineage_line(lineage)}.'] if lineage else []),
       f'- Files: {", ".join(f"`{f}`" for f in files)}.', '',
       '## Intended use', '', INTENDED_USE if public else OWN_DATA_USE, '',
       '## Training data', '', f'Dataset: `{config.get("dataset", "?")}`.', '',

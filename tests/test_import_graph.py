@@ -27,15 +27,16 @@ LAYERS = [
     ('the one scoring pass: a model over a split, folder or file list, once, into arrays',
      ['scoring']),
     ('analyses: plain functions of arrays (no data loading, no model)',
-     ['calibration', 'threshold', 'shift', 'shortcuts', 'hold_out', 'confounds', 'reference']),
+     ['calibration', 'threshold', 'shift', 'shortcuts', 'hold_out', 'confounds', 'reference',
+      'sites']),
     ('orchestrators and serving: fit, train, evaluate, cross-validate, report, predict, ensemble',
      ['ensemble', 'shift_fit', 'train', 'evaluate', 'crossval', 'report', 'predict', 'edge',
-      'beam_scoring']),
+      'beam_scoring', 'site', 'site_adapt']),
     ('binaries: the absl and argparse mains', ['cli']),
 ]
 # Modules that work on arrays only: numpy, scipy and scikit-learn, never TensorFlow or data.
 ARRAYS_ONLY = {'metrics', 'scored', 'calibration', 'threshold', 'shift', 'shortcuts',
-               'hold_out', 'results', 'confounds', 'reference'}
+               'hold_out', 'results', 'confounds', 'reference', 'sites'}
 HEAVY = ('tensorflow', 'keras', 'tensorflow_datasets', 'covidlib.data', 'covidlib.scoring',
          'covidlib.models', 'covidlib_tfds')
 # Function-level imports: optional dependencies only, each with a comment giving the reason.

@@ -142,10 +142,13 @@ class _HelpFlag(flags.BooleanFlag):
       sys.exit(0)
 
 
-def define_help_flags(module: ModuleType) -> None:
-  """Replaces absl's --help/-?, --helpshort and --helpfull by ones about `module` (exit 0)."""
+def define_help_flags(module: ModuleType, text: Callable[[], str] | None = None) -> None:
+  """Replaces absl's --help/-?, --helpshort and --helpfull by ones about `module` (exit 0).
+
+  `text`: what --help prints instead of `help_text(module)` (e.g. one subcommand's help).
+  """
   app.define_help_flags()  # absl's first, so that app.run's own call adds nothing over ours.
-  own = functools.partial(help_text, module)
+  own = text or functools.partial(help_text, module)
   flags.DEFINE_flag(_HelpFlag('help', '?', 'Show this help: the usage and the flags of this '
                               'binary.', own))
   flags.DEFINE_flag(_HelpFlag('helpshort', None, 'Same as --help.', own))
@@ -173,7 +176,8 @@ def fit_verbose(value: int | str) -> int:
   return int(value)
 
 
-def run_main(main: Callable[[list[str]], Any], prog: str | None = None) -> NoReturn:
+def run_main(main: Callable[[list[str]], Any], prog: str | None = None,
+             help_text_fn: Callable[[], str] | None = None) -> NoReturn:
   """`absl.app.run(main)`, with one-line errors and exit 2 for flag errors (absl exits 1).
 
   --help lists the flags of `main`'s module (see `help_text`), and logging is quiet by default
@@ -182,9 +186,10 @@ def run_main(main: Callable[[list[str]], Any], prog: str | None = None) -> NoRet
   Args:
     main: the binary's `main(argv)`.
     prog: the name errors start with, e.g. 'covidlib-train'; default: the script's file name.
+    help_text_fn: what --help prints instead of the module's help (see `define_help_flags`).
   """
   prog = prog or os.path.basename(sys.argv[0])
-  define_help_flags(sys.modules[main.__module__])
+  define_help_flags(sys.modules[main.__module__], help_text_fn)
 
   def parse_flags(argv: list[str]) -> list[str]:
     try:

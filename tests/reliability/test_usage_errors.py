@@ -38,6 +38,7 @@ BINARIES = {
     'covidlib-predict': ['-m', 'covidlib.cli.predict'],
     'covidlib-predict-edge': ['-m', 'covidlib.cli.predict_edge'],
     'covidlib-fit-shift': ['-m', 'covidlib.cli.fit_shift'],
+    'covidlib-site': ['-m', 'covidlib.cli.site'],
     'covidlib-predict-beam': ['-m', 'covidlib.cli.predict_beam'],
     'covidlib_tfds.build': ['-m', 'covidlib_tfds.build'],
     'covidlib_tfds.audit': ['-m', 'covidlib_tfds.audit'],
@@ -140,6 +141,31 @@ CASES = {
     'shift-bad_policy': Case('covidlib-fit-shift', ('--model_dir={model_dir}',
                                                         '--policy=youden'), 2,
                                  "bad shift policy 'youden': unknown policy 'youden'"),
+    # covidlib-site
+    'site-unknown_flag': Case('covidlib-site', ('check', '--model_dir={model_dir}', '--out={out}',
+                                                '--alfa=0.1', '{image}'), 2,
+                              "Unknown command line flag 'alfa'"),
+    'site-no_subcommand': Case('covidlib-site', ('--model_dir={model_dir}', '--out={out}'), 2,
+                               'the first argument is the subcommand: check, validate, adapt '
+                               '(none given)'),
+    'site-flag_of_another_subcommand': Case(
+        'covidlib-site', ('check', '--model_dir={model_dir}', '--out={out}', '--method=finetune',
+                          '{image}'), 2, '--method is not a flag of check (it is one of adapt)'),
+    'site-no_reference': Case('covidlib-site', ('check', '--model_dir={model_dir}', '--out={out}',
+                                                '{image}'), 2,
+                              "model_dir '{model_dir}' holds no reference of its training site "
+                              '(reference.npz): it was trained by an older covidlib; add it with '
+                              'covidlib-fit-shift --model_dir={model_dir}'),
+    'site-bad_target': Case('covidlib-site', ('validate', '--model_dir={model_dir}', '--out={out}',
+                                              '--films={tmp}/labels.csv',
+                                              '--target=sensitivity:0.9,specifity:0.8'), 2,
+                            "--target part 'specifity:0.8': unknown figure 'specifity'; "
+                            'figures: sensitivity, specificity, roc_auc'),
+    'site-adapt_over_the_parent': Case(
+        'covidlib-site', ('adapt', '--model_dir={model_dir}', '--films={tmp}/labels.csv',
+                          '--new_model_dir={model_dir}'), 2,
+        '--new_model_dir is the parent model_dir: adapt writes a NEW model_dir and never '
+        'modifies the parent'),
     # covidlib-predict-beam (apache-beam is imported only past the flags: these need none)
     'beam-unknown_flag': Case('covidlib-predict-beam', ('--model={model_dir}', '--output={out}',
                                                         '--shard_sise=10', '{image}'), 2,
