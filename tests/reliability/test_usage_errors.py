@@ -40,6 +40,7 @@ BINARIES = {
     'covidlib-fit-shift': ['-m', 'covidlib.cli.fit_shift'],
     'covidlib-site': ['-m', 'covidlib.cli.site'],
     'covidlib-predict-beam': ['-m', 'covidlib.cli.predict_beam'],
+    'covidlib-ensemble': ['-m', 'covidlib.cli.ensemble'],
     'covidlib_tfds.build': ['-m', 'covidlib_tfds.build'],
     'covidlib_tfds.audit': ['-m', 'covidlib_tfds.audit'],
 }
@@ -176,6 +177,14 @@ CASES = {
     'beam-not_a_model': Case('covidlib-predict-beam', ('--model={text}', '--output={out}',
                                                        '{image}'), 1,
                              '{text}: not a model: expected a .keras file'),
+    # covidlib-ensemble
+    'ensemble-unknown_flag': Case('covidlib-ensemble', ('--members={model_dir},{model_dir}',
+                                                        '--out={out}', '--member=x'), 2,
+                                  "Unknown command line flag 'member'"),
+    'ensemble-one_member': Case('covidlib-ensemble', ('--members={model_dir}', '--out={out}'), 2,
+                                'an ensemble needs at least two members, got 1'),
+    'ensemble-missing_out': Case('covidlib-ensemble', ('--members={model_dir},{model_dir}',), 2,
+                                 'flag --out is required'),
     # covidlib_tfds.build and covidlib_tfds.audit
     'build-unknown_flag': Case('covidlib_tfds.build', ('--config=seed', '--data_dir={out}',
                                                        '--allow-missing'), 2,
