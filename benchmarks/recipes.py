@@ -15,15 +15,27 @@ Rows (each trained once per seed with `covidlib.train.train`, the library covidl
   new: ensemble    the `new` models of all seeds averaged into one model (write_ensemble)
   init_from        NEW started from the other site's `new` model of seed 0
   new, 60 epochs   NEW trained twice as long (NIH): is the recipe short of epochs?
+  adult            today, new and steady on covid_xray/adult at make main's settings (224 px,
+                   --adult_epochs, compact_resnet): which recipe should make main default to?
   BACKBONE         each keras.applications backbone covidlib offers, from scratch, NEW; two
                    epochs are timed before the row is committed (--backbone_budget_s)
 Each model is scored on its site's test split: ROC-AUC with a 1,000-resample bootstrap interval
 and, where the dataset records the view (NIH), within AP and within PA films
-(`covidlib.confounds`); NIH-trained models also on every Guangzhou film (cross-site). Seconds
+(`covidlib.confounds`); covid_xray/adult models on its test split (as make main evaluates) and
+its COVID-19 films against every film of covid_xray/other_findings (the same ieee8023 source:
+does the model see COVID-19, or the source?);
+NIH-trained models also on every Guangzhou film (cross-site). Seconds
 per epoch: the median wall time of an epoch, validation included, the first (tracing, filling
 the input cache) left out (rows trained before the timer existed: train() wall time over the
 epochs; the machine is shared: see load_average in results.json). "val ROC-AUC swing": max - min
 of validation ROC-AUC over the last 5 epochs (how much the run still moves where it stops).
+
+Every row starts from covidlib.train.PLAIN_RECIPE (the recipe before issue 18) and sets its own
+parts on top, so a row means the same whatever covidlib.train.DEFAULT_CONFIG is.
+
+    make dataset  # covid_xray/{adult,adult_pediatric,other_findings}
+    nice -n 10 .venv/bin/python benchmarks/recipes.py --data_dir=tfds_data --rows=adult \\
+        --seeds=0,1,2,3,4
 
 Finished model_dirs are reused and an interrupted run resumes (covidlib.train), so the
 benchmark started again goes on where it stopped; scores are cached in --out/scores/; rows of
@@ -64,11 +76,16 @@ _BACKBONE_MIN_EPOCHS = flags.DEFINE_integer(
 _BACKBONE_EPOCH_SECONDS = flags.DEFINE_list(
     'backbone_epoch_seconds', [], 'NAME:SECONDS per epoch already measured here (e.g. by '
     'benchmarks/backbones.py): no timing run for those.')
+_ADULT_EPOCHS = flags.DEFINE_integer('adult_epochs', 30, 'Epochs of the adult rows (make main: '
+                                     '30).')
 _RESULTS = flags.DEFINE_string('results', 'benchmarks/results', 'Where recipes.{md,json} go.')
 
 NIH = 'labelled_xrays/nih_pneumonia'
 GUANGZHOU = 'labelled_xrays/guangzhou_pneumonia'
 SITES = {'nih': NIH, 'guangzhou': GUANGZHOU}
+ADULT = 'covid_xray/adult'  # make main's dataset (built by `make dataset`).
+OTHER_FINDINGS = 'covid_xray/other_findings'  # ieee8023's other findings: label 0, not COVID-19.
+DATASETS = {**SITES, 'covid_adult': ADULT}
 NEW = dict(weight_decay=0.05, lr_schedule='cosine', warmup_epochs=2, label_smoothing=0.1,
            ema=0.99, mixup=0.2)
 ABLATIONS = {  # The NEW config without one part.
@@ -96,9 +113,9 @@ def _train(site: str, name: str, seed: int, overrides: dict, epochs: int | None 
 
   model_dir = _out(site, f'{name}_seed{seed}')
   config = train.make_config(
-      **{'model': 'compact_resnet', 'dataset': SITES[site], 'data_dir': _DATA_DIR.value,
+      **{'model': 'compact_resnet', 'dataset': DATASETS[site], 'data_dir': _DATA_DIR.value,
          'image_size': _IMAGE_SIZE.value, 'epochs': epochs or _EPOCHS.value, 'seed': seed,
-         **overrides})
+         **train.PLAIN_RECIPE, **overrides})
   timing_path = os.path.join(model_dir, 'benchmark_timing.json')
   if os.path.exists(os.path.join(model_dir, md.MODEL)) and os.path.exists(timing_path):
     return {**md.read_json(timing_path), 'model_dir': model_dir}
@@ -166,6 +183,14 @@ def _score(key: str, model_dir: str, transform: str = 'none') -> dict:
     other = scoring.score_every_split(model, config, GUANGZHOU, _DATA_DIR.value,
                                       keep_images=False)
     result['cross_site'] = _auc(other.labels, other.scores)
+  if config['dataset'] == ADULT:  # The test COVID-19 films against other findings, same source.
+    import numpy as np
+    other = scoring.score_every_split(model, config, OTHER_FINDINGS, _DATA_DIR.value,
+                                      keep_images=False)
+    covid = scored.scores[scored.labels == 1]
+    result['vs_other_findings'] = _auc(
+        np.concatenate([np.ones(covid.size, int), np.zeros(other.scores.size, int)]),
+        np.concatenate([covid, other.scores]))
   md.write_json(path, result)
   keras.backend.clear_session()
   gc.collect()
@@ -180,7 +205,7 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 def _row(label: str, site: str, runs: list[dict], scores: list[dict], note: str = '') -> dict:
   row = {'row': label, 'site': site, 'n': len(scores), 'note': note,
          'runs': [{**r, **s} for r, s in zip(runs, scores)] if runs else scores}
-  for key in ('test', 'cross_site'):
+  for key in ('test', 'cross_site', 'vs_other_findings'):
     values = [s[key]['value'] for s in scores if key in s]
     if values:
       row[key] = _mean_sd(values)
@@ -232,10 +257,13 @@ def main(argv):
   started = time.time()
 
   # Rows of earlier invocations (other --rows) stay, unless this one measures them again.
+  # From --out, else from the committed results (a fresh clone has no runs/).
   previous = []
-  if os.path.exists(_out('results.json')):
-    with open(_out('results.json')) as f:
-      previous = json.load(f)['rows']
+  for path in (_out('results.json'), os.path.join(_RESULTS.value, 'recipes.json')):
+    if os.path.exists(path):
+      with open(path) as f:
+        previous = json.load(f)['rows']
+      break
 
   def save():
     machine = f'{platform.processor() or platform.machine()}, {os.cpu_count()} cores'
@@ -289,6 +317,14 @@ def main(argv):
       rows.append(_recipe_rows(site, 'steady', STEADY, seeds,
                                label='steady: cosine + warm-up + EMA')[0])
       save()
+  if run_all or 'adult' in groups:  # make main's dataset, image size and epochs.
+    adult = {'image_size': 224}
+    for name, recipe, label in (('today', {}, 'today'), ('new', NEW, 'new'),
+                                ('steady', STEADY, 'steady: cosine + warm-up + EMA')):
+      rows.append(_recipe_rows('covid_adult', name, {**recipe, **adult}, seeds, label=label,
+                               epochs=_ADULT_EPOCHS.value,
+                               note=f'224 px, {_ADULT_EPOCHS.value} epochs (make main)')[0])
+      save()
   if run_all or 'backbones' in groups:
     for backbone in BACKBONES:
       if backbone not in models.MODELS:
@@ -333,11 +369,13 @@ def _fmt(pair, digits: int = 3) -> str:
 
 def _markdown(rows: list[dict]) -> str:
   out = ['| site | row | n | test ROC-AUC | within AP | within PA | cross-site (all Guangzhou) '
-         '| val ROC-AUC swing, last 5 epochs | s/epoch | note |',
-         '|---|---|---|---|---|---|---|---|---|---|']
+         '| COVID-19 vs other findings (covid_adult) | val ROC-AUC swing, last 5 epochs '
+         '| s/epoch | note |',
+         '|---|---|---|---|---|---|---|---|---|---|---|']
   for r in rows:
     out.append(f'| {r["site"]} | {r["row"]} | {r["n"]} | {_fmt(r.get("test"))} | '
                f'{_fmt(r.get("AP"))} | {_fmt(r.get("PA"))} | {_fmt(r.get("cross_site"))} | '
+               f'{_fmt(r.get("vs_other_findings"))} | '
                f'{_fmt(r.get("val_swing"))} | {_fmt(r.get("seconds_per_epoch"), 1)} | '
                f'{r.get("note", "")} |')
   return '\n'.join(out) + '\n'
