@@ -163,6 +163,7 @@ def _score(key: str, model_dir: str, transform: str = 'none') -> dict:
   from covidlib import ensemble
   from covidlib import model_dir as md
   from covidlib import scoring
+  from covidlib import shortcuts
 
   path = _out('scores', f'{key}.json')
   if os.path.exists(path):
@@ -184,13 +185,10 @@ def _score(key: str, model_dir: str, transform: str = 'none') -> dict:
                                       keep_images=False)
     result['cross_site'] = _auc(other.labels, other.scores)
   if config['dataset'] == ADULT:  # The test COVID-19 films against other findings, same source.
-    import numpy as np
     other = scoring.score_every_split(model, config, OTHER_FINDINGS, _DATA_DIR.value,
                                       keep_images=False)
-    covid = scored.scores[scored.labels == 1]
-    result['vs_other_findings'] = _auc(
-        np.concatenate([np.ones(covid.size, int), np.zeros(other.scores.size, int)]),
-        np.concatenate([covid, other.scores]))
+    within = shortcuts.within_source(scored, other, n_bootstrap=1000)
+    result['vs_other_findings'] = within['ieee8023: COVID-19 vs other findings']['roc_auc']
   md.write_json(path, result)
   keras.backend.clear_session()
   gc.collect()
@@ -319,11 +317,11 @@ def main(argv):
       save()
   if run_all or 'adult' in groups:  # make main's dataset, image size and epochs.
     adult = {'image_size': 224}
+    note = f'{adult["image_size"]} px, {_ADULT_EPOCHS.value} epochs (make main)'
     for name, recipe, label in (('today', {}, 'today'), ('new', NEW, 'new'),
                                 ('steady', STEADY, 'steady: cosine + warm-up + EMA')):
       rows.append(_recipe_rows('covid_adult', name, {**recipe, **adult}, seeds, label=label,
-                               epochs=_ADULT_EPOCHS.value,
-                               note=f'224 px, {_ADULT_EPOCHS.value} epochs (make main)')[0])
+                               epochs=_ADULT_EPOCHS.value, note=note)[0])
       save()
   if run_all or 'backbones' in groups:
     for backbone in BACKBONES:
